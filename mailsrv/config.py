@@ -1,0 +1,437 @@
+"""Configuration: defaults < config file < environment (``SMTP_*``) < command-line flags.
+
+Every setting is declared once, as a field of :class:`Config` with its default, its parser and
+its documentation.  The same parser reads the value whatever its source, so ``SMTP_PORT=2525``,
+``port = 2525`` in the file and ``--port 2525`` mean the same thing.  The merged result is an
+immutable :class:`Config` that the composition root passes explicitly to whatever needs it.
+
+Unknown keys and bad values raise :class:`ConfigError` with one line naming the source, the key
+and what is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SMTP_"
+CONFIG_FILE_ENV = "SMTP_CONFIG"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A setting is unknown or has a bad value; the message is one line for the operator."""
+
+
+# --- value parsers: each takes the raw value (str from env/flags, or a TOML value) ------------
+
+
+def _as_text(raw: object) -> str:
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        raise ValueError(f"expected a string, got {type(raw).__name__}")
+    return str(raw).strip()
+
+
+def parse_int(minimum: int = 0, maximum: int = 2**63) -> Callable[[object], int]:
+    """Integer within ``[minimum, maximum]``."""
+
+    def parse(raw: object) -> int:
+        if isinstance(raw, bool):
+            raise ValueError("expected an integer, got a boolean")
+        if isinstance(raw, int):
+            value = raw
+        else:
+            text = _as_text(raw)
+            if not re.fullmatch(r"[+-]?\d+", text):
+                raise ValueError(f"expected an integer, got {text!r}")
+            value = int(text)
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_size(minimum: int = 1) -> Callable[[object], int]:
+    """A byte count; accepts a plain integer or a K/M/G suffix (powers of 1024)."""
+
+    def parse(raw: object) -> int:
+        if isinstance(raw, bool):
+            raise ValueError("expected a size, got a boolean")
+        if isinstance(raw, int):
+            value = raw
+        else:
+            text = _as_text(raw).upper()
+            match = re.fullmatch(r"(\d+)\s*([KMG]?)I?B?", text)
+            if not match:
+                raise ValueError(f"expected a size like 10485760 or 10M, got {text!r}")
+            value = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum} bytes, got {value}")
+        return value
+
+    return parse
+
+
+def parse_seconds(minimum: float = 0.0) -> Callable[[object], float]:
+    """A duration in seconds (a number; fractions allowed)."""
+
+    def parse(raw: object) -> float:
+        if isinstance(raw, bool):
+            raise ValueError("expected a number of seconds, got a boolean")
+        if isinstance(raw, int | float):
+            value = float(raw)
+        else:
+            text = _as_text(raw)
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"expected a number of seconds, got {text!r}") from None
+        if not value >= minimum or value != value or value == float("inf"):
+            raise ValueError(f"must be a finite number of at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(raw: object) -> bool:
+    """true/false, yes/no, on/off, 1/0."""
+    if isinstance(raw, bool):
+        return raw
+    text = _as_text(raw).lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_str(raw: object) -> str:
+    """Any text."""
+    return _as_text(raw)
+
+
+def parse_choice(*choices: str) -> Callable[[object], str]:
+    """One of a fixed set of words (case-insensitive)."""
+
+    def parse(raw: object) -> str:
+        text = _as_text(raw).lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _items(raw: object) -> list[str]:
+    if isinstance(raw, list | tuple):
+        return [_as_text(item) for item in raw if _as_text(item)]
+    return [part.strip() for part in _as_text(raw).split(",") if part.strip()]
+
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _domain(text: str) -> str:
+    name = text.strip().lower().rstrip(".")
+    try:
+        ascii_name = name.encode("idna").decode("ascii") if not name.isascii() else name
+    except UnicodeError:
+        raise ValueError(f"invalid domain {text!r}") from None
+    if len(ascii_name) > 253 or not all(_LABEL.fullmatch(x) for x in ascii_name.split(".")):
+        raise ValueError(f"invalid domain {text!r}")
+    return name
+
+
+def parse_domains(raw: object) -> tuple[str, ...]:
+    """Comma-separated domain names (lower-cased)."""
+    return tuple(dict.fromkeys(_domain(item) for item in _items(raw)))
+
+
+_MAILBOX_LOCAL = re.compile(r"[a-z0-9!#$&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$&'*+/=?^_`{|}~-]+)*")
+
+
+def _mailbox(text: str) -> str:
+    local, sep, domain = text.strip().lower().rpartition("@")
+    if not sep or not local or not _MAILBOX_LOCAL.fullmatch(local) or "/" in local:
+        raise ValueError(f"invalid mailbox address {text!r}")
+    return f"{local}@{_domain(domain)}"
+
+
+def parse_mailboxes(raw: object) -> tuple[str, ...]:
+    """Comma-separated mailbox addresses (local-part@domain, lower-cased)."""
+    return tuple(dict.fromkeys(_mailbox(item) for item in _items(raw)))
+
+
+def parse_aliases(raw: object) -> tuple[tuple[str, str], ...]:
+    """Comma-separated ``alias=target`` pairs; an alias may be listed once per target."""
+    if isinstance(raw, Mapping):
+        pairs = [(str(k), str(t)) for k, v in raw.items() for t in (v if isinstance(v, list) else [v])]
+    else:
+        pairs = []
+        for item in _items(raw):
+            alias, sep, target = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected alias=target, got {item!r}")
+            pairs.append((alias, target))
+    return tuple(dict.fromkeys((_mailbox(a), _mailbox(t)) for a, t in pairs))
+
+
+def parse_networks(raw: object) -> tuple[Network, ...]:
+    """Comma-separated CIDR networks (IPv4 or IPv6); empty means none."""
+    networks = []
+    for item in _items(raw):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"invalid network {item!r}") from None
+    return tuple(networks)
+
+
+def parse_host(raw: object) -> str:
+    """An IP address to listen on (``::`` is every IPv4 and IPv6 address)."""
+    text = _as_text(raw).strip("[]")
+    if text in ("", "*"):
+        return "::"
+    if text == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"expected an IP address such as :: or 0.0.0.0, got {text!r}") from None
+
+
+def parse_hostname(raw: object) -> str:
+    """A fully qualified host name for the greeting and Received headers."""
+    return _domain(_as_text(raw))
+
+
+def parse_path(raw: object) -> str:
+    """A filesystem path (``~`` is expanded); empty means unset."""
+    text = _as_text(raw)
+    return os.path.expanduser(text) if text else ""
+
+
+# --- the settings ------------------------------------------------------------------------------
+
+
+def setting(default: Any, parse: Callable[[object], Any], doc: str) -> Any:
+    """Declare one setting: its default, its parser and a one-line description."""
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The merged, validated configuration.  Immutable; pass it to what needs it."""
+
+    host: str = setting("::", parse_host, "Address to listen on; :: is dual-stack IPv4+IPv6")
+    port: int = setting(2525, parse_int(0, 65535), "MX listener port (25 in production; 0 = off)")
+    submission_port: int = setting(
+        2587, parse_int(0, 65535), "Submission listener port (587 in production; 0 = off)"
+    )
+    hostname: str = setting("", parse_hostname, "Name in the greeting; empty = this host's FQDN")
+    data_dir: str = setting("./var", parse_path, "Directory for mail, spool and databases")
+    local_domains: tuple[str, ...] = setting(
+        ("localhost",), parse_domains, "Domains delivered here (comma-separated)"
+    )
+    mailboxes: tuple[str, ...] = setting(
+        (), parse_mailboxes, "Local mailboxes, e.g. alice@example.org,bob@example.org"
+    )
+    aliases: tuple[tuple[str, str], ...] = setting(
+        (), parse_aliases, "Aliases as alias=target pairs, e.g. info@example.org=alice@example.org"
+    )
+    trusted_networks: tuple[Network, ...] = setting(
+        parse_networks("127.0.0.0/8,::1/128"),
+        parse_networks,
+        "Clients exempt from per-IP limits (CIDR list; empty = none)",
+    )
+    max_connections: int = setting(1000, parse_int(1, 1_000_000), "Concurrent sessions, in all")
+    max_connections_per_ip: int = setting(
+        20, parse_int(1, 1_000_000), "Concurrent sessions from one client IP"
+    )
+    connection_rate_per_ip: int = setting(
+        120, parse_int(1, 1_000_000), "New connections per client IP per rate window"
+    )
+    message_rate_per_ip: int = setting(
+        120, parse_int(1, 1_000_000), "Messages per client IP per rate window"
+    )
+    rate_window: float = setting(60.0, parse_seconds(1.0), "Sliding window for per-IP rates (s)")
+    max_message_size: int = setting(
+        10 * 1024 * 1024, parse_size(1024), "Largest message accepted (bytes; K/M/G allowed)"
+    )
+    max_recipients: int = setting(100, parse_int(1, 100_000), "Recipients per message")
+    max_errors: int = setting(
+        20, parse_int(1, 10_000), "Bad commands per session before 421 and close"
+    )
+    max_line_length: int = setting(
+        512, parse_int(512, 65536), "Longest command line (RFC 5321: 512 octets with CRLF)"
+    )
+    max_mail_line_length: int = setting(
+        2048, parse_int(512, 65536), "Longest MAIL/RCPT line with extension parameters"
+    )
+    max_auth_line_length: int = setting(
+        12288, parse_int(512, 65536), "Longest AUTH line (RFC 4954: 12288 octets)"
+    )
+    idle_timeout: float = setting(300.0, parse_seconds(1.0), "Idle time allowed between commands")
+    data_timeout: float = setting(600.0, parse_seconds(1.0), "Total time allowed for one DATA")
+    bare_line_endings: str = setting(
+        "reject",
+        parse_choice("reject", "normalize"),
+        "Bare CR or LF in DATA: reject (554 5.6.0) or normalize to CRLF",
+    )
+    shutdown_grace: float = setting(
+        30.0, parse_seconds(0.0), "Time sessions get to finish on SIGTERM before 421"
+    )
+    listen_backlog: int = setting(1024, parse_int(1, 65535), "TCP listen backlog per listener")
+    io_threads: int = setting(16, parse_int(1, 256), "Threads for disk I/O (fsync, rename)")
+    enable_tls: bool = setting(False, parse_bool, "Offer STARTTLS (needs tls_cert and tls_key)")
+    enable_auth: bool = setting(False, parse_bool, "Offer SMTP AUTH (needs TLS unless relaxed)")
+    tls_cert: str = setting("", parse_path, "PEM certificate chain file")
+    tls_key: str = setting("", parse_path, "PEM private key file")
+    db_path: str = setting("", parse_path, "SQLite user database; empty = <data_dir>/mailsrv.db")
+    log_level: str = setting(
+        "info", parse_choice("debug", "info", "warn", "error", "critical"), "Lowest level logged"
+    )
+    log_format: str = setting("text", parse_choice("text", "json"), "Log output: text or json")
+
+    @property
+    def server_name(self) -> str:
+        """The host name used in greetings and headers."""
+        return self.hostname or socket.getfqdn().lower()
+
+    @property
+    def mail_dir(self) -> Path:
+        """Root of the per-domain Maildirs."""
+        return Path(self.data_dir) / "mail"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where message bodies are written while they arrive."""
+        return Path(self.data_dir) / "spool"
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite user database."""
+        return Path(self.db_path) if self.db_path else Path(self.data_dir) / "mailsrv.db"
+
+
+SETTINGS = {f.name: f for f in fields(Config)}
+
+
+def env_name(key: str) -> str:
+    """The environment variable for a setting: ``max_recipients`` -> ``SMTP_MAX_RECIPIENTS``."""
+    return ENV_PREFIX + key.upper()
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag for a setting: ``max_recipients`` -> ``max-recipients``."""
+    return key.replace("_", "-")
+
+
+def default_of(key: str) -> Any:
+    """The default value of a setting."""
+    spec = SETTINGS[key]
+    assert spec.default is not MISSING
+    return spec.default
+
+
+def _parse_one(source: str, key: str, raw: object) -> Any:
+    try:
+        return SETTINGS[key].metadata["parse"](raw)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def read_file(path: str) -> dict[str, object]:
+    """Read a TOML config file into a ``{key: raw value}`` dict (keys checked, values not)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+    for key, value in data.items():
+        if isinstance(value, dict) and not key == "aliases":
+            raise ConfigError(f"config file {path}: unexpected table [{key}]")
+    return data
+
+
+def load(
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+) -> Config:
+    """Merge defaults, the config file, the environment and flags into one :class:`Config`.
+
+    ``config_file`` defaults to ``$SMTP_CONFIG``; ``flags`` maps setting names to raw values
+    (``None`` values are ignored: the flag was not given).
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file or environ.get(CONFIG_FILE_ENV) or None
+    if path:
+        for key, raw in read_file(path).items():
+            if key not in SETTINGS:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _parse_one(f"config file {path}: {key}", key, raw)
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in SETTINGS:
+            raise ConfigError(f"environment: unknown setting {name}")
+        values[key] = _parse_one(f"environment {name}", key, raw)
+    for key, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        if key not in SETTINGS:
+            raise ConfigError(f"flag --{flag_name(key)}: unknown setting")
+        values[key] = _parse_one(f"flag --{flag_name(key)}", key, raw)
+    return check(Config(**values))
+
+
+def check(config: Config) -> Config:
+    """Cross-setting rules that no single parser can see."""
+    if config.port and config.port == config.submission_port:
+        raise ConfigError("port and submission_port must differ (use 0 to turn one off)")
+    if not config.port and not config.submission_port:
+        raise ConfigError("port and submission_port are both 0: nothing to listen on")
+    if config.enable_tls and not (config.tls_cert and config.tls_key):
+        raise ConfigError("enable_tls is true but tls_cert or tls_key is not set")
+    if config.max_mail_line_length < config.max_line_length:
+        raise ConfigError("max_mail_line_length must be at least max_line_length")
+    domains = set(config.local_domains)
+    for mailbox in config.mailboxes:
+        if mailbox.rpartition("@")[2] not in domains:
+            raise ConfigError(f"mailboxes: {mailbox} is not in a local domain")
+    mailboxes = set(config.mailboxes)
+    for alias, target in config.aliases:
+        if alias.rpartition("@")[2] not in domains:
+            raise ConfigError(f"aliases: {alias} is not in a local domain")
+        if target not in mailboxes and not target.startswith("postmaster@"):
+            raise ConfigError(f"aliases: target {target} of {alias} is not a local mailbox")
+    return config
+
+
+def describe(config: Config) -> Iterable[tuple[str, str, object]]:
+    """``(key, env name, value)`` for every setting, for ``mailsrv check-config``."""
+    for key in SETTINGS:
+        yield key, env_name(key), getattr(config, key)

@@ -1,0 +1,155 @@
+"""The spool: message bodies written to disk as they arrive, off the reactor thread.
+
+A :class:`SpoolFile` collects content in memory and hands it to the I/O thread pool in order, in
+chunks of ``_CHUNK`` bytes, so a 50 MB message never sits in memory.  When more than
+``_HIGH_WATER`` bytes wait for the disk it asks the session to pause reading from the client, and
+resumes it when the writes have caught up.  :meth:`SpoolFile.close` writes the rest, fsyncs and
+closes; the result is a complete, durable file for :class:`~mailsrv.delivery.maildir.MaildirStore`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from mailsrv.delivery.maildir import fsync_directory
+
+_CHUNK = 256 * 1024
+_HIGH_WATER = 2 * 1024 * 1024
+
+T = TypeVar("T")
+RunInThread = Callable[..., "Deferred[Any]"]
+
+_log = Logger()
+
+
+class Spool:
+    """The ``incoming`` directory where bodies land before delivery."""
+
+    def __init__(self, root: Path, run_in_thread: RunInThread) -> None:
+        self.incoming = root / "incoming"
+        self._run = run_in_thread
+
+    def prepare(self) -> int:
+        """Create the directory and remove bodies never acknowledged (blocking; at start)."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        stale = 0
+        for leftover in self.incoming.iterdir():
+            leftover.unlink()
+            stale += 1
+        fsync_directory(self.incoming)
+        return stale
+
+    def open(self, queue_id: str, pause: Callable[[], None], resume: Callable[[], None]) -> SpoolFile:
+        """A new spool file for ``queue_id``."""
+        return SpoolFile(self.incoming / queue_id, self._run, pause, resume)
+
+
+class SpoolFile:
+    """One message body being written; see the module docstring."""
+
+    def __init__(
+        self,
+        path: Path,
+        run_in_thread: RunInThread,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ) -> None:
+        self.path = path
+        self._run = run_in_thread
+        self._pause = pause
+        self._resume = resume
+        self._memory: list[bytes] = []
+        self._memory_size = 0
+        self._in_flight = 0
+        self._paused = False
+        self._file: IO[bytes] | None = None
+        self._tail: Deferred[None] = succeed(None)
+        self._failure: BaseException | None = None
+
+    def write(self, data: bytes) -> None:
+        """Add content; it reaches the disk in order, in the background."""
+        self._memory.append(data)
+        self._memory_size += len(data)
+        if self._memory_size >= _CHUNK:
+            self._flush_memory()
+
+    def _flush_memory(self) -> None:
+        chunk = b"".join(self._memory)
+        self._memory.clear()
+        self._memory_size = 0
+        self._in_flight += len(chunk)
+        if self._in_flight > _HIGH_WATER and not self._paused:
+            self._paused = True
+            self._pause()
+        self._tail.addCallback(lambda _: self._run(self._write_blocking, chunk))
+        self._tail.addCallbacks(self._written, self._write_failed, (len(chunk),))
+
+    def _write_blocking(self, chunk: bytes) -> None:
+        if self._failure is not None:
+            return
+        if self._file is None:
+            self._file = open(self.path, "xb")  # noqa: SIM115 - closed in _close_blocking
+        self._file.write(chunk)
+
+    def _written(self, _: object, size: int) -> None:
+        self._in_flight -= size
+        if self._paused and self._in_flight <= _HIGH_WATER // 2:
+            self._paused = False
+            self._resume()
+
+    def _write_failed(self, failure: Any) -> None:
+        self._failure = failure.value
+        self._in_flight = 0
+        if self._paused:
+            self._paused = False
+            self._resume()
+
+    def close(self) -> Deferred[Path]:
+        """Write what is left, fsync and close; fires with the path of the complete file."""
+        rest = b"".join(self._memory)
+        self._memory.clear()
+        self._memory_size = 0
+        result: Deferred[Path] = Deferred()
+
+        def finish(_: object) -> Deferred[Any]:
+            if self._failure is not None:
+                raise self._failure
+            return self._run(self._close_blocking, rest)
+
+        self._tail.addCallback(finish)
+        self._tail.addCallbacks(lambda _: result.callback(self.path), result.errback)
+        return result
+
+    def _close_blocking(self, rest: bytes) -> None:
+        if self._file is None:
+            self._file = open(self.path, "xb")  # noqa: SIM115 - closed just below
+        try:
+            self._file.write(rest)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+    def discard(self) -> None:
+        """Abandon the message: close and remove whatever was written (in the background)."""
+        self._memory.clear()
+
+        def remove(_: object) -> Deferred[Any]:
+            return self._run(self._discard_blocking)
+
+        self._tail.addBoth(remove)
+        self._tail.addErrback(lambda f: _log.failure("could not remove spool file", f))
+
+    def _discard_blocking(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,81 @@
+"""Listening sockets: one per SMTP port, dual-stack IPv6 when the host is ``::``.
+
+The service stops accepting on shutdown, then drains the sessions (see
+:meth:`mailsrv.smtp.server.SMTPServer.drain`) before the process exits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mailsrv.smtp.server import SMTPFactory, SMTPServer
+
+_log = Logger(namespace="mailsrv.smtp")
+
+
+class SMTPListenerService(Service):
+    """Owns the listening ports of one :class:`SMTPServer` and drains it on stop."""
+
+    def __init__(self, reactor: Any, server: SMTPServer, ports: dict[str, int]) -> None:
+        self._reactor = reactor
+        self.server = server
+        self._ports = {name: port for name, port in ports.items() if port}
+        self.listening: dict[str, IListeningPort] = {}
+        self._expiry = LoopingCall(server.expire_limits)
+        self._expiry.clock = reactor
+        self.setName("smtp")
+
+    def _listen(self) -> None:
+        config = self.server.config
+        for name, port in self._ports.items():
+            factory = SMTPFactory(self.server, name)
+            try:
+                listening = self._reactor.listenTCP(
+                    port, factory, backlog=config.listen_backlog, interface=config.host
+                )
+            except CannotListenError as e:
+                if config.host != "::" or "Address already in use" in str(e):
+                    raise SystemExit(f"mailsrv: cannot listen for {name} on port {port}: {e.socketError}") from None
+                _log.warn("IPv6 unavailable; listening on IPv4 only for {listener}", listener=name)
+                listening = self._reactor.listenTCP(
+                    port, factory, backlog=config.listen_backlog, interface="0.0.0.0"
+                )
+            self.listening[name] = listening
+            address = listening.getHost()
+            _log.info(
+                "listening for {listener} on [{host}]:{port}",
+                listener=name,
+                host=address.host,
+                port=address.port,
+            )
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if not self.listening:
+            self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.listening:
+            self._listen()
+        interval = max(1.0, self.server.config.rate_window / 2)
+        self._expiry.start(interval, now=False)
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._expiry.running:
+            self._expiry.stop()
+        yield DeferredList([port.stopListening() for port in self.listening.values()])
+        self.listening.clear()
+        count = len(self.server.sessions)
+        _log.info("draining {count} session(s)", count=count)
+        yield self.server.drain(self.server.config.shutdown_grace)
+        _log.info("all sessions closed")

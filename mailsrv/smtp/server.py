@@ -1,0 +1,136 @@
+"""What all SMTP sessions share: limits, policy, spool, delivery, and the set of live sessions.
+
+One :class:`SMTPServer` serves every listener (MX and submission), so connection caps are
+global.  It also drains: :meth:`SMTPServer.drain` asks every session to finish its transaction
+and close, and aborts the stragglers when the grace period ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from mailsrv.config import Config
+from mailsrv.delivery.maildir import MaildirStore
+from mailsrv.delivery.spool import RunInThread, Spool
+from mailsrv.limits import ConnectionCounter, RateLimiter, TrustedNetworks
+from mailsrv.smtp.policy import RecipientPolicy
+
+if TYPE_CHECKING:
+    from mailsrv.smtp.session import SMTPSession
+
+_log = Logger(namespace="mailsrv.security")
+
+_QUEUE_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+
+
+class SMTPServer:
+    """Shared state and services for every session; built once by the composition root."""
+
+    def __init__(
+        self,
+        config: Config,
+        clock: IReactorTime,
+        run_in_thread: RunInThread,
+        policy: RecipientPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.run_in_thread = run_in_thread
+        self.hostname = config.server_name
+        self.policy = policy or RecipientPolicy(config)
+        self.spool = Spool(config.spool_dir, run_in_thread)
+        self.store = MaildirStore(config.mail_dir, self.hostname)
+        self.trusted = TrustedNetworks(config.trusted_networks)
+        self.connections = ConnectionCounter(config.max_connections, config.max_connections_per_ip)
+        self.connection_rate = RateLimiter(clock, config.connection_rate_per_ip, config.rate_window)
+        self.message_rate = RateLimiter(clock, config.message_rate_per_ip, config.rate_window)
+        self.sessions: set[SMTPSession] = set()
+        self.draining = False
+        self._counter = itertools.count()
+        self._drain_waiters: list[Deferred[None]] = []
+
+    # -- identifiers and delivery ---------------------------------------------------------------
+
+    def new_queue_id(self) -> str:
+        """A short unique id for one message: time-ordered prefix plus randomness."""
+        stamp = int(self.clock.seconds() * 1000)
+        digits = []
+        for _ in range(8):
+            stamp, digit = divmod(stamp, len(_QUEUE_ID_ALPHABET))
+            digits.append(_QUEUE_ID_ALPHABET[digit])
+        suffix = "".join(secrets.choice(_QUEUE_ID_ALPHABET) for _ in range(6))
+        return "".join(reversed(digits)) + suffix + f"{next(self._counter) % 1000:03d}"
+
+    def deliver(self, spool_file: Path, mailboxes: tuple[str, ...]) -> Deferred[list[Path]]:
+        """Deliver a complete, fsync'd spool file to local mailboxes (in a thread)."""
+        now = self.clock.seconds()
+        result: Deferred[list[Path]] = self.run_in_thread(
+            self.store.deliver, spool_file, mailboxes, now
+        )
+        return result
+
+    # -- limits ---------------------------------------------------------------------------------
+
+    def security_event(self, event: str, host: str, **fields: Any) -> None:
+        """Log one structured security event (refusals, limits, auth)."""
+        _log.warn("security {event} from {client_ip}", event=event, client_ip=host, **fields)
+
+    def expire_limits(self) -> None:
+        """Forget rate-limit state that left its window (run on a timer)."""
+        self.connection_rate.expire()
+        self.message_rate.expire()
+
+    # -- session registry and drain -------------------------------------------------------------
+
+    def session_started(self, session: SMTPSession) -> None:
+        """Register a live session."""
+        self.sessions.add(session)
+
+    def session_ended(self, session: SMTPSession) -> None:
+        """Forget a session; completes a drain when it was the last."""
+        self.sessions.discard(session)
+        if not self.sessions and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """Let sessions finish their transactions, then close them; abort after ``grace`` s."""
+        self.draining = True
+        for session in list(self.sessions):
+            session.drain()
+        if not self.sessions:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._drain_waiters.append(done)
+        timer = self.clock.callLater(grace, self._abort_all)
+        done.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        return done
+
+    def _abort_all(self) -> None:
+        for session in list(self.sessions):
+            session.shutdown_now()
+
+
+class SMTPFactory(Factory):
+    """Builds sessions for one listener (``mx`` or ``submission``)."""
+
+    noisy = False
+
+    def __init__(self, server: SMTPServer, listener: str) -> None:
+        self.server = server
+        self.listener = listener
+
+    def buildProtocol(self, addr: IAddress) -> SMTPSession:
+        from mailsrv.smtp.session import SMTPSession
+
+        return SMTPSession(self.server, self.listener)
+

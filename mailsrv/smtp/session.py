@@ -1,0 +1,584 @@
+"""The ESMTP session (RFC 5321): a hardened state machine written on ``twisted.internet.protocol``.
+
+Why not Twisted's stock ``ESMTP``: it answers pipelined commands out of order when checks are
+asynchronous, drops back to command mode after a 16 KiB DATA line (smuggling), never clears an
+overlong command line, stores bare CR/LF verbatim and lacks SIZE, PIPELINING and enhanced codes
+(see ``shared/twisted-notes.md``).  This session instead:
+
+* frames commands on CRLF only, with a bounded buffer whatever the client sends;
+* runs exactly one command at a time, so replies stay in order while a check is asynchronous;
+* streams DATA through :class:`~mailsrv.smtp.data.BodyDecoder` into the spool, so only
+  ``CRLF.CRLF`` ends a message and memory stays flat for any size;
+* replies with codes from :mod:`mailsrv.smtp.replies` only, with enhanced status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsrv.delivery.spool import SpoolFile
+from mailsrv.limits import normalize_ip
+from mailsrv.smtp import replies
+from mailsrv.smtp.address import (
+    Address,
+    AddressError,
+    parse_path_argument,
+    sanitize_for_header,
+)
+from mailsrv.smtp.data import BodyDecoder, BodyProblem
+from mailsrv.smtp.policy import RecipientDecision
+from mailsrv.smtp.replies import Reply
+from mailsrv.smtp.server import SMTPServer
+
+_log = Logger(namespace="mailsrv.smtp")
+
+_CRLF = b"\r\n"
+_PIPELINE_HIGH_WATER = 256 * 1024
+_CLOSE_GRACE = 10.0
+_NOT_IMPLEMENTED_VERBS = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML"})
+
+_BODY_PROBLEM_REPLIES = {
+    BodyProblem.BARE_LINE_ENDING: replies.BARE_LINE_ENDING,
+    BodyProblem.NUL: replies.NUL_IN_MESSAGE,
+    BodyProblem.TOO_BIG: replies.MESSAGE_TOO_BIG,
+}
+
+Response = Reply | bytes | None
+
+
+@dataclass
+class Transaction:
+    """One mail transaction: MAIL, its RCPTs and, once DATA starts, the spool file."""
+
+    sender: Address | None
+    smtputf8: bool
+    started: float
+    recipients: list[Address] = field(default_factory=list)
+    mailboxes: dict[str, None] = field(default_factory=dict)
+    queue_id: str = ""
+    spool_file: SpoolFile | None = None
+
+    @property
+    def sender_text(self) -> str:
+        """The reverse-path as text ('' for the null sender)."""
+        return "" if self.sender is None else str(self.sender)
+
+
+class SMTPSession(Protocol):
+    """One client connection.  See the module docstring for the design."""
+
+    def __init__(self, server: SMTPServer, listener: str) -> None:
+        self.server = server
+        self.config = server.config
+        self.clock = server.clock
+        self.listener = listener
+        self.peer_ip = ""
+        self.trusted = False
+        self.helo: str | None = None
+        self.esmtp = False
+        self.transaction: Transaction | None = None
+        self.messages_accepted = 0
+        self.errors = 0
+        self._buffer = b""
+        self._busy = False
+        self._discarding = False
+        self._decoder: BodyDecoder | None = None
+        self._closing = False
+        self._draining = False
+        self._counted = False
+        self._pause_reasons: set[str] = set()
+        self._idle_timer: IDelayedCall | None = None
+        self._data_timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
+        self._started = 0.0
+        self._max_buffered_line = max(
+            self.config.max_line_length,
+            self.config.max_mail_line_length,
+            self.config.max_auth_line_length,
+        )
+        self._commands: dict[str, Callable[[str], Response | Deferred[Response]]] = {
+            "EHLO": self.do_EHLO,
+            "HELO": self.do_HELO,
+            "MAIL": self.do_MAIL,
+            "RCPT": self.do_RCPT,
+            "DATA": self.do_DATA,
+            "RSET": self.do_RSET,
+            "NOOP": self.do_NOOP,
+            "QUIT": self.do_QUIT,
+            "VRFY": self.do_VRFY,
+            "HELP": self.do_HELP,
+        }
+
+    # -- connection lifecycle -------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._started = self.clock.seconds()
+        self.peer_ip = normalize_ip(getattr(self.transport.getPeer(), "host", ""))
+        self.trusted = self.peer_ip in self.server.trusted
+        self.server.session_started(self)
+        refusal = self._admission_refusal()
+        if refusal is not None:
+            self._close(refusal)
+            return
+        self.server.connections.opened(self.peer_ip)
+        self._counted = True
+        self._idle_timer = self.clock.callLater(self.config.idle_timeout, self._idle_timeout)
+        self._send(f"220 {self.server.hostname} ESMTP mailsrv ready\r\n".encode())
+
+    def _admission_refusal(self) -> Reply | None:
+        server, ip = self.server, self.peer_ip
+        if server.draining:
+            return replies.SERVICE_UNAVAILABLE
+        if server.connections.total_full():
+            server.security_event("connection-limit", ip, limit=server.connections.max_total)
+            return replies.TOO_MANY_CONNECTIONS
+        if self.trusted:
+            return None
+        if server.connections.ip_full(ip):
+            server.security_event("ip-connection-limit", ip, limit=server.connections.max_per_ip)
+            return replies.TOO_MANY_CONNECTIONS_FROM_IP
+        if not server.connection_rate.allow(ip):
+            server.security_event("connection-rate", ip, limit=server.connection_rate.limit)
+            return replies.CONNECTION_RATE_EXCEEDED
+        return None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        for timer in (self._idle_timer, self._data_timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._closing = True
+        self._abandon_transaction()
+        if self._counted:
+            self.server.connections.closed(self.peer_ip)
+            self._counted = False
+            _log.info(
+                "session closed {client_ip} helo={helo} messages={messages} errors={errors}",
+                client_ip=self.peer_ip,
+                listener=self.listener,
+                helo=self.helo,
+                messages=self.messages_accepted,
+                errors=self.errors,
+                duration=round(self.clock.seconds() - self._started, 3),
+            )
+        self.server.session_ended(self)
+
+    def drain(self) -> None:
+        """Server shutdown: close now if idle, else right after the transaction in flight."""
+        self._draining = True
+        if not self._closing and not self._busy and self.transaction is None:
+            self._close(replies.SERVICE_UNAVAILABLE)
+
+    def shutdown_now(self) -> None:
+        """Grace period over: 421 and close, whatever is in flight."""
+        if not self._closing:
+            self._close(replies.SERVICE_UNAVAILABLE)
+        elif self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _close(self, reply: Reply | None = None) -> None:
+        if self._closing:
+            return
+        if reply is not None:
+            self._send(reply.format())
+        self._closing = True
+        self._abandon_transaction()
+        self._buffer = b""
+        self.transport.loseConnection()
+        self._abort_timer = self.clock.callLater(_CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _idle_timeout(self) -> None:
+        self._idle_timer = None
+        _log.info("idle timeout {client_ip}", client_ip=self.peer_ip)
+        self._close(replies.IDLE_TIMEOUT)
+
+    def _data_timeout(self) -> None:
+        self._data_timer = None
+        _log.info("DATA timeout {client_ip}", client_ip=self.peer_ip)
+        self._close(replies.DATA_TIMEOUT)
+
+    def _pause(self, reason: str) -> None:
+        if not self._pause_reasons:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pause_reasons.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self._pause_reasons:
+            self._pause_reasons.discard(reason)
+            if not self._pause_reasons and not self._closing:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    # -- input framing --------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.reset(self.config.idle_timeout)
+        self._buffer = self._buffer + data if self._buffer else data
+        self._process()
+
+    def _process(self) -> None:
+        while self._buffer and not self._busy and not self._closing:
+            if self._decoder is not None:
+                chunk, self._buffer = self._buffer, b""
+                rest = self._decoder.feed(chunk)
+                if rest is not None:
+                    self._buffer = rest
+                    self._end_of_data()
+                continue
+            if self._discarding:
+                cut = self._buffer.find(_CRLF)
+                if cut < 0:
+                    self._buffer = self._buffer[-1:] if self._buffer.endswith(b"\r") else b""
+                    break
+                self._buffer = self._buffer[cut + 2 :]
+                self._discarding = False
+                continue
+            cut = self._buffer.find(_CRLF)
+            if cut < 0:
+                if len(self._buffer) > self._max_buffered_line:
+                    self._discarding = True
+                    self._buffer = self._buffer[-1:] if self._buffer.endswith(b"\r") else b""
+                    self._respond(replies.LINE_TOO_LONG)
+                break
+            line, self._buffer = self._buffer[:cut], self._buffer[cut + 2 :]
+            self._command_received(line)
+        if len(self._buffer) > _PIPELINE_HIGH_WATER:
+            self._pause("pipeline")
+        elif "pipeline" in self._pause_reasons:
+            self._resume("pipeline")
+
+    def _line_limit(self, verb: str) -> int:
+        if verb in ("MAIL", "RCPT"):
+            return self.config.max_mail_line_length
+        if verb == "AUTH":
+            return self.config.max_auth_line_length
+        return self.config.max_line_length
+
+    def _command_received(self, line: bytes) -> None:
+        if b"\r" in line or b"\n" in line or b"\x00" in line:
+            self._respond(replies.BAD_CHARACTERS)
+            return
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._respond(replies.BAD_CHARACTERS)
+            return
+        verb, _, argument = text.partition(" ")
+        verb = verb.upper()
+        if len(line) + 2 > self._line_limit(verb):
+            self._respond(replies.LINE_TOO_LONG)
+            return
+        handler = self._commands.get(verb)
+        if handler is None:
+            self._respond(
+                replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED_VERBS else replies.UNKNOWN_COMMAND
+            )
+            return
+        try:
+            result = handler(argument.strip(" "))
+        except Exception:
+            _log.failure("command {verb} failed", verb=verb)
+            result = replies.LOCAL_ERROR
+        if isinstance(result, Deferred):
+            self._busy = True
+            result.addErrback(self._command_failed, verb)
+            result.addCallback(self._async_reply)
+        else:
+            self._respond(result)
+
+    def _command_failed(self, failure: Failure, verb: str) -> Reply:
+        _log.failure("command {verb} failed", failure, verb=verb)
+        return replies.LOCAL_ERROR
+
+    def _async_reply(self, response: Response) -> None:
+        self._busy = False
+        if self._closing:
+            return
+        self._respond(response)
+        self._process()
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def _respond(self, response: Response) -> None:
+        if response is None or self._closing:
+            return
+        if isinstance(response, bytes):
+            self._send(response)
+            return
+        self._send(response.format())
+        if response.code >= 500:
+            self.errors += 1
+            if self.errors >= self.config.max_errors:
+                self.server.security_event("too-many-errors", self.peer_ip, errors=self.errors)
+                self._close(replies.TOO_MANY_ERRORS)
+                return
+        if self._draining and self.transaction is None and self._decoder is None:
+            self._close(replies.SERVICE_UNAVAILABLE)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _ehlo_lines(self) -> list[str]:
+        return [
+            "PIPELINING",
+            f"SIZE {self.config.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
+
+    def _greet(self, argument: str, esmtp: bool) -> Response:
+        if not argument or " " in argument:
+            return replies.HELO_SYNTAX
+        self._reset_transaction()
+        self.helo = argument
+        self.esmtp = esmtp
+        greeting = f"{self.server.hostname} Hello {argument} [{self.peer_ip}]"
+        if not esmtp:
+            return f"250 {greeting}\r\n".encode()
+        lines = [greeting, *self._ehlo_lines()]
+        return "".join(
+            f"250{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)
+        ).encode()
+
+    def do_EHLO(self, argument: str) -> Response:
+        """EHLO: start an extended session; lists the extensions."""
+        return self._greet(argument, esmtp=True)
+
+    def do_HELO(self, argument: str) -> Response:
+        """HELO: start a plain SMTP session."""
+        return self._greet(argument, esmtp=False)
+
+    def do_MAIL(self, argument: str) -> Response:
+        """MAIL FROM: start a transaction."""
+        if self.helo is None:
+            return replies.NEED_HELO
+        if self.transaction is not None:
+            return replies.NESTED_MAIL
+        try:
+            path = parse_path_argument(argument, "FROM:", allow_null=True)
+        except AddressError:
+            return replies.MAIL_SYNTAX
+        params = path.params
+        if params and not self.esmtp:
+            return replies.UNKNOWN_PARAMETER
+        smtputf8 = False
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return replies.MAIL_SYNTAX
+                if int(value) > self.config.max_message_size:
+                    return replies.MESSAGE_TOO_BIG
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.MAIL_SYNTAX
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return replies.MAIL_SYNTAX
+                smtputf8 = True
+            else:
+                return replies.UNKNOWN_PARAMETER
+        if path.address is not None and not path.address.is_ascii and not smtputf8:
+            return replies.NON_ASCII_ADDRESS
+        if not self.trusted and not self.server.message_rate.allow(self.peer_ip):
+            self.server.security_event(
+                "message-rate", self.peer_ip, limit=self.server.message_rate.limit
+            )
+            return replies.MESSAGE_RATE_EXCEEDED
+        self.transaction = Transaction(path.address, smtputf8, self.clock.seconds())
+        return replies.SENDER_OK
+
+    def do_RCPT(self, argument: str) -> Response | Deferred[Response]:
+        """RCPT TO: add a recipient, if policy accepts it."""
+        transaction = self.transaction
+        if transaction is None:
+            return replies.NEED_MAIL
+        try:
+            path = parse_path_argument(argument, "TO:", allow_null=False)
+        except AddressError:
+            return replies.BAD_RECIPIENT_SYNTAX
+        if path.params:
+            return replies.UNKNOWN_PARAMETER
+        address = path.address
+        assert address is not None
+        if not address.is_ascii and not transaction.smtputf8:
+            return replies.NON_ASCII_ADDRESS
+        if len(transaction.recipients) >= self.config.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        decision = maybeDeferred(self.server.policy.resolve, address)
+        return decision.addCallback(self._recipient_decided, transaction, address)
+
+    def _recipient_decided(
+        self, decision: RecipientDecision, transaction: Transaction, address: Address
+    ) -> Response:
+        if transaction is not self.transaction:
+            return replies.NEED_MAIL
+        if decision.accepted:
+            transaction.recipients.append(address)
+            transaction.mailboxes.update(dict.fromkeys(decision.mailboxes))
+        elif decision.reply in (replies.RELAY_DENIED, replies.RELAY_TRICK):
+            self.server.security_event("relay-denied", self.peer_ip, recipient=str(address))
+        return decision.reply
+
+    def do_DATA(self, argument: str) -> Response:
+        """DATA: receive the message body."""
+        if argument:
+            return replies.NO_ARGUMENTS
+        transaction = self.transaction
+        if transaction is None:
+            return replies.NEED_MAIL
+        if not transaction.recipients:
+            return replies.NEED_RCPT
+        transaction.queue_id = self.server.new_queue_id()
+        spool_file = self.server.spool.open(
+            transaction.queue_id, lambda: self._pause("spool"), lambda: self._resume("spool")
+        )
+        transaction.spool_file = spool_file
+        spool_file.write(self._trace_headers(transaction))
+        self._decoder = BodyDecoder(
+            spool_file.write,
+            self.config.max_message_size,
+            normalize_line_endings=self.config.bare_line_endings == "normalize",
+        )
+        self._data_timer = self.clock.callLater(self.config.data_timeout, self._data_timeout)
+        return replies.START_DATA
+
+    def _trace_headers(self, transaction: Transaction) -> bytes:
+        """``Return-Path`` and ``Received`` (RFC 5321 section 4.4), with LF line endings."""
+        protocol = ("UTF8SMTP" if transaction.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
+        helo = sanitize_for_header(self.helo or "")
+        stamp = format_datetime(datetime.fromtimestamp(self.clock.seconds(), UTC))
+        recipient = ""
+        if len(transaction.recipients) == 1:
+            recipient = f"\n\tfor <{transaction.recipients[0]}>"
+        return (
+            f"Return-Path: <{transaction.sender_text}>\n"
+            f"Received: from {helo} ([{self.peer_ip}])\n"
+            f"\tby {self.server.hostname} (mailsrv) with {protocol} id {transaction.queue_id}"
+            f"{recipient};\n\t{stamp}\n"
+        ).encode()
+
+    def _end_of_data(self) -> None:
+        decoder, transaction = self._decoder, self.transaction
+        assert decoder is not None and transaction is not None
+        assert transaction.spool_file is not None
+        self._decoder = None
+        if self._data_timer is not None and self._data_timer.active():
+            self._data_timer.cancel()
+        self._data_timer = None
+        if decoder.problem is not None:
+            reply = _BODY_PROBLEM_REPLIES[decoder.problem]
+            self._log_message(transaction, decoder.size, f"rejected: {decoder.problem.value}")
+            self._reset_transaction()
+            self._respond(reply)
+            return
+        self._busy = True
+        spool_file, transaction.spool_file = transaction.spool_file, None
+        mailboxes = tuple(transaction.mailboxes)
+        committed: Deferred[Any] = spool_file.close()
+        committed.addCallback(lambda path: self.server.deliver(path, mailboxes))
+        committed.addCallbacks(
+            self._message_committed,
+            self._message_failed,
+            callbackArgs=(transaction, decoder.size),
+            errbackArgs=(transaction, spool_file, decoder.size),
+        )
+        committed.addCallback(self._async_reply)
+
+    def _message_committed(self, _: object, transaction: Transaction, size: int) -> Response:
+        self.messages_accepted += 1
+        self._log_message(transaction, size, "accepted")
+        if transaction is self.transaction:
+            self.transaction = None
+        return replies.MESSAGE_ACCEPTED.with_text(
+            replies.MESSAGE_ACCEPTED.text.format(queue_id=transaction.queue_id)
+        )
+
+    def _message_failed(
+        self, failure: Failure, transaction: Transaction, spool_file: SpoolFile, size: int
+    ) -> Response:
+        _log.failure("could not store message {queue_id}", failure, queue_id=transaction.queue_id)
+        self._log_message(transaction, size, "failed: local error")
+        spool_file.discard()
+        if transaction is self.transaction:
+            self.transaction = None
+        if isinstance(failure.value, OSError) and failure.value.errno == 28:
+            return replies.STORAGE_ERROR
+        return replies.LOCAL_ERROR
+
+    def _log_message(self, transaction: Transaction, size: int, result: str) -> None:
+        _log.info(
+            "message {queue_id} {result} from {client_ip} <{sender}> to {recipients} size={size}",
+            queue_id=transaction.queue_id,
+            result=result,
+            client_ip=self.peer_ip,
+            helo=self.helo,
+            sender=transaction.sender_text,
+            recipients=[str(r) for r in transaction.recipients],
+            size=size,
+            duration=round(self.clock.seconds() - transaction.started, 3),
+        )
+
+    def do_RSET(self, argument: str) -> Response:
+        """RSET: abandon the transaction."""
+        if argument:
+            return replies.NO_ARGUMENTS
+        self._reset_transaction()
+        return replies.RESET_OK
+
+    def do_NOOP(self, argument: str) -> Response:
+        """NOOP: do nothing (RFC 5321 allows and ignores an argument)."""
+        return replies.OK
+
+    def do_QUIT(self, argument: str) -> Response:
+        """QUIT: say goodbye and close."""
+        if argument:
+            return replies.NO_ARGUMENTS
+        self._close(replies.BYE)
+        return None
+
+    def do_VRFY(self, argument: str) -> Response:
+        """VRFY: never confirms users (no address harvesting), per RFC 5321 section 3.5.3."""
+        if not argument:
+            return replies.SYNTAX_ERROR
+        return replies.CANNOT_VRFY
+
+    def do_HELP(self, argument: str) -> Response:
+        """HELP: a pointer to the RFC."""
+        return replies.HELP
+
+    # -- transaction state ----------------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self._abandon_transaction()
+        self.transaction = None
+
+    def _abandon_transaction(self) -> None:
+        """Drop DATA in progress, if any, and its spool file."""
+        transaction = self.transaction
+        self._decoder = None
+        if self._data_timer is not None and self._data_timer.active():
+            self._data_timer.cancel()
+        self._data_timer = None
+        if transaction is not None and transaction.spool_file is not None:
+            transaction.spool_file.discard()
+            transaction.spool_file = None
+        if "spool" in self._pause_reasons:
+            self._resume("spool")

@@ -1,0 +1,115 @@
+"""The composition root: ``twistd mailsrv`` options and the service tree.
+
+This is the only module that touches the global reactor; everything below it receives the
+reactor (as clock, thread runner, TCP listener) and the :class:`~mailsrv.config.Config`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+
+from mailsrv import __version__
+from mailsrv.config import SETTINGS, Config, ConfigError, env_name, flag_name, load
+from mailsrv.logsetup import make_observer
+from mailsrv.smtp.listeners import SMTPListenerService
+from mailsrv.smtp.server import SMTPServer
+from mailsrv.threads import ThreadPoolService
+
+_log = Logger(namespace="mailsrv")
+
+
+class Options(usage.Options):
+    """``twistd mailsrv`` flags: ``--config`` plus one flag per setting (overrides everything)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs the mailsrv ESMTP server.  Settings come from defaults, then the config file "
+        "(--config or $SMTP_CONFIG), then SMTP_* environment variables, then these flags."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML config file (default: $SMTP_CONFIG)"],
+        *[
+            [flag_name(key), None, None, f"{spec.metadata['doc']} [{env_name(key)}]"]
+            for key, spec in SETTINGS.items()
+        ],
+    ]
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"mailsrv {__version__}")
+        raise SystemExit(0)
+
+    def flags(self) -> dict[str, object]:
+        """The settings given as flags, keyed by setting name."""
+        return {key: self[flag_name(key)] for key in SETTINGS}
+
+
+class MailService(MultiService):
+    """The root service: stops its children one by one, last started first.
+
+    Ordered stop matters: the SMTP listener must finish draining sessions (which still commit
+    messages through the I/O threads) before the thread pool stops.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.setName("mailsrv")
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd asks the application for its log observer after makeService; give it ours.
+        if hasattr(parent, "setComponent"):
+            observer = make_observer(self.config.log_level, self.config.log_format)
+            parent.setComponent(ILogObserver, observer)
+        super().setServiceParent(parent)
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield child.stopService()
+            except Exception:
+                _log.failure("error stopping {service}", service=child.name)
+        _log.info("mailsrv stopped")
+
+
+def raise_file_limit(wanted: int) -> None:
+    """Raise the open-file soft limit towards ``wanted`` (each session is one descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard, max(soft, wanted)) if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def build_service(config: Config, reactor: Any) -> MailService:
+    """Compose the service tree for ``config`` on ``reactor``."""
+    root = MailService(config)
+    threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
+    threads.setServiceParent(root)
+    server = SMTPServer(config, reactor, threads.run)
+    stale = server.spool.prepare()
+    if stale:
+        _log.warn("removed {count} unacknowledged spool file(s)", count=stale)
+    ports = {"mx": config.port, "submission": config.submission_port}
+    SMTPListenerService(reactor, server, ports).setServiceParent(root)
+    return root
+
+
+def makeService(options: Options) -> MailService:
+    """twistd entry point: merge the configuration and build the tree (exit on bad config)."""
+    from twisted.internet import reactor
+
+    try:
+        config = load(options["config"], os.environ, options.flags())
+    except ConfigError as e:
+        raise SystemExit(f"mailsrv: {e}") from None
+    raise_file_limit(config.max_connections * 2 + 256)
+    return build_service(config, reactor)

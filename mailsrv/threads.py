@@ -1,0 +1,33 @@
+"""The I/O thread pool: blocking disk work (fsync, link, rename) runs here, never on the reactor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+
+class ThreadPoolService(Service):
+    """A named thread pool that starts and stops with the service tree."""
+
+    def __init__(self, reactor: IReactorFromThreads, name: str, size: int) -> None:
+        self._reactor = reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+        self.setName(name)
+
+    def run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """Run ``function(*args, **kwargs)`` in the pool; fires with its result."""
+        return deferToThreadPool(self._reactor, self.pool, function, *args, **kwargs)  # type: ignore[arg-type]
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
