@@ -181,7 +181,9 @@ def parse_mailboxes(raw: object) -> tuple[str, ...]:
 def parse_aliases(raw: object) -> tuple[tuple[str, str], ...]:
     """Comma-separated ``alias=target`` pairs; an alias may be listed once per target."""
     if isinstance(raw, Mapping):
-        pairs = [(str(k), str(t)) for k, v in raw.items() for t in (v if isinstance(v, list) else [v])]
+        pairs = [
+            (str(k), str(t)) for k, v in raw.items() for t in (v if isinstance(v, list) else [v])
+        ]
     else:
         pairs = []
         for item in _items(raw):

@@ -98,7 +98,8 @@ def build_service(config: Config, reactor: Any) -> MailService:
     stale = server.spool.prepare()
     if stale:
         _log.warn("removed {count} unacknowledged spool file(s)", count=stale)
-    ports = {"mx": config.port, "submission": config.submission_port}
+    wanted = {"mx": config.port, "submission": config.submission_port}
+    ports = {name: port for name, port in wanted.items() if port}
     SMTPListenerService(reactor, server, ports).setServiceParent(root)
     return root
 

@@ -22,7 +22,7 @@ class ThreadPoolService(Service):
 
     def run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         """Run ``function(*args, **kwargs)`` in the pool; fires with its result."""
-        return deferToThreadPool(self._reactor, self.pool, function, *args, **kwargs)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self.pool, function, *args, **kwargs)
 
     def startService(self) -> None:
         super().startService()

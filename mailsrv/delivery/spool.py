@@ -45,7 +45,9 @@ class Spool:
         fsync_directory(self.incoming)
         return stale
 
-    def open(self, queue_id: str, pause: Callable[[], None], resume: Callable[[], None]) -> SpoolFile:
+    def open(
+        self, queue_id: str, pause: Callable[[], None], resume: Callable[[], None]
+    ) -> SpoolFile:
         """A new spool file for ``queue_id``."""
         return SpoolFile(self.incoming / queue_id, self._run, pause, resume)
 
@@ -94,7 +96,7 @@ class SpoolFile:
         if self._failure is not None:
             return
         if self._file is None:
-            self._file = open(self.path, "xb")  # noqa: SIM115 - closed in _close_blocking
+            self._file = open(self.path, "xb")
         self._file.write(chunk)
 
     def _written(self, _: object, size: int) -> None:
@@ -128,7 +130,7 @@ class SpoolFile:
 
     def _close_blocking(self, rest: bytes) -> None:
         if self._file is None:
-            self._file = open(self.path, "xb")  # noqa: SIM115 - closed just below
+            self._file = open(self.path, "xb")
         try:
             self._file.write(rest)
             self._file.flush()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.defer import DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -21,12 +21,16 @@ _log = Logger(namespace="mailsrv.smtp")
 
 
 class SMTPListenerService(Service):
-    """Owns the listening ports of one :class:`SMTPServer` and drains it on stop."""
+    """Owns the listening ports of one :class:`SMTPServer` and drains it on stop.
+
+    ``ports`` maps listener names (``mx``, ``submission``) to port numbers; 0 binds an
+    ephemeral port (tests).  The caller leaves out listeners that are turned off.
+    """
 
     def __init__(self, reactor: Any, server: SMTPServer, ports: dict[str, int]) -> None:
         self._reactor = reactor
         self.server = server
-        self._ports = {name: port for name, port in ports.items() if port}
+        self._ports = dict(ports)
         self.listening: dict[str, IListeningPort] = {}
         self._expiry = LoopingCall(server.expire_limits)
         self._expiry.clock = reactor
@@ -42,10 +46,15 @@ class SMTPListenerService(Service):
                 )
             except CannotListenError as e:
                 if config.host != "::" or "Address already in use" in str(e):
-                    raise SystemExit(f"mailsrv: cannot listen for {name} on port {port}: {e.socketError}") from None
+                    raise SystemExit(
+                        f"mailsrv: cannot listen for {name} on port {port}: {e.socketError}"
+                    ) from None
                 _log.warn("IPv6 unavailable; listening on IPv4 only for {listener}", listener=name)
                 listening = self._reactor.listenTCP(
-                    port, factory, backlog=config.listen_backlog, interface="0.0.0.0"
+                    port,
+                    factory,
+                    backlog=config.listen_backlog,
+                    interface="0.0.0.0",  # noqa: S104 - IPv4 fallback of "::"
                 )
             self.listening[name] = listening
             address = listening.getHost()
@@ -73,7 +82,7 @@ class SMTPListenerService(Service):
         super().stopService()
         if self._expiry.running:
             self._expiry.stop()
-        yield DeferredList([port.stopListening() for port in self.listening.values()])
+        yield DeferredList([maybeDeferred(port.stopListening) for port in self.listening.values()])
         self.listening.clear()
         count = len(self.server.sessions)
         _log.info("draining {count} session(s)", count=count)

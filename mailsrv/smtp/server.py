@@ -112,7 +112,13 @@ class SMTPServer:
         done: Deferred[None] = Deferred()
         self._drain_waiters.append(done)
         timer = self.clock.callLater(grace, self._abort_all)
-        done.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+
+        def stop_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        done.addBoth(stop_timer)
         return done
 
     def _abort_all(self) -> None:
@@ -129,8 +135,7 @@ class SMTPFactory(Factory):
         self.server = server
         self.listener = listener
 
-    def buildProtocol(self, addr: IAddress) -> SMTPSession:
+    def buildProtocol(self, addr: IAddress | None) -> SMTPSession:
         from mailsrv.smtp.session import SMTPSession
 
         return SMTPSession(self.server, self.listener)
-

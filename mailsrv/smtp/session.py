@@ -77,6 +77,8 @@ class Transaction:
 class SMTPSession(Protocol):
     """One client connection.  See the module docstring for the design."""
 
+    transport: Any = None  # an ITCPTransport (or TLS) that is also an IPushProducer
+
     def __init__(self, server: SMTPServer, listener: str) -> None:
         self.server = server
         self.config = server.config
@@ -183,7 +185,7 @@ class SMTPSession(Protocol):
         if not self._closing:
             self._close(replies.SERVICE_UNAVAILABLE)
         elif self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
     def _close(self, reply: Reply | None = None) -> None:
         if self._closing:
@@ -198,7 +200,7 @@ class SMTPSession(Protocol):
 
     def _abort(self) -> None:
         self._abort_timer = None
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
     def _idle_timeout(self) -> None:
         self._idle_timer = None
@@ -212,14 +214,14 @@ class SMTPSession(Protocol):
 
     def _pause(self, reason: str) -> None:
         if not self._pause_reasons:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.transport.pauseProducing()
         self._pause_reasons.add(reason)
 
     def _resume(self, reason: str) -> None:
         if reason in self._pause_reasons:
             self._pause_reasons.discard(reason)
             if not self._pause_reasons and not self._closing:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
+                self.transport.resumeProducing()
 
     # -- input framing --------------------------------------------------------------------------
 
@@ -286,7 +288,9 @@ class SMTPSession(Protocol):
         handler = self._commands.get(verb)
         if handler is None:
             self._respond(
-                replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED_VERBS else replies.UNKNOWN_COMMAND
+                replies.NOT_IMPLEMENTED
+                if verb in _NOT_IMPLEMENTED_VERBS
+                else replies.UNKNOWN_COMMAND
             )
             return
         try:
