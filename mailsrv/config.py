@@ -11,6 +11,7 @@ and what is wrong.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -72,8 +73,8 @@ def parse_size(minimum: int = 1) -> Callable[[object], int]:
         if isinstance(raw, int):
             value = raw
         else:
-            text = _as_text(raw).upper()
-            match = re.fullmatch(r"(\d+)\s*([KMG]?)I?B?", text)
+            text = _as_text(raw)
+            match = re.fullmatch(r"(\d+)\s*([KMG]?)I?B?", text.upper())
             if not match:
                 raise ValueError(f"expected a size like 10485760 or 10M, got {text!r}")
             value = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
@@ -140,8 +141,12 @@ def parse_choice(*choices: str) -> Callable[[object], str]:
 
 def _items(raw: object) -> list[str]:
     if isinstance(raw, list | tuple):
-        return [_as_text(item) for item in raw if _as_text(item)]
-    return [part.strip() for part in _as_text(raw).split(",") if part.strip()]
+        if not all(isinstance(item, str) for item in raw):
+            raise ValueError("expected a list of strings")
+        return [item.strip() for item in raw if item.strip()]
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a list or a comma-separated string, got {type(raw).__name__}")
+    return [part.strip() for part in raw.split(",") if part.strip()]
 
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -219,8 +224,9 @@ def parse_host(raw: object) -> str:
 
 
 def parse_hostname(raw: object) -> str:
-    """A fully qualified host name for the greeting and Received headers."""
-    return _domain(_as_text(raw))
+    """A fully qualified host name for the greeting and Received headers; empty = the FQDN."""
+    text = _as_text(raw)
+    return _domain(text) if text else ""
 
 
 def parse_path(raw: object) -> str:
@@ -302,10 +308,40 @@ class Config:
     listen_backlog: int = setting(1024, parse_int(1, 65535), "TCP listen backlog per listener")
     io_threads: int = setting(16, parse_int(1, 256), "Threads for disk I/O (fsync, rename)")
     enable_tls: bool = setting(False, parse_bool, "Offer STARTTLS (needs tls_cert and tls_key)")
-    enable_auth: bool = setting(False, parse_bool, "Offer SMTP AUTH (needs TLS unless relaxed)")
+    smtps_port: int = setting(
+        2465, parse_int(0, 65535), "Implicit-TLS submission port, RFC 8314 (465; 0 = off)"
+    )
     tls_cert: str = setting("", parse_path, "PEM certificate chain file")
     tls_key: str = setting("", parse_path, "PEM private key file")
+    tls_reload_interval: float = setting(
+        60.0,
+        parse_seconds(0.0),
+        "Check the cert/key files for changes this often (0 = only SIGHUP)",
+    )
+    enable_auth: bool = setting(False, parse_bool, "Offer SMTP AUTH (after TLS unless relaxed)")
+    auth_on_mx: bool = setting(True, parse_bool, "Also offer AUTH on the MX port")
+    allow_plaintext_auth: bool = setting(
+        False, parse_bool, "Allow AUTH without TLS (for local tests only)"
+    )
+    enable_cram_md5: bool = setting(
+        False, parse_bool, "Offer CRAM-MD5 (only accounts with a CRAM-MD5 secret can use it)"
+    )
+    auth_max_failures_per_ip: int = setting(
+        10, parse_int(1, 1_000_000), "Failed AUTHs per client IP per window before 421 4.7.0"
+    )
+    auth_max_failures_per_account: int = setting(
+        20, parse_int(1, 1_000_000), "Failed AUTHs per account per window before 454 4.7.0"
+    )
+    auth_failure_window: float = setting(
+        900.0, parse_seconds(1.0), "Window for counting failed AUTHs (s)"
+    )
+    argon2_time_cost: int = setting(3, parse_int(1, 100), "Argon2id iterations")
+    argon2_memory_kib: int = setting(65536, parse_int(8, 4_194_304), "Argon2id memory (KiB)")
+    argon2_parallelism: int = setting(4, parse_int(1, 64), "Argon2id lanes")
     db_path: str = setting("", parse_path, "SQLite user database; empty = <data_dir>/mailsrv.db")
+    db_url: str = setting(
+        "", parse_str, "PostgreSQL DSN (postgresql://user@host/db); empty = SQLite at db_path"
+    )
     log_level: str = setting(
         "info", parse_choice("debug", "info", "warn", "error", "critical"), "Lowest level logged"
     )
@@ -388,48 +424,73 @@ def load(
     """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # key -> where its value came from, for error messages
     path = config_file or environ.get(CONFIG_FILE_ENV) or None
     if path:
         for key, raw in read_file(path).items():
+            sources[key] = f"config file {path}: {key}"
             if key not in SETTINGS:
-                raise ConfigError(f"config file {path}: unknown setting {key!r}")
-            values[key] = _parse_one(f"config file {path}: {key}", key, raw)
+                raise ConfigError(f"{sources[key]}: unknown setting{_suggest(key, SETTINGS)}")
+            values[key] = _parse_one(sources[key], key, raw)
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key not in SETTINGS:
-            raise ConfigError(f"environment: unknown setting {name}")
-        values[key] = _parse_one(f"environment {name}", key, raw)
+            hint = _suggest(name, [env_name(k) for k in SETTINGS])
+            raise ConfigError(f"environment {name}: unknown setting{hint}")
+        sources[key] = f"environment {name}"
+        values[key] = _parse_one(sources[key], key, raw)
     for key, raw in (flags or {}).items():
         if raw is None:
             continue
         if key not in SETTINGS:
             raise ConfigError(f"flag --{flag_name(key)}: unknown setting")
-        values[key] = _parse_one(f"flag --{flag_name(key)}", key, raw)
-    return check(Config(**values))
+        sources[key] = f"flag --{flag_name(key)}"
+        values[key] = _parse_one(sources[key], key, raw)
+    return check(Config(**values), sources)
 
 
-def check(config: Config) -> Config:
-    """Cross-setting rules that no single parser can see."""
-    if config.port and config.port == config.submission_port:
-        raise ConfigError("port and submission_port must differ (use 0 to turn one off)")
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
+    """Cross-setting rules that no single parser can see.
+
+    ``sources`` maps keys to where their value came from (see :func:`load`), so an error names
+    the environment variable, file or flag to fix; keys not in it are named as they are.
+    """
+
+    def where(key: str) -> str:
+        return (sources or {}).get(key, key)
+
     if not config.port and not config.submission_port:
         raise ConfigError("port and submission_port are both 0: nothing to listen on")
     if config.enable_tls and not (config.tls_cert and config.tls_key):
-        raise ConfigError("enable_tls is true but tls_cert or tls_key is not set")
+        raise ConfigError(f"{where('enable_tls')}: TLS is on but tls_cert or tls_key is not set")
+    ports = [p for p in (config.port, config.submission_port, config.smtps_port) if p]
+    if len(ports) != len(set(ports)):
+        raise ConfigError("port, submission_port and smtps_port must differ (0 turns one off)")
+    if config.db_url and not config.db_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("db_url: expected a postgresql:// URL")
     if config.max_mail_line_length < config.max_line_length:
-        raise ConfigError("max_mail_line_length must be at least max_line_length")
+        raise ConfigError(
+            f"{where('max_mail_line_length')}: must be at least max_line_length"
+            f" ({config.max_line_length})"
+        )
     domains = set(config.local_domains)
+    local = f"(local_domains: {','.join(config.local_domains)})"
     for mailbox in config.mailboxes:
         if mailbox.rpartition("@")[2] not in domains:
-            raise ConfigError(f"mailboxes: {mailbox} is not in a local domain")
+            raise ConfigError(f"{where('mailboxes')}: {mailbox} is not in a local domain {local}")
     mailboxes = set(config.mailboxes)
     for alias, target in config.aliases:
         if alias.rpartition("@")[2] not in domains:
-            raise ConfigError(f"aliases: {alias} is not in a local domain")
+            raise ConfigError(f"{where('aliases')}: {alias} is not in a local domain {local}")
         if target not in mailboxes and not target.startswith("postmaster@"):
-            raise ConfigError(f"aliases: target {target} of {alias} is not a local mailbox")
+            raise ConfigError(f"{where('aliases')}: target {target} of {alias} is not in mailboxes")
     return config
 
 

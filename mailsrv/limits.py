@@ -76,6 +76,23 @@ class RateLimiter:
         events.append(now)
         return True
 
+    def record(self, key: str) -> None:
+        """Record one event for ``key`` whatever the limit."""
+        now = self._clock.seconds()
+        events = self._events.get(key)
+        if events is None:
+            events = self._events[key] = deque()
+        self._trim(events, now)
+        events.append(now)
+
+    def count(self, key: str) -> int:
+        """Events for ``key`` within the window."""
+        events = self._events.get(key)
+        if not events:
+            return 0
+        self._trim(events, self._clock.seconds())
+        return len(events)
+
     def expire(self) -> None:
         """Forget keys whose events have all left the window (call periodically)."""
         now = self._clock.seconds()

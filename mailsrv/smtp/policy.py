@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from mailsrv.auth.store import IUserStore
 from mailsrv.config import Config
 from mailsrv.smtp import replies
 from mailsrv.smtp.address import Address
@@ -24,10 +29,18 @@ class RecipientDecision:
         return not self.reply.is_error
 
 
-class RecipientPolicy:
-    """Resolves RCPT TO addresses against the configured local domains, mailboxes and aliases."""
+_log = Logger(namespace="mailsrv.smtp")
 
-    def __init__(self, config: Config) -> None:
+
+class RecipientPolicy:
+    """Resolves RCPT TO addresses: configured mailboxes and aliases first, then user accounts.
+
+    An account receives mail for its login and its aliases in the Maildir named by its login;
+    a disabled account refuses mail (``550 5.2.1``).
+    """
+
+    def __init__(self, config: Config, store: IUserStore | None = None) -> None:
+        self._store = store
         self.local_domains = frozenset(config.local_domains)
         self.primary_domain = config.local_domains[0] if config.local_domains else ""
         self._mailboxes = frozenset(config.mailboxes)
@@ -39,7 +52,7 @@ class RecipientPolicy:
         """True when ``domain`` is delivered here."""
         return domain in self.local_domains
 
-    def resolve(self, address: Address) -> RecipientDecision:
+    def resolve(self, address: Address) -> RecipientDecision | Deferred[RecipientDecision]:
         """Decide one recipient (RFC 5321 section 4.5.1: postmaster always exists)."""
         if address.has_routing:
             return RecipientDecision(replies.RELAY_TRICK)
@@ -52,6 +65,25 @@ class RecipientPolicy:
         mailbox = f"{local.lower()}@{domain}"
         if mailbox in self._aliases:
             return RecipientDecision(replies.RECIPIENT_OK, tuple(self._aliases[mailbox]))
-        if mailbox in self._mailboxes or local.lower() == "postmaster":
+        if mailbox in self._mailboxes:
+            return RecipientDecision(replies.RECIPIENT_OK, (mailbox,))
+        if self._store is None:
+            return self._postmaster_or_unknown(mailbox)
+        found: Deferred[Any] = self._store.find_owner(mailbox)
+        return found.addCallbacks(self._account_decision, self._lookup_failed, (mailbox,))
+
+    def _postmaster_or_unknown(self, mailbox: str) -> RecipientDecision:
+        if mailbox.partition("@")[0] == "postmaster":
             return RecipientDecision(replies.RECIPIENT_OK, (mailbox,))
         return RecipientDecision(replies.NO_SUCH_USER)
+
+    def _account_decision(self, account: Any, mailbox: str) -> RecipientDecision:
+        if account is None:
+            return self._postmaster_or_unknown(mailbox)
+        if not account.enabled:
+            return RecipientDecision(replies.MAILBOX_DISABLED)
+        return RecipientDecision(replies.RECIPIENT_OK, (account.login,))
+
+    def _lookup_failed(self, failure: Any) -> RecipientDecision:
+        _log.failure("user store lookup failed", failure)
+        return RecipientDecision(replies.LOOKUP_FAILED)

@@ -47,6 +47,8 @@ BYE = Reply(221, "2.0.0", "Bye")
 HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY")
 CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 
 # 4xx
 SERVICE_UNAVAILABLE = Reply(421, "4.3.2", "Service shutting down, closing connection")
@@ -62,6 +64,14 @@ DATA_TIMEOUT = Reply(421, "4.4.2", "DATA timeout, closing connection")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 STORAGE_ERROR = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+AUTH_ACCOUNT_THROTTLED = Reply(
+    454, "4.7.0", "Too many failed authentications for this account, try again later"
+)
+AUTH_IP_THROTTLED = Reply(
+    421, "4.7.0", "Too many failed authentications from your address, closing connection"
+)
 
 # 5xx: syntax and sequence
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command unrecognized")
@@ -79,10 +89,26 @@ NEED_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
 NEED_MAIL = Reply(503, "5.5.1", "Need MAIL before RCPT")
 NEED_RCPT = Reply(503, "5.5.1", "Need RCPT before DATA")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+NOT_IN_TRANSACTION = Reply(503, "5.5.1", "Not allowed during a mail transaction")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_MALFORMED = Reply(501, "5.5.2", "Malformed authentication response")
+AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
+AUTH_MECHANISM_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+ENCRYPTION_REQUIRED = Reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL or RCPT parameter")
 
 # 5xx: policy and content
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
+MAILBOX_DISABLED = Reply(550, "5.2.1", "Mailbox disabled, not accepting messages")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+RELAY_NOT_AVAILABLE = Reply(554, "5.7.1", "Delivery to other domains is not enabled on this server")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 RELAY_TRICK = Reply(554, "5.7.1", "Routing in addresses is not accepted")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")

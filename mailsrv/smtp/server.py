@@ -12,16 +12,19 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from mailsrv.auth.throttle import AuthThrottle
 from mailsrv.config import Config
 from mailsrv.delivery.maildir import MaildirStore
 from mailsrv.delivery.spool import RunInThread, Spool
 from mailsrv.limits import ConnectionCounter, RateLimiter, TrustedNetworks
 from mailsrv.smtp.policy import RecipientPolicy
+from mailsrv.tls import ReloadingServerTLS
 
 if TYPE_CHECKING:
     from mailsrv.smtp.session import SMTPSession
@@ -40,12 +43,22 @@ class SMTPServer:
         clock: IReactorTime,
         run_in_thread: RunInThread,
         policy: RecipientPolicy | None = None,
+        tls: ReloadingServerTLS | None = None,
+        portal: Portal | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.run_in_thread = run_in_thread
         self.hostname = config.server_name
         self.policy = policy or RecipientPolicy(config)
+        self.tls = tls
+        self.portal = portal
+        self.auth_throttle = AuthThrottle(
+            clock,
+            config.auth_max_failures_per_ip,
+            config.auth_max_failures_per_account,
+            config.auth_failure_window,
+        )
         self.spool = Spool(config.spool_dir, run_in_thread)
         self.store = MaildirStore(config.mail_dir, self.hostname)
         self.trusted = TrustedNetworks(config.trusted_networks)
@@ -87,6 +100,7 @@ class SMTPServer:
         """Forget rate-limit state that left its window (run on a timer)."""
         self.connection_rate.expire()
         self.message_rate.expire()
+        self.auth_throttle.expire()
 
     # -- session registry and drain -------------------------------------------------------------
 
@@ -127,15 +141,16 @@ class SMTPServer:
 
 
 class SMTPFactory(Factory):
-    """Builds sessions for one listener (``mx`` or ``submission``)."""
+    """Builds sessions for one listener: ``mx``, ``submission`` or ``smtps`` (implicit TLS)."""
 
     noisy = False
 
-    def __init__(self, server: SMTPServer, listener: str) -> None:
+    def __init__(self, server: SMTPServer, listener: str, implicit_tls: bool = False) -> None:
         self.server = server
         self.listener = listener
+        self.implicit_tls = implicit_tls
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:
         from mailsrv.smtp.session import SMTPSession
 
-        return SMTPSession(self.server, self.listener)
+        return SMTPSession(self.server, self.listener, implicit_tls=self.implicit_tls)

@@ -14,18 +14,24 @@ overlong command line, stores bare CR/LF verbatim and lacks SIZE, PIPELINING and
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsrv.auth.mechanisms import MECHANISMS, Exchange, MalformedResponse
+from mailsrv.auth.realm import ANONYMOUS_SENDER, ISender, Sender
 from mailsrv.delivery.spool import SpoolFile
 from mailsrv.limits import normalize_ip
 from mailsrv.smtp import replies
@@ -39,6 +45,7 @@ from mailsrv.smtp.data import BodyDecoder, BodyProblem
 from mailsrv.smtp.policy import RecipientDecision
 from mailsrv.smtp.replies import Reply
 from mailsrv.smtp.server import SMTPServer
+from mailsrv.tls import describe_session
 
 _log = Logger(namespace="mailsrv.smtp")
 
@@ -54,6 +61,17 @@ _BODY_PROBLEM_REPLIES = {
 }
 
 Response = Reply | bytes | None
+
+
+def _decode_sasl(data: bytes) -> bytes | None:
+    """Strict base64 (RFC 4954); ``=`` alone is an empty response; None if malformed."""
+    data = data.strip()
+    if data == b"=":
+        return b""
+    try:
+        return binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 @dataclass
@@ -79,7 +97,7 @@ class SMTPSession(Protocol):
 
     transport: Any = None  # an ITCPTransport (or TLS) that is also an IPushProducer
 
-    def __init__(self, server: SMTPServer, listener: str) -> None:
+    def __init__(self, server: SMTPServer, listener: str, implicit_tls: bool = False) -> None:
         self.server = server
         self.config = server.config
         self.clock = server.clock
@@ -89,6 +107,10 @@ class SMTPSession(Protocol):
         self.helo: str | None = None
         self.esmtp = False
         self.transaction: Transaction | None = None
+        self.tls_active = implicit_tls
+        self.sender: Sender = ANONYMOUS_SENDER
+        self._auth_exchange: Exchange | None = None
+        self._auth_mechanism = ""
         self.messages_accepted = 0
         self.errors = 0
         self._buffer = b""
@@ -119,6 +141,8 @@ class SMTPSession(Protocol):
             "QUIT": self.do_QUIT,
             "VRFY": self.do_VRFY,
             "HELP": self.do_HELP,
+            "STARTTLS": self.do_STARTTLS,
+            "AUTH": self.do_AUTH,
         }
 
     # -- connection lifecycle -------------------------------------------------------------------
@@ -272,6 +296,9 @@ class SMTPSession(Protocol):
         return self.config.max_line_length
 
     def _command_received(self, line: bytes) -> None:
+        if self._auth_exchange is not None:
+            self._auth_response(line)
+            return
         if b"\r" in line or b"\n" in line or b"\x00" in line:
             self._respond(replies.BAD_CHARACTERS)
             return
@@ -340,13 +367,34 @@ class SMTPSession(Protocol):
     # -- commands -------------------------------------------------------------------------------
 
     def _ehlo_lines(self) -> list[str]:
-        return [
+        lines = [
             "PIPELINING",
             f"SIZE {self.config.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
         ]
+        if self.server.tls is not None and not self.tls_active:
+            lines.append("STARTTLS")
+        mechanisms = self._auth_mechanisms()
+        if mechanisms and (self.tls_active or self.config.allow_plaintext_auth):
+            lines.append("AUTH " + " ".join(mechanisms))
+        return lines
+
+    def _auth_mechanisms(self) -> list[str]:
+        """Mechanisms this listener offers (whether TLS is up yet or not)."""
+        if self.server.portal is None or not self.config.enable_auth:
+            return []
+        if self.listener == "mx" and not self.config.auth_on_mx:
+            return []
+        mechanisms = ["PLAIN", "LOGIN"]
+        if self.config.enable_cram_md5:
+            mechanisms.append("CRAM-MD5")
+        return mechanisms
+
+    def _auth_required(self) -> bool:
+        """Submission listeners require AUTH before MAIL when AUTH is available."""
+        return self.listener != "mx" and bool(self._auth_mechanisms())
 
     def _greet(self, argument: str, esmtp: bool) -> Response:
         if not argument or " " in argument:
@@ -376,6 +424,8 @@ class SMTPSession(Protocol):
             return replies.NEED_HELO
         if self.transaction is not None:
             return replies.NESTED_MAIL
+        if self._auth_required() and not self.sender.authenticated:
+            return replies.AUTH_REQUIRED
         try:
             path = parse_path_argument(argument, "FROM:", allow_null=True)
         except AddressError:
@@ -401,6 +451,14 @@ class SMTPSession(Protocol):
                 return replies.UNKNOWN_PARAMETER
         if path.address is not None and not path.address.is_ascii and not smtputf8:
             return replies.NON_ASCII_ADDRESS
+        if self._auth_required() and not self.sender.authenticated:
+            return replies.AUTH_REQUIRED
+        sender_text = None if path.address is None else str(path.address)
+        if not self.sender.may_send_as(sender_text):
+            self.server.security_event(
+                "sender-mismatch", self.peer_ip, login=self.sender.login, sender=sender_text
+            )
+            return replies.SENDER_NOT_OWNED
         if not self.trusted and not self.server.message_rate.allow(self.peer_ip):
             self.server.security_event(
                 "message-rate", self.peer_ip, limit=self.server.message_rate.limit
@@ -426,8 +484,11 @@ class SMTPSession(Protocol):
             return replies.NON_ASCII_ADDRESS
         if len(transaction.recipients) >= self.config.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
-        decision = maybeDeferred(self.server.policy.resolve, address)
-        return decision.addCallback(self._recipient_decided, transaction, address)
+        decision: Deferred[Any] = maybeDeferred(self.server.policy.resolve, address)
+        decided: Deferred[Response] = decision.addCallback(
+            self._recipient_decided, transaction, address
+        )
+        return decided
 
     def _recipient_decided(
         self, decision: RecipientDecision, transaction: Transaction, address: Address
@@ -438,7 +499,11 @@ class SMTPSession(Protocol):
             transaction.recipients.append(address)
             transaction.mailboxes.update(dict.fromkeys(decision.mailboxes))
         elif decision.reply in (replies.RELAY_DENIED, replies.RELAY_TRICK):
-            self.server.security_event("relay-denied", self.peer_ip, recipient=str(address))
+            self.server.security_event(
+                "relay-denied", self.peer_ip, recipient=str(address), login=self.sender.login
+            )
+            if decision.reply is replies.RELAY_DENIED and self.sender.authenticated:
+                return replies.RELAY_NOT_AVAILABLE
         return decision.reply
 
     def do_DATA(self, argument: str) -> Response:
@@ -467,14 +532,20 @@ class SMTPSession(Protocol):
     def _trace_headers(self, transaction: Transaction) -> bytes:
         """``Return-Path`` and ``Received`` (RFC 5321 section 4.4), with LF line endings."""
         protocol = ("UTF8SMTP" if transaction.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
+        if self.esmtp:
+            protocol += ("S" if self.tls_active else "") + (
+                "A" if self.sender.authenticated else ""
+            )
         helo = sanitize_for_header(self.helo or "")
+        tls = describe_session(self.transport) if self.tls_active else None
+        tls_comment = f"\n\t(using {tls})" if tls else ""
         stamp = format_datetime(datetime.fromtimestamp(self.clock.seconds(), UTC))
         recipient = ""
         if len(transaction.recipients) == 1:
             recipient = f"\n\tfor <{transaction.recipients[0]}>"
         return (
             f"Return-Path: <{transaction.sender_text}>\n"
-            f"Received: from {helo} ([{self.peer_ip}])\n"
+            f"Received: from {helo} ([{self.peer_ip}]){tls_comment}\n"
             f"\tby {self.server.hostname} (mailsrv) with {protocol} id {transaction.queue_id}"
             f"{recipient};\n\t{stamp}\n"
         ).encode()
@@ -567,6 +638,134 @@ class SMTPSession(Protocol):
     def do_HELP(self, argument: str) -> Response:
         """HELP: a pointer to the RFC."""
         return replies.HELP
+
+    # -- TLS and authentication -----------------------------------------------------------------
+
+    def do_STARTTLS(self, argument: str) -> Response:
+        """STARTTLS (RFC 3207): discard pipelined input, upgrade, forget the whole session."""
+        if argument:
+            return replies.NO_ARGUMENTS
+        if self.server.tls is None:
+            return replies.NOT_IMPLEMENTED
+        if self.tls_active:
+            return replies.TLS_ALREADY_ACTIVE
+        if self.helo is None:
+            return replies.NEED_HELO
+        if self.transaction is not None:
+            return replies.NOT_IN_TRANSACTION
+        # CVE-2011-0411 class: anything the client sent after STARTTLS in plaintext is dropped.
+        self._buffer = b""
+        self._send(replies.READY_FOR_TLS.format())
+        self.transport.startTLS(self.server.tls)
+        self.tls_active = True
+        self.helo = None
+        self.esmtp = False
+        self.sender = ANONYMOUS_SENDER
+        self._reset_transaction()
+        return None
+
+    def do_AUTH(self, argument: str) -> Response | Deferred[Response]:
+        """AUTH (RFC 4954): PLAIN, LOGIN, CRAM-MD5; only over TLS unless configured otherwise."""
+        mechanisms = self._auth_mechanisms()
+        if not mechanisms:
+            return replies.NOT_IMPLEMENTED
+        if not self.tls_active and not self.config.allow_plaintext_auth:
+            return replies.ENCRYPTION_REQUIRED
+        if self.helo is None or not self.esmtp:
+            return replies.NEED_HELO
+        if self.sender.authenticated:
+            return replies.ALREADY_AUTHENTICATED
+        if self.transaction is not None:
+            return replies.NOT_IN_TRANSACTION
+        mechanism, _, initial_text = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism or " " in initial_text.strip():
+            return replies.AUTH_SYNTAX
+        if mechanism not in mechanisms:
+            return replies.AUTH_MECHANISM_UNKNOWN
+        if not self.trusted and self.server.auth_throttle.ip_blocked(self.peer_ip):
+            self.server.security_event("auth-ip-throttled", self.peer_ip)
+            self._close(replies.AUTH_IP_THROTTLED)
+            return None
+        initial: bytes | None = None
+        if initial_text:
+            decoded = _decode_sasl(initial_text.encode("ascii", "replace"))
+            if decoded is None:
+                return replies.AUTH_MALFORMED
+            initial = decoded
+        self._auth_mechanism = mechanism
+        self._auth_exchange = MECHANISMS[mechanism](initial, self.server.hostname)
+        return self._auth_step(None)
+
+    def _auth_response(self, line: bytes) -> None:
+        """One client line inside an AUTH exchange."""
+        if len(line) + 2 > self.config.max_auth_line_length:
+            self._auth_exchange = None
+            self._respond(replies.LINE_TOO_LONG)
+            return
+        if line.strip() == b"*":
+            self._auth_exchange = None
+            self._respond(replies.AUTH_ABORTED)
+            return
+        decoded = _decode_sasl(line)
+        if decoded is None:
+            self._auth_exchange = None
+            self._respond(replies.AUTH_MALFORMED)
+            return
+        result = self._auth_step(decoded)
+        if isinstance(result, Deferred):
+            self._busy = True
+            result.addErrback(self._command_failed, "AUTH")
+            result.addCallback(self._async_reply)
+        else:
+            self._respond(result)
+
+    def _auth_step(self, response: bytes | None) -> Response | Deferred[Response]:
+        """Advance the mechanism: a 334 challenge, a syntax error, or credentials to check."""
+        exchange = self._auth_exchange
+        assert exchange is not None
+        try:
+            challenge = next(exchange) if response is None else exchange.send(response)
+        except StopIteration as done:
+            self._auth_exchange = None
+            return self._check_credentials(done.value)
+        except MalformedResponse:
+            self._auth_exchange = None
+            return replies.AUTH_MALFORMED
+        return f"334 {base64.b64encode(challenge).decode()}\r\n".encode()
+
+    def _check_credentials(self, credentials: Any) -> Response | Deferred[Response]:
+        throttle = self.server.auth_throttle
+        login = credentials.username.decode("utf-8", "replace").lower()
+        if throttle.account_blocked(login):
+            self.server.security_event("auth-account-throttled", self.peer_ip, login=login)
+            return replies.AUTH_ACCOUNT_THROTTLED
+        portal = self.server.portal
+        assert portal is not None
+        result: Deferred[Any] = portal.login(credentials, None, ISender)
+        return result.addCallbacks(self._auth_succeeded, self._auth_failed, errbackArgs=(login,))
+
+    def _auth_succeeded(self, avatar: tuple[Any, Sender, Any]) -> Response:
+        _interface, sender, _logout = avatar
+        self.sender = sender
+        _log.info(
+            "auth success {login} from {client_ip} via {mechanism}",
+            login=sender.login,
+            client_ip=self.peer_ip,
+            mechanism=self._auth_mechanism,
+            listener=self.listener,
+        )
+        return replies.AUTH_OK
+
+    def _auth_failed(self, failure: Failure, login: str) -> Response | Deferred[Response]:
+        if not failure.check(UnauthorizedLogin):
+            _log.failure("authentication backend error", failure)
+            return replies.AUTH_TEMPORARY_FAILURE
+        delay = self.server.auth_throttle.failed(self.peer_ip, login, count_ip=not self.trusted)
+        self.server.security_event(
+            "auth-failure", self.peer_ip, login=login, mechanism=self._auth_mechanism
+        )
+        return task.deferLater(self.clock, delay, lambda: replies.AUTH_FAILED)
 
     # -- transaction state ----------------------------------------------------------------------
 
