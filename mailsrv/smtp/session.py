@@ -115,6 +115,7 @@ class SMTPSession(Protocol):
         self.errors = 0
         self._buffer = b""
         self._busy = False
+        self._processing = False
         self._discarding = False
         self._decoder: BodyDecoder | None = None
         self._closing = False
@@ -258,6 +259,17 @@ class SMTPSession(Protocol):
         self._process()
 
     def _process(self) -> None:
+        # A reply whose Deferred fired synchronously calls back in here (via _async_reply); let
+        # the loop already running continue instead of recursing once per pipelined command.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+
+    def _process_buffer(self) -> None:
         while self._buffer and not self._busy and not self._closing:
             if self._decoder is not None:
                 chunk, self._buffer = self._buffer, b""
@@ -353,6 +365,9 @@ class SMTPSession(Protocol):
             return
         if isinstance(response, bytes):
             self._send(response)
+            # EHLO/HELO end a transaction too; a 334 challenge keeps its AUTH exchange going.
+            if self._draining and self.transaction is None and self._auth_exchange is None:
+                self._close(replies.SERVICE_UNAVAILABLE)
             return
         self._send(response.format())
         if response.code >= 500:
