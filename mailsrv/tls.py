@@ -51,6 +51,8 @@ def load_context(cert_path: str, key_path: str) -> SSL.Context:
     try:
         context.use_privatekey_file(key_path.encode())
     except SSL.Error as e:
+        if "mismatch" in str(e):
+            raise TLSConfigError(f"tls_key: {key_path}: does not match the certificate") from None
         raise TLSConfigError(f"tls_key: {key_path}: not a PEM private key ({e})") from None
     try:
         context.check_privatekey()

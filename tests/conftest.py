@@ -62,8 +62,18 @@ class RunningServer:
         return [p.read_bytes() for p in self.maildir_files(mailbox)]
 
 
-async def start_server(config: Config, listeners: tuple[str, ...] = ("mx",)) -> RunningServer:
-    """Start the SMTP service tree for ``config`` with ephemeral ports."""
+async def start_server(
+    config: Config,
+    listeners: tuple[str, ...] = ("mx",),
+    tls: Any = None,
+    portal: Any = None,
+    policy: Any = None,
+) -> RunningServer:
+    """Start the SMTP service tree for ``config`` with ephemeral ports.
+
+    ``tls`` is a :class:`mailsrv.tls.ReloadingServerTLS` (needed for STARTTLS and ``smtps``),
+    ``portal`` a cred Portal (needed for AUTH), ``policy`` a RecipientPolicy (e.g. with a store).
+    """
     from twisted.internet import reactor
 
     from mailsrv.smtp.listeners import SMTPListenerService
@@ -75,7 +85,7 @@ async def start_server(config: Config, listeners: tuple[str, ...] = ("mx",)) -> 
     root = MailService(config)
     threads = ThreadPoolService(reactor, "test-io", config.io_threads)
     threads.setServiceParent(root)
-    server = SMTPServer(config, reactor, threads.run)
+    server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
     server.spool.prepare()
     service = SMTPListenerService(reactor, server, dict.fromkeys(listeners, 0))
     service.setServiceParent(root)

@@ -14,6 +14,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailsrv.smtp.server import SMTPFactory, SMTPServer
 
@@ -23,8 +24,9 @@ _log = Logger(namespace="mailsrv.smtp")
 class SMTPListenerService(Service):
     """Owns the listening ports of one :class:`SMTPServer` and drains it on stop.
 
-    ``ports`` maps listener names (``mx``, ``submission``) to port numbers; 0 binds an
-    ephemeral port (tests).  The caller leaves out listeners that are turned off.
+    ``ports`` maps listener names (``mx``, ``submission``, ``smtps``) to port numbers; 0 binds
+    an ephemeral port (tests).  The caller leaves out listeners that are turned off.  ``smtps``
+    speaks TLS from the first byte (RFC 8314) with the server's certificate.
     """
 
     def __init__(self, reactor: Any, server: SMTPServer, ports: dict[str, int]) -> None:
@@ -39,7 +41,13 @@ class SMTPListenerService(Service):
     def _listen(self) -> None:
         config = self.server.config
         for name, port in self._ports.items():
-            factory = SMTPFactory(self.server, name)
+            factory: Any = SMTPFactory(self.server, name, implicit_tls=name == "smtps")
+            if name == "smtps":
+                if self.server.tls is None:
+                    raise SystemExit(
+                        "mailsrv: the smtps listener needs enable_tls and a certificate"
+                    )
+                factory = TLSMemoryBIOFactory(self.server.tls, False, factory)
             try:
                 listening = self._reactor.listenTCP(
                     port, factory, backlog=config.listen_backlog, interface=config.host

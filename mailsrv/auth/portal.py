@@ -1,0 +1,51 @@
+"""The one cred Portal every listener shares, and the service that opens the user store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailsrv.auth.checker import AccountChecker
+from mailsrv.auth.passwords import PasswordHasher
+from mailsrv.auth.realm import MailRealm
+from mailsrv.auth.store import IUserStore
+from mailsrv.delivery.spool import RunInThread
+
+_log = Logger(namespace="mailsrv.auth")
+
+
+def build_portal(
+    store: IUserStore, hasher: PasswordHasher, run_in_thread: RunInThread, clock: IReactorTime
+) -> Portal:
+    """A Portal whose realm hands out Sender avatars: anonymous, or an account after AUTH."""
+    checker = AccountChecker(store, hasher, run_in_thread, clock)
+    return Portal(MailRealm(store), [checker, AllowAnonymousAccess()])
+
+
+class UserStoreService(Service):
+    """Opens the user store (applying migrations) on start and closes it on stop."""
+
+    def __init__(self, store: IUserStore, on_failure: Any) -> None:
+        self.store = store
+        self._on_failure = on_failure
+        self.ready: Deferred[None] | None = None
+        self.setName("user-store")
+
+    def startService(self) -> None:
+        super().startService()
+        self.ready = maybeDeferred(self.store.open)
+        self.ready.addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> None:
+        _log.critical("cannot open the user store: {error}", error=failure.getErrorMessage())
+        self._on_failure()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return maybeDeferred(self.store.close)
