@@ -6,10 +6,12 @@ The service stops accepting on shutdown, then drains the sessions (see
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -19,6 +21,24 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailsrv.smtp.server import SMTPFactory, SMTPServer
 
 _log = Logger(namespace="mailsrv.smtp")
+
+
+class DualStackPort(tcp.Port):
+    """A TCP port that, bound to ``::``, also accepts IPv4 (IPV6_V6ONLY off, whatever the
+    host's ``net.ipv6.bindv6only`` default says)."""
+
+    def createInternetSocket(self) -> socket.socket:
+        sock: socket.socket = super().createInternetSocket()
+        if self.addressFamily == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        return sock
+
+
+def listen_tcp(reactor: Any, port: int, factory: Any, backlog: int, interface: str) -> Any:
+    """``reactor.listenTCP`` with a :class:`DualStackPort`."""
+    listening = DualStackPort(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening
 
 
 class SMTPListenerService(Service):
@@ -49,8 +69,8 @@ class SMTPListenerService(Service):
                     )
                 factory = TLSMemoryBIOFactory(self.server.tls, False, factory)
             try:
-                listening = self._reactor.listenTCP(
-                    port, factory, backlog=config.listen_backlog, interface=config.host
+                listening = listen_tcp(
+                    self._reactor, port, factory, config.listen_backlog, config.host
                 )
             except CannotListenError as e:
                 if config.host != "::" or "Address already in use" in str(e):
@@ -58,11 +78,12 @@ class SMTPListenerService(Service):
                         f"mailsrv: cannot listen for {name} on port {port}: {e.socketError}"
                     ) from None
                 _log.warn("IPv6 unavailable; listening on IPv4 only for {listener}", listener=name)
-                listening = self._reactor.listenTCP(
+                listening = listen_tcp(
+                    self._reactor,
                     port,
                     factory,
-                    backlog=config.listen_backlog,
-                    interface="0.0.0.0",  # noqa: S104 - IPv4 fallback of "::"
+                    config.listen_backlog,
+                    "0.0.0.0",  # noqa: S104 - IPv4 fallback of "::"
                 )
             self.listening[name] = listening
             address = listening.getHost()
