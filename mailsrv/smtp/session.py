@@ -202,7 +202,7 @@ class SMTPSession(Protocol):
     def drain(self) -> None:
         """Server shutdown: close now if idle, else right after the transaction in flight."""
         self._draining = True
-        if not self._closing and not self._busy and self.transaction is None:
+        if not self._closing and not self._busy and self._idle():
             self._close(replies.SERVICE_UNAVAILABLE)
 
     def shutdown_now(self) -> None:
@@ -364,20 +364,21 @@ class SMTPSession(Protocol):
         if response is None or self._closing:
             return
         if isinstance(response, bytes):
-            self._send(response)
-            # EHLO/HELO end a transaction too; a 334 challenge keeps its AUTH exchange going.
-            if self._draining and self.transaction is None and self._auth_exchange is None:
-                self._close(replies.SERVICE_UNAVAILABLE)
-            return
-        self._send(response.format())
-        if response.code >= 500:
-            self.errors += 1
-            if self.errors >= self.config.max_errors:
-                self.server.security_event("too-many-errors", self.peer_ip, errors=self.errors)
-                self._close(replies.TOO_MANY_ERRORS)
-                return
-        if self._draining and self.transaction is None and self._decoder is None:
+            self._send(response)  # EHLO/HELO lines and 334 challenges
+        else:
+            self._send(response.format())
+            if response.code >= 500:
+                self.errors += 1
+                if self.errors >= self.config.max_errors:
+                    self.server.security_event("too-many-errors", self.peer_ip, errors=self.errors)
+                    self._close(replies.TOO_MANY_ERRORS)
+                    return
+        if self._draining and self._idle():
             self._close(replies.SERVICE_UNAVAILABLE)
+
+    def _idle(self) -> bool:
+        """No transaction, DATA or AUTH exchange in progress: safe to close for a drain."""
+        return self.transaction is None and self._decoder is None and self._auth_exchange is None
 
     # -- commands -------------------------------------------------------------------------------
 
