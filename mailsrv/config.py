@@ -178,6 +178,11 @@ def _mailbox(text: str) -> str:
     return f"{local}@{_domain(domain)}"
 
 
+def parse_mailbox(raw: object) -> str:
+    """One mailbox address (local-part@domain), lower-cased; ValueError if invalid."""
+    return _mailbox(_as_text(raw))
+
+
 def parse_mailboxes(raw: object) -> tuple[str, ...]:
     """Comma-separated mailbox addresses (local-part@domain, lower-cased)."""
     return tuple(dict.fromkeys(_mailbox(item) for item in _items(raw)))

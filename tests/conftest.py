@@ -18,6 +18,8 @@ import pytest_twisted
 
 from mailsrv.config import Config, check
 
+pytest_plugins = ["tests.conftest_pg"]
+
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     """A test configuration: data under ``tmp_path``, domain example.org, fast limits."""
