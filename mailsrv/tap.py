@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -16,11 +17,14 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from mailsrv import __version__
+from mailsrv.auth.portal import UserStoreService, build_portal
 from mailsrv.config import SETTINGS, Config, ConfigError, env_name, flag_name, load
 from mailsrv.logsetup import make_observer
 from mailsrv.smtp.listeners import SMTPListenerService
+from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
 from mailsrv.threads import ThreadPoolService
+from mailsrv.tls import CertificateWatcher, ReloadingServerTLS, TLSConfigError
 
 _log = Logger(namespace="mailsrv")
 
@@ -90,18 +94,50 @@ def raise_file_limit(wanted: int) -> None:
 
 
 def build_service(config: Config, reactor: Any) -> MailService:
-    """Compose the service tree for ``config`` on ``reactor``."""
+    """Compose the service tree for ``config`` on ``reactor`` (SystemExit on a bad setup)."""
+    from mailsrv.auth.factory import make_hasher, open_user_store
+
     root = MailService(config)
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
-    server = SMTPServer(config, reactor, threads.run)
+    hash_threads = ThreadPoolService(reactor, "mailsrv-hash", 2)
+    hash_threads.setServiceParent(root)
+    store = open_user_store(config, reactor)
+    UserStoreService(store, on_failure=lambda: _stop(reactor)).setServiceParent(root)
+    portal = build_portal(store, make_hasher(config), hash_threads.run, reactor)
+    tls = None
+    if config.enable_tls:
+        try:
+            tls = ReloadingServerTLS(config.tls_cert, config.tls_key)
+        except TLSConfigError as e:
+            raise SystemExit(f"mailsrv: {e}") from None
+        CertificateWatcher(tls, reactor, config.tls_reload_interval).setServiceParent(root)
+        install_reload_signal(tls.reload, reactor)
+    policy = RecipientPolicy(config, store)
+    server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
     stale = server.spool.prepare()
     if stale:
         _log.warn("removed {count} unacknowledged spool file(s)", count=stale)
     wanted = {"mx": config.port, "submission": config.submission_port}
+    if tls is not None:
+        wanted["smtps"] = config.smtps_port
     ports = {name: port for name, port in wanted.items() if port}
     SMTPListenerService(reactor, server, ports).setServiceParent(root)
     return root
+
+
+def _stop(reactor: Any) -> None:
+    if reactor.running:
+        reactor.stop()
+
+
+def install_reload_signal(reload: Any, reactor: Any) -> None:
+    """SIGHUP reloads the TLS certificate (in the reactor thread)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reload)
+
+    signal.signal(signal.SIGHUP, handler)
 
 
 def makeService(options: Options) -> MailService:

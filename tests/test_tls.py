@@ -1,4 +1,4 @@
-"""TLS over real sockets: STARTTLS, implicit TLS, injection, state reset, reload, foreign clients."""
+"""TLS over real sockets: STARTTLS, implicit TLS, injection, state reset, reload, s_client."""
 
 from __future__ import annotations
 
@@ -235,8 +235,10 @@ async def test_tls_below_1_2_is_refused(tls_smtp: RunningServer, version: str) -
 
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["openssl", "s_client", version, "-cipher", "DEFAULT@SECLEVEL=0"]
-            + ["-connect", f"127.0.0.1:{tls_smtp.ports['smtps']}"],
+            [
+                *("openssl", "s_client", version, "-cipher", "DEFAULT@SECLEVEL=0"),
+                *("-connect", f"127.0.0.1:{tls_smtp.ports['smtps']}"),
+            ],
             input="",
             capture_output=True,
             text=True,

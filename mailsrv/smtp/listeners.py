@@ -10,8 +10,8 @@ import socket
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet import tcp
+from twisted.internet.defer import DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
