@@ -107,7 +107,12 @@ ENV_CASES = [
     ("SMTP_TLS_KEY", "/etc/ssl/private/mail.key", "tls_key", "/etc/ssl/private/mail.key"),
     ("SMTP_DB_PATH", "/var/lib/mailsrv/users.db", "db_path", "/var/lib/mailsrv/users.db"),
     ("SMTP_DATA_DIR", "/srv/mail", "data_dir", "/srv/mail"),
-    ("SMTP_LOCAL_DOMAINS", "Example.ORG, example.net,,", "local_domains", ("example.org", "example.net")),
+    (
+        "SMTP_LOCAL_DOMAINS",
+        "Example.ORG, example.net,,",
+        "local_domains",
+        ("example.org", "example.net"),
+    ),
     ("SMTP_LOCAL_DOMAINS", "a.example,a.example", "local_domains", ("a.example",)),
     ("SMTP_SUBMISSION_PORT", "587", "submission_port", 587),
     ("SMTP_LOG_LEVEL", "DEBUG", "log_level", "debug"),
@@ -203,7 +208,9 @@ def test_lists_comma_separated_in_env_and_arrays_in_file(tmp_path: Path) -> None
     assert load(write(tmp_path, "trusted_networks = []\n", "e.toml"), {}).trusted_networks == ()
 
 
-ALIAS_BASE = 'local_domains = ["example.org"]\nmailboxes = ["alice@example.org", "bob@example.org"]\n'
+ALIAS_BASE = (
+    'local_domains = ["example.org"]\nmailboxes = ["alice@example.org", "bob@example.org"]\n'
+)
 ALIASES = (
     ("info@example.org", "alice@example.org"),
     ("info@example.org", "bob@example.org"),
@@ -724,7 +731,9 @@ def test_check_config_with_broken_or_missing_file(tmp_path: Path) -> None:
     path = write(tmp_path, "port = true\n")
     result = run_mailsrv(tmp_path, "--config", path, "check-config")
     assert result.returncode == 2
-    assert result.stderr == f"mailsrv: config file {path}: port: expected an integer, got a boolean\n"
+    assert (
+        result.stderr == f"mailsrv: config file {path}: port: expected an integer, got a boolean\n"
+    )
     missing = str(tmp_path / "missing.toml")
     result = run_mailsrv(tmp_path, "--config", missing, "check-config")
     assert (result.returncode, result.stdout) == (2, "")
