@@ -90,7 +90,12 @@ class SpoolFile:
             self._paused = True
             self._pause()
         self._tail.addCallback(lambda _: self._run(self._write_blocking, chunk))
-        self._tail.addCallbacks(self._written, self._write_failed, (len(chunk),))
+        self._tail.addCallbacks(
+            self._written,
+            self._write_failed,
+            callbackArgs=(len(chunk),),
+            errbackArgs=(len(chunk),),
+        )
 
     def _write_blocking(self, chunk: bytes) -> None:
         if self._failure is not None:
@@ -105,12 +110,10 @@ class SpoolFile:
             self._paused = False
             self._resume()
 
-    def _write_failed(self, failure: Any) -> None:
+    def _write_failed(self, failure: Any, size: int) -> None:
+        # Later chunks are skipped in the thread (see _write_blocking); close() reports this.
         self._failure = failure.value
-        self._in_flight = 0
-        if self._paused:
-            self._paused = False
-            self._resume()
+        self._written(None, size)
 
     def close(self) -> Deferred[Path]:
         """Write what is left, fsync and close; fires with the path of the complete file."""
