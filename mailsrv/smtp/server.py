@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from mailsrv.auth.throttle import AuthThrottle
 from mailsrv.config import Config
 from mailsrv.delivery.maildir import MaildirStore
-from mailsrv.delivery.spool import RunInThread, Spool
+from mailsrv.delivery.spool import RunInThread, Spool, SpoolFile
 from mailsrv.limits import ConnectionCounter, RateLimiter, TrustedNetworks
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.tls import ReloadingServerTLS
@@ -82,13 +82,13 @@ class SMTPServer:
         suffix = "".join(secrets.choice(_QUEUE_ID_ALPHABET) for _ in range(6))
         return "".join(reversed(digits)) + suffix + f"{next(self._counter) % 1000:03d}"
 
-    def deliver(self, spool_file: Path, mailboxes: tuple[str, ...]) -> Deferred[list[Path]]:
-        """Deliver a complete, fsync'd spool file to local mailboxes (in a thread)."""
+    def commit(self, spool_file: SpoolFile, mailboxes: tuple[str, ...]) -> Deferred[list[Path]]:
+        """Finish ``spool_file`` (fsync) and deliver it to local mailboxes, in one I/O job."""
         now = self.clock.seconds()
-        result: Deferred[list[Path]] = self.run_in_thread(
-            self.store.deliver, spool_file, mailboxes, now
+        delivered: Deferred[list[Path]] = spool_file.close(
+            lambda path: self.store.deliver(path, mailboxes, now)
         )
-        return result
+        return delivered
 
     # -- limits ---------------------------------------------------------------------------------
 

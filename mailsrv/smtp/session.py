@@ -583,8 +583,7 @@ class SMTPSession(Protocol):
         self._busy = True
         spool_file, transaction.spool_file = transaction.spool_file, None
         mailboxes = tuple(transaction.mailboxes)
-        committed: Deferred[Any] = spool_file.close()
-        committed.addCallback(lambda path: self.server.deliver(path, mailboxes))
+        committed: Deferred[Any] = self.server.commit(spool_file, mailboxes)
         committed.addCallbacks(
             self._message_committed,
             self._message_failed,
