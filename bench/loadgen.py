@@ -1,0 +1,367 @@
+"""An asyncio SMTP load client for the benchmark, run as a separate process by bench.py.
+
+It pipelines nothing: every command waits for its reply, as smtp-source does.  Its reason to
+exist is the latency figure smtp-source lacks: the time from handing ``.\\r\\n`` (the end of
+DATA) to the kernel to reading the ``250``.  Every mode is bounded by ``--timeout`` seconds and
+prints one JSON object on its last line of output.
+
+Modes:
+
+``send``   ``--sessions S --messages M --size L``: S sessions share M messages of L bytes.
+``idle``   workload (d): ``--sessions S`` connect at once, each sends one message, all idle
+           ``--idle`` seconds (``IDLE`` is printed when every session is idle, so the harness can
+           sample the server), then each sends again and quits.
+``auth``   workload (e): ``--sessions S`` clients loop STARTTLS + AUTH PLAIN + QUIT for
+           ``--duration`` seconds.
+``noop``   one client sends NOOP every ``--interval`` seconds for ``--duration`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import resource
+import ssl
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - the bench venv has it
+    uvloop = None
+
+READ_TIMEOUT = 60.0
+
+
+class SMTPReplyError(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+
+
+@dataclass
+class Stats:
+    ok: int = 0
+    failed: int = 0  # a final reply other than 250 to the end of DATA
+    connect_failed: int = 0  # refused, reset or timed out before the greeting
+    refused: int = 0  # a greeting other than 220 (e.g. 421 too many connections)
+    errors: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    connect_times: list[float] = field(default_factory=list)  # TCP handshake only
+    greeting_times: list[float] = field(default_factory=list)  # connected -> 220
+    sessions_done: int = 0
+
+    def error(self, text: str) -> None:
+        if len(self.errors) < 10:
+            self.errors.append(text)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def make_body(size: int, sender: str, recipient: str) -> bytes:
+    """A message of exactly ``size`` bytes (CRLF lines, no dot-stuffing needed), plus ``.``."""
+    head = (
+        f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: bench\r\n"
+        "Message-ID: <bench@bench.invalid>\r\n\r\n"
+    ).encode()
+    line = b"x" * 76 + b"\r\n"
+    body = bytearray(head)
+    while len(body) + len(line) <= size - 2:
+        body += line
+    filler = size - 2 - len(body)
+    body += b"y" * max(filler, 0) + b"\r\n"
+    return bytes(body)
+
+
+class Client:
+    """One SMTP connection with reply parsing."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int, connect_timeout: float) -> Client:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=1 << 20), connect_timeout
+        )
+        return cls(reader, writer)
+
+    async def reply(self) -> tuple[int, str]:
+        lines = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), READ_TIMEOUT)
+            if not raw:
+                raise ConnectionError("connection closed by server")
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(line[4:])
+            if len(line) < 4 or line[3] != "-":
+                return int(line[:3]), "\n".join(lines)
+
+    async def command(self, text: str, expect: int) -> tuple[int, str]:
+        self.writer.write(text.encode() + b"\r\n")
+        code, message = await self.reply()
+        if code != expect:
+            raise SMTPReplyError(code, message)
+        return code, message
+
+    async def send_message(self, sender: str, recipient: str, body: bytes) -> tuple[int, float]:
+        """MAIL, RCPT, DATA, body; returns the final code and the end-of-DATA latency."""
+        await self.command(f"MAIL FROM:<{sender}>", 250)
+        await self.command(f"RCPT TO:<{recipient}>", 250)
+        await self.command("DATA", 354)
+        if len(body) > 64 * 1024:
+            self.writer.write(body[: -16 * 1024])
+            await self.writer.drain()
+            tail = body[-16 * 1024 :] + b".\r\n"
+        else:
+            tail = body + b".\r\n"
+        started = time.perf_counter()
+        self.writer.write(tail)
+        code, _ = await self.reply()
+        return code, time.perf_counter() - started
+
+    async def quit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(b"QUIT\r\n")
+            await asyncio.wait_for(self.reply(), 5)
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+async def open_session(args: Any, stats: Stats) -> Client | None:
+    started = time.perf_counter()
+    try:
+        client = await Client.connect(args.host, args.port, args.connect_timeout)
+        connected = time.perf_counter()
+        code, text = await client.reply()
+    except (TimeoutError, OSError, ConnectionError) as e:
+        stats.connect_failed += 1
+        stats.error(f"connect: {type(e).__name__}: {e}")
+        return None
+    stats.connect_times.append(connected - started)
+    stats.greeting_times.append(time.perf_counter() - connected)
+    if code != 220:
+        stats.refused += 1
+        stats.error(f"greeting: {code} {text}")
+        client.close()
+        return None
+    try:
+        await client.command(f"EHLO {args.helo}", 250)
+    except (TimeoutError, OSError, SMTPReplyError, ConnectionError) as e:
+        stats.refused += 1
+        stats.error(f"EHLO: {e}")
+        client.close()
+        return None
+    return client
+
+
+async def one_message(client: Client, args: Any, body: bytes, stats: Stats) -> bool:
+    try:
+        code, latency = await client.send_message(args.sender, args.recipient, body)
+    except SMTPReplyError as e:
+        stats.failed += 1
+        stats.error(f"transaction: {e}")
+        return False
+    except (TimeoutError, OSError, ConnectionError) as e:
+        stats.failed += 1
+        stats.error(f"transaction: {type(e).__name__}: {e}")
+        return False
+    if code == 250:
+        stats.ok += 1
+        stats.latencies.append(latency)
+        return True
+    stats.failed += 1
+    stats.error(f"end of data: {code}")
+    return False
+
+
+async def mode_send(args: Any, stats: Stats) -> None:
+    body = make_body(args.size, args.sender, args.recipient)
+    remaining = [args.messages]
+
+    async def session() -> None:
+        client = await open_session(args, stats)
+        if client is None:
+            return
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            if not await one_message(client, args, body, stats):
+                break
+        await client.quit()
+        stats.sessions_done += 1
+
+    await asyncio.gather(*(session() for _ in range(args.sessions)))
+
+
+async def mode_idle(args: Any, stats: Stats) -> None:
+    body = make_body(args.size, args.sender, args.recipient)
+    all_idle = asyncio.Event()
+    go_again = asyncio.Event()
+    arrived = [0]
+
+    def arrive() -> None:
+        arrived[0] += 1
+        if arrived[0] == args.sessions:
+            all_idle.set()
+
+    async def session() -> None:
+        client = await open_session(args, stats)
+        if client is None:
+            arrive()
+            return
+        ok = await one_message(client, args, body, stats)
+        arrive()
+        await go_again.wait()
+        if ok and await one_message(client, args, body, stats):
+            stats.sessions_done += 1
+        await client.quit()
+
+    async def conductor() -> None:
+        await all_idle.wait()
+        print("IDLE", flush=True)
+        await asyncio.sleep(args.idle)
+        go_again.set()
+
+    await asyncio.gather(conductor(), *(session() for _ in range(args.sessions)))
+
+
+def client_tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def mode_auth(args: Any, stats: Stats) -> None:
+    context = client_tls_context()
+    token = base64.b64encode(f"\0{args.user}\0{args.password}".encode()).decode()
+    deadline = time.monotonic() + args.duration
+
+    async def storm() -> None:
+        while time.monotonic() < deadline:
+            client = await open_session(args, stats)
+            if client is None:
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                await client.command("STARTTLS", 220)
+                await client.writer.start_tls(context)
+                await client.command(f"EHLO {args.helo}", 250)
+                started = time.perf_counter()
+                await client.command(f"AUTH PLAIN {token}", 235)
+                stats.latencies.append(time.perf_counter() - started)
+                stats.ok += 1
+            except (TimeoutError, OSError, SMTPReplyError, ConnectionError) as e:
+                stats.failed += 1
+                stats.error(f"auth: {type(e).__name__}: {e}")
+                await asyncio.sleep(0.1)  # no tight loop against a server that refuses
+            await client.quit()
+            stats.sessions_done += 1
+
+    await asyncio.gather(*(storm() for _ in range(args.sessions)))
+
+
+async def mode_noop(args: Any, stats: Stats) -> None:
+    client = await open_session(args, stats)
+    if client is None:
+        return
+    deadline = time.monotonic() + args.duration
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        try:
+            await client.command("NOOP", 250)
+        except (TimeoutError, OSError, SMTPReplyError, ConnectionError) as e:
+            stats.failed += 1
+            stats.error(f"noop: {e}")
+            break
+        stats.latencies.append(time.perf_counter() - started)
+        stats.ok += 1
+        await asyncio.sleep(args.interval)
+    await client.quit()
+    stats.sessions_done += 1
+
+
+MODES = {"send": mode_send, "idle": mode_idle, "auth": mode_auth, "noop": mode_noop}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--sessions", type=int, default=1)
+    parser.add_argument("--messages", type=int, default=100)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--sender", default="bench@client.invalid")
+    parser.add_argument("--recipient", default="user@bench.test")
+    parser.add_argument("--helo", default="loadgen.bench.invalid")
+    parser.add_argument("--idle", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--interval", type=float, default=0.01)
+    parser.add_argument("--user", default="")
+    parser.add_argument("--password", default="")
+    parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="bound on the whole run")
+    args = parser.parse_args()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.sessions * 2 + 64)), hard))
+    if uvloop is not None:
+        uvloop.install()
+    stats = Stats()
+    started = time.perf_counter()
+    timed_out = False
+
+    async def run() -> None:
+        nonlocal timed_out
+        try:
+            await asyncio.wait_for(MODES[args.mode](args, stats), args.timeout)
+        except TimeoutError:
+            timed_out = True
+
+    asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    result = {
+        "mode": args.mode,
+        "ok": stats.ok,
+        "failed": stats.failed,
+        "connect_failed": stats.connect_failed,
+        "refused": stats.refused,
+        "sessions_done": stats.sessions_done,
+        "timed_out": timed_out,
+        "elapsed": elapsed,
+        "rate": stats.ok / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": _ms(percentile(stats.latencies, 50)),
+        "p99_ms": _ms(percentile(stats.latencies, 99)),
+        "max_ms": _ms(max(stats.latencies) if stats.latencies else None),
+        "connect_max_ms": _ms(max(stats.connect_times) if stats.connect_times else None),
+        # A TCP handshake over 0.9 s on loopback means a SYN was dropped and retried (1 s).
+        "slow_connects": sum(1 for t in stats.connect_times if t > 0.9),
+        "greeting_max_ms": _ms(max(stats.greeting_times) if stats.greeting_times else None),
+        "errors": stats.errors,
+    }
+    print(json.dumps(result), flush=True)
+    sys.exit(0)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 3)
+
+
+if __name__ == "__main__":
+    main()
