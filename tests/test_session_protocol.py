@@ -1110,7 +1110,7 @@ def test_idle_timeout(make: Callable[..., Harness]) -> None:
     h.clock.advance(10)  # the close grace: a client that never reads gets aborted
     assert c.transport.disconnected
     c.lose()
-    assert h.server.connections.total == 0
+    assert h.server.limits.connections.total == 0
     assert h.clock.getDelayedCalls() == []
 
 
@@ -1179,7 +1179,7 @@ def test_max_connections(make: Callable[..., Harness]) -> None:
     assert trusted.greeting == replies.TOO_MANY_CONNECTIONS.format()
     third.lose()
     trusted.lose()
-    assert h.server.connections.total == 2
+    assert h.server.limits.connections.total == 2
     first.lose()
     assert h.connect("198.51.100.7").greeting.startswith(b"220 ")
 
@@ -1223,14 +1223,14 @@ def test_expire_limits_forgets_old_state(make: Callable[..., Harness]) -> None:
         client = h.connect(host)
         client.transaction()
         client.lose()
-    assert len(h.server.connection_rate) == 3
-    assert len(h.server.message_rate) == 3
+    assert len(h.server.limits.connection_rate) == 3
+    assert len(h.server.limits.message_rate) == 3
     h.server.expire_limits()
-    assert len(h.server.connection_rate) == 3
+    assert len(h.server.limits.connection_rate) == 3
     h.clock.advance(61)
     h.server.expire_limits()
-    assert len(h.server.connection_rate) == 0
-    assert len(h.server.message_rate) == 0
+    assert len(h.server.limits.connection_rate) == 0
+    assert len(h.server.limits.message_rate) == 0
 
 
 def test_message_rate(make: Callable[..., Harness]) -> None:
@@ -1356,7 +1356,7 @@ def test_drain_grace_expires(h: Harness) -> None:
     stuck.lose()
     assert fired == [None]
     assert h.server.sessions == set()
-    assert h.server.connections.total == 0
+    assert h.server.limits.connections.total == 0
 
 
 def test_drain_grace_aborts_sessions_already_closing(h: Harness) -> None:

@@ -18,11 +18,11 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from mailsrv.auth.throttle import AuthThrottle
 from mailsrv.config import Config
 from mailsrv.delivery.maildir import MaildirStore
 from mailsrv.delivery.spool import RunInThread, Spool, SpoolFile
-from mailsrv.limits import ConnectionCounter, RateLimiter, TrustedNetworks
+from mailsrv.limits import TrustedNetworks
+from mailsrv.shared_limits import ILimits, LocalLimits
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.tls import ReloadingServerTLS
 
@@ -45,6 +45,7 @@ class SMTPServer:
         policy: RecipientPolicy | None = None,
         tls: ReloadingServerTLS | None = None,
         portal: Portal | None = None,
+        limits: ILimits | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -53,18 +54,10 @@ class SMTPServer:
         self.policy = policy or RecipientPolicy(config)
         self.tls = tls
         self.portal = portal
-        self.auth_throttle = AuthThrottle(
-            clock,
-            config.auth_max_failures_per_ip,
-            config.auth_max_failures_per_account,
-            config.auth_failure_window,
-        )
         self.spool = Spool(config.spool_dir, run_in_thread)
         self.store = MaildirStore(config.mail_dir, self.hostname)
         self.trusted = TrustedNetworks(config.trusted_networks)
-        self.connections = ConnectionCounter(config.max_connections, config.max_connections_per_ip)
-        self.connection_rate = RateLimiter(clock, config.connection_rate_per_ip, config.rate_window)
-        self.message_rate = RateLimiter(clock, config.message_rate_per_ip, config.rate_window)
+        self.limits: ILimits = limits if limits is not None else LocalLimits(config, clock)
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self._counter = itertools.count()
@@ -98,9 +91,8 @@ class SMTPServer:
 
     def expire_limits(self) -> None:
         """Forget rate-limit state that left its window (run on a timer)."""
-        self.connection_rate.expire()
-        self.message_rate.expire()
-        self.auth_throttle.expire()
+        if isinstance(self.limits, LocalLimits):
+            self.limits.expire()
 
     # -- session registry and drain -------------------------------------------------------------
 

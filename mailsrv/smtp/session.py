@@ -34,6 +34,7 @@ from mailsrv.auth.mechanisms import MECHANISMS, Exchange, MalformedResponse
 from mailsrv.auth.realm import ANONYMOUS_SENDER, ISender, Sender
 from mailsrv.delivery.spool import SpoolFile
 from mailsrv.limits import normalize_ip
+from mailsrv.shared_limits import CONNECTION_LIMIT, CONNECTION_RATE, IP_CONNECTION_LIMIT
 from mailsrv.smtp import replies
 from mailsrv.smtp.address import (
     Address,
@@ -53,6 +54,12 @@ _CRLF = b"\r\n"
 _PIPELINE_HIGH_WATER = 256 * 1024
 _CLOSE_GRACE = 10.0
 _NOT_IMPLEMENTED_VERBS = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML"})
+
+_REFUSALS = {
+    CONNECTION_LIMIT: replies.TOO_MANY_CONNECTIONS,
+    IP_CONNECTION_LIMIT: replies.TOO_MANY_CONNECTIONS_FROM_IP,
+    CONNECTION_RATE: replies.CONNECTION_RATE_EXCEEDED,
+}
 
 _BODY_PROBLEM_REPLIES = {
     BodyProblem.BARE_LINE_ENDING: replies.BARE_LINE_ENDING,
@@ -153,31 +160,32 @@ class SMTPSession(Protocol):
         self.peer_ip = normalize_ip(getattr(self.transport.getPeer(), "host", ""))
         self.trusted = self.peer_ip in self.server.trusted
         self.server.session_started(self)
-        refusal = self._admission_refusal()
-        if refusal is not None:
-            self._close(refusal)
+        if self.server.draining:
+            self._close(replies.SERVICE_UNAVAILABLE)
             return
-        self.server.connections.opened(self.peer_ip)
+        self._busy = True  # nothing the client sends is read before the greeting
+        admitted: Deferred[Any] = self.server.limits.admit(self.peer_ip, self.trusted)
+        admitted.addCallbacks(self._admitted, self._admission_failed)
+
+    def _admitted(self, refusal: str | None) -> None:
+        if self._closing:  # gone while we asked
+            if refusal is None:
+                self.server.limits.release(self.peer_ip)
+            return
+        if refusal is not None:
+            self.server.security_event(refusal, self.peer_ip)
+            self._close(_REFUSALS[refusal])
+            return
         self._counted = True
+        self._busy = False
         self._idle_timer = self.clock.callLater(self.config.idle_timeout, self._idle_timeout)
         self._send(f"220 {self.server.hostname} ESMTP mailsrv ready\r\n".encode())
+        self._process()
 
-    def _admission_refusal(self) -> Reply | None:
-        server, ip = self.server, self.peer_ip
-        if server.draining:
-            return replies.SERVICE_UNAVAILABLE
-        if server.connections.total_full():
-            server.security_event("connection-limit", ip, limit=server.connections.max_total)
-            return replies.TOO_MANY_CONNECTIONS
-        if self.trusted:
-            return None
-        if server.connections.ip_full(ip):
-            server.security_event("ip-connection-limit", ip, limit=server.connections.max_per_ip)
-            return replies.TOO_MANY_CONNECTIONS_FROM_IP
-        if not server.connection_rate.allow(ip):
-            server.security_event("connection-rate", ip, limit=server.connection_rate.limit)
-            return replies.CONNECTION_RATE_EXCEEDED
-        return None
+    def _admission_failed(self, failure: Failure) -> None:
+        _log.failure("admission check failed", failure)
+        if not self._closing:
+            self._close(replies.LOCAL_ERROR)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         for timer in (self._idle_timer, self._data_timer, self._abort_timer):
@@ -186,7 +194,7 @@ class SMTPSession(Protocol):
         self._closing = True
         self._abandon_transaction()
         if self._counted:
-            self.server.connections.closed(self.peer_ip)
+            self.server.limits.release(self.peer_ip)
             self._counted = False
             _log.info(
                 "session closed {client_ip} helo={helo} messages={messages} errors={errors}",
@@ -434,7 +442,7 @@ class SMTPSession(Protocol):
         """HELO: start a plain SMTP session."""
         return self._greet(argument, esmtp=False)
 
-    def do_MAIL(self, argument: str) -> Response:
+    def do_MAIL(self, argument: str) -> Response | Deferred[Response]:
         """MAIL FROM: start a transaction."""
         if self.helo is None:
             return replies.NEED_HELO
@@ -475,12 +483,18 @@ class SMTPSession(Protocol):
                 "sender-mismatch", self.peer_ip, login=self.sender.login, sender=sender_text
             )
             return replies.SENDER_NOT_OWNED
-        if not self.trusted and not self.server.message_rate.allow(self.peer_ip):
-            self.server.security_event(
-                "message-rate", self.peer_ip, limit=self.server.message_rate.limit
-            )
+        transaction = Transaction(path.address, smtputf8, self.clock.seconds())
+        if self.trusted:
+            return self._start_transaction(True, transaction)
+        allowed: Deferred[Any] = self.server.limits.allow_message(self.peer_ip)
+        started: Deferred[Response] = allowed.addCallback(self._start_transaction, transaction)
+        return started
+
+    def _start_transaction(self, allowed: bool, transaction: Transaction) -> Response:
+        if not allowed:
+            self.server.security_event("message-rate", self.peer_ip)
             return replies.MESSAGE_RATE_EXCEEDED
-        self.transaction = Transaction(path.address, smtputf8, self.clock.seconds())
+        self.transaction = transaction
         return replies.SENDER_OK
 
     def do_RCPT(self, argument: str) -> Response | Deferred[Response]:
@@ -698,16 +712,24 @@ class SMTPSession(Protocol):
             return replies.AUTH_SYNTAX
         if mechanism not in mechanisms:
             return replies.AUTH_MECHANISM_UNKNOWN
-        if not self.trusted and self.server.auth_throttle.ip_blocked(self.peer_ip):
+        initial: bytes | None = None
+        if initial_text:
+            initial = _decode_sasl(initial_text.encode("ascii", "replace"))
+            if initial is None:
+                return replies.AUTH_MALFORMED
+        if self.trusted:
+            return self._start_auth(False, mechanism, initial)
+        blocked: Deferred[Any] = self.server.limits.auth_ip_blocked(self.peer_ip)
+        started: Deferred[Response] = blocked.addCallback(self._start_auth, mechanism, initial)
+        return started
+
+    def _start_auth(
+        self, ip_blocked: bool, mechanism: str, initial: bytes | None
+    ) -> Response | Deferred[Response]:
+        if ip_blocked:
             self.server.security_event("auth-ip-throttled", self.peer_ip)
             self._close(replies.AUTH_IP_THROTTLED)
             return None
-        initial: bytes | None = None
-        if initial_text:
-            decoded = _decode_sasl(initial_text.encode("ascii", "replace"))
-            if decoded is None:
-                return replies.AUTH_MALFORMED
-            initial = decoded
         self._auth_mechanism = mechanism
         self._auth_exchange = MECHANISMS[mechanism](initial, self.server.hostname)
         return self._auth_step(None)
@@ -749,10 +771,14 @@ class SMTPSession(Protocol):
             return replies.AUTH_MALFORMED
         return f"334 {base64.b64encode(challenge).decode()}\r\n".encode()
 
-    def _check_credentials(self, credentials: Any) -> Response | Deferred[Response]:
-        throttle = self.server.auth_throttle
+    def _check_credentials(self, credentials: Any) -> Deferred[Response]:
         login = credentials.username.decode("utf-8", "replace").lower()
-        if throttle.account_blocked(login):
+        blocked: Deferred[Any] = self.server.limits.auth_account_blocked(login)
+        checked: Deferred[Response] = blocked.addCallback(self._login, credentials, login)
+        return checked
+
+    def _login(self, account_blocked: bool, credentials: Any, login: str) -> Any:
+        if account_blocked:
             self.server.security_event("auth-account-throttled", self.peer_ip, login=login)
             return replies.AUTH_ACCOUNT_THROTTLED
         portal = self.server.portal
@@ -776,11 +802,13 @@ class SMTPSession(Protocol):
         if not failure.check(UnauthorizedLogin):
             _log.failure("authentication backend error", failure)
             return replies.AUTH_TEMPORARY_FAILURE
-        delay = self.server.auth_throttle.failed(self.peer_ip, login, count_ip=not self.trusted)
         self.server.security_event(
             "auth-failure", self.peer_ip, login=login, mechanism=self._auth_mechanism
         )
-        return task.deferLater(self.clock, delay, lambda: replies.AUTH_FAILED)
+        delay: Deferred[Any] = self.server.limits.auth_failed(self.peer_ip, login, not self.trusted)
+        return delay.addCallback(
+            lambda seconds: task.deferLater(self.clock, seconds, lambda: replies.AUTH_FAILED)
+        )
 
     # -- transaction state ----------------------------------------------------------------------
 

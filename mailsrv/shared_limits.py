@@ -1,0 +1,96 @@
+"""Limits every session of a server must see alike: connection caps, per-IP rates, AUTH failures.
+
+Sessions ask through :class:`ILimits`, whose answers are Deferreds, so the state can live
+elsewhere than in the session's own process (another worker process, or a store shared by
+several nodes) without changing the session.  :class:`LocalLimits` keeps it in memory here; its
+Deferreds fire at once.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface, implementer
+
+from mailsrv.auth.throttle import AuthThrottle
+from mailsrv.config import Config
+from mailsrv.limits import ConnectionCounter, RateLimiter
+
+# Why a connection is refused at connect time (None: admitted).
+CONNECTION_LIMIT = "connection-limit"
+IP_CONNECTION_LIMIT = "ip-connection-limit"
+CONNECTION_RATE = "connection-rate"
+
+
+class ILimits(Interface):
+    """Admission and rate decisions shared by every process of one server."""
+
+    def admit(ip: str, trusted: bool) -> Deferred[str | None]:
+        """Count a new session from ``ip``; a refusal reason instead if a limit is reached."""
+
+    def release(ip: str) -> None:
+        """A session admitted earlier has ended."""
+
+    def allow_message(ip: str) -> Deferred[bool]:
+        """Count one message (MAIL) from an untrusted ``ip``; False when over its rate."""
+
+    def auth_ip_blocked(ip: str) -> Deferred[bool]:
+        """True when ``ip`` used up its failed AUTHs."""
+
+    def auth_account_blocked(login: str) -> Deferred[bool]:
+        """True when ``login`` used up its failed AUTHs."""
+
+    def auth_failed(ip: str, login: str, count_ip: bool) -> Deferred[float]:
+        """Record a failed AUTH; fires with the delay before answering it."""
+
+
+@implementer(ILimits)
+class LocalLimits:
+    """The authoritative limit state, in the main process."""
+
+    def __init__(self, config: Config, clock: IReactorTime) -> None:
+        self.connections = ConnectionCounter(config.max_connections, config.max_connections_per_ip)
+        self.connection_rate = RateLimiter(clock, config.connection_rate_per_ip, config.rate_window)
+        self.message_rate = RateLimiter(clock, config.message_rate_per_ip, config.rate_window)
+        self.auth_throttle = AuthThrottle(
+            clock,
+            config.auth_max_failures_per_ip,
+            config.auth_max_failures_per_account,
+            config.auth_failure_window,
+        )
+
+    def check_admission(self, ip: str, trusted: bool) -> str | None:
+        """The synchronous core of :meth:`admit`."""
+        if self.connections.total_full():
+            return CONNECTION_LIMIT
+        if not trusted:
+            if self.connections.ip_full(ip):
+                return IP_CONNECTION_LIMIT
+            if not self.connection_rate.allow(ip):
+                return CONNECTION_RATE
+        self.connections.opened(ip)
+        return None
+
+    def admit(self, ip: str, trusted: bool) -> Deferred[str | None]:
+        return succeed(self.check_admission(ip, trusted))
+
+    def release(self, ip: str) -> None:
+        self.connections.closed(ip)
+
+    def allow_message(self, ip: str) -> Deferred[bool]:
+        return succeed(self.message_rate.allow(ip))
+
+    def auth_ip_blocked(self, ip: str) -> Deferred[bool]:
+        return succeed(self.auth_throttle.ip_blocked(ip))
+
+    def auth_account_blocked(self, login: str) -> Deferred[bool]:
+        return succeed(self.auth_throttle.account_blocked(login))
+
+    def auth_failed(self, ip: str, login: str, count_ip: bool) -> Deferred[float]:
+        return succeed(self.auth_throttle.failed(ip, login, count_ip))
+
+    def expire(self) -> None:
+        """Forget state that left its window (run on a timer in the main process)."""
+        self.connection_rate.expire()
+        self.message_rate.expire()
+        self.auth_throttle.expire()
