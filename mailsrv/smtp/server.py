@@ -34,6 +34,15 @@ _log = Logger(namespace="mailsrv.security")
 _QUEUE_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
 
 
+def _base31(number: int, width: int) -> str:
+    """``number`` modulo 31**width in ``width`` characters of the queue-id alphabet."""
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, len(_QUEUE_ID_ALPHABET))
+        digits.append(_QUEUE_ID_ALPHABET[digit])
+    return "".join(reversed(digits))
+
+
 class SMTPServer:
     """Shared state and services for every session; built once by the composition root."""
 
@@ -61,19 +70,18 @@ class SMTPServer:
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self._counter = itertools.count()
+        self._id_tag = "".join(secrets.choice(_QUEUE_ID_ALPHABET) for _ in range(4))
         self._drain_waiters: list[Deferred[None]] = []
 
     # -- identifiers and delivery ---------------------------------------------------------------
 
     def new_queue_id(self) -> str:
-        """A short unique id for one message: time-ordered prefix plus randomness."""
-        stamp = int(self.clock.seconds() * 1000)
-        digits = []
-        for _ in range(8):
-            stamp, digit = divmod(stamp, len(_QUEUE_ID_ALPHABET))
-            digits.append(_QUEUE_ID_ALPHABET[digit])
-        suffix = "".join(secrets.choice(_QUEUE_ID_ALPHABET) for _ in range(6))
-        return "".join(reversed(digits)) + suffix + f"{next(self._counter) % 1000:03d}"
+        """A short unique id for one message: time in ms, this process's tag, a counter."""
+        return (
+            _base31(int(self.clock.seconds() * 1000), 8)
+            + self._id_tag
+            + _base31(next(self._counter), 3)
+        )
 
     def commit(self, spool_file: SpoolFile, mailboxes: tuple[str, ...]) -> Deferred[list[Path]]:
         """Finish ``spool_file`` (fsync) and deliver it to local mailboxes, in one I/O job."""

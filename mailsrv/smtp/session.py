@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,6 +69,12 @@ _BODY_PROBLEM_REPLIES = {
 }
 
 Response = Reply | bytes | None
+
+
+@functools.lru_cache(maxsize=4)
+def _header_date(seconds: int) -> str:
+    """RFC 5322 date for the Received header (cached: one formatting per second)."""
+    return format_datetime(datetime.fromtimestamp(seconds, UTC))
 
 
 def _decode_sasl(data: bytes) -> bytes | None:
@@ -569,7 +576,7 @@ class SMTPSession(Protocol):
         helo = sanitize_for_header(self.helo or "")
         tls = describe_session(self.transport) if self.tls_active else None
         tls_comment = f"\n\t(using {tls})" if tls else ""
-        stamp = format_datetime(datetime.fromtimestamp(self.clock.seconds(), UTC))
+        stamp = _header_date(int(self.clock.seconds()))
         recipient = ""
         if len(transaction.recipients) == 1:
             recipient = f"\n\tfor <{transaction.recipients[0]}>"
