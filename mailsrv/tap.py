@@ -19,6 +19,7 @@ from twisted.python import usage
 from mailsrv import __version__
 from mailsrv.auth.portal import UserStoreService, build_portal
 from mailsrv.config import SETTINGS, Config, ConfigError, env_name, flag_name, load
+from mailsrv.delivery.committer import GroupCommitter, filesystem_syncer
 from mailsrv.logsetup import make_observer
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
@@ -115,6 +116,8 @@ def build_service(config: Config, reactor: Any) -> MailService:
         install_reload_signal(tls.reload, reactor)
     policy = RecipientPolicy(config, store)
     server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
+    server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
+    server.committer.setServiceParent(root)
     stale = server.spool.prepare()
     if stale:
         _log.warn("removed {count} unacknowledged spool file(s)", count=stale)

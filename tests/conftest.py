@@ -78,6 +78,7 @@ async def start_server(
     """
     from twisted.internet import reactor
 
+    from mailsrv.delivery.committer import GroupCommitter, filesystem_syncer
     from mailsrv.smtp.listeners import SMTPListenerService
     from mailsrv.smtp.server import SMTPServer
     from mailsrv.tap import MailService
@@ -89,6 +90,8 @@ async def start_server(
     threads.setServiceParent(root)
     server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
     server.spool.prepare()
+    server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
+    server.committer.setServiceParent(root)
     service = SMTPListenerService(reactor, server, dict.fromkeys(listeners, 0))
     service.setServiceParent(root)
     root.startService()

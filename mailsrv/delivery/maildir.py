@@ -132,19 +132,25 @@ class MaildirStore:
 
         Returns the delivered paths.  The spool file must already be fsync'd.
         """
-        size = spool_file.stat().st_size
+        delivered = self.link(spool_file, mailboxes, now)
+        for directory in {path.parent for path in delivered}:
+            self.group_sync.sync(directory)
+        spool_file.unlink()
+        return delivered
+
+    def link(
+        self, spool_file: Path, mailboxes: Iterable[str], now: float, size: int | None = None
+    ) -> list[Path]:
+        """Link ``spool_file`` into every mailbox's ``new/`` under unique names (no syncs)."""
+        if size is None:
+            size = spool_file.stat().st_size
         delivered: list[Path] = []
-        directories: set[Path] = set()
         for mailbox in dict.fromkeys(mailboxes):
             maildir = self.maildir(mailbox)
             self.ensure(maildir)
             target = maildir / "new" / self.unique_name(now, size)
             _link_or_copy(spool_file, target)
             delivered.append(target)
-            directories.add(target.parent)
-        for directory in directories:
-            self.group_sync.sync(directory)
-        spool_file.unlink()
         return delivered
 
 

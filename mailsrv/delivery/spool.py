@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from mailsrv.delivery.maildir import fsync_directory
 
 _CHUNK = 256 * 1024
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _HIGH_WATER = 2 * 1024 * 1024
 
 T = TypeVar("T")
@@ -68,14 +69,16 @@ class SpoolFile:
         self._resume = resume
         self._memory: list[bytes] = []
         self._memory_size = 0
+        self.size = 0
         self._in_flight = 0
         self._paused = False
-        self._file: IO[bytes] | None = None
+        self._fd: int | None = None
         self._tail: Deferred[None] = succeed(None)
         self._failure: BaseException | None = None
 
     def write(self, data: bytes) -> None:
         """Add content; it reaches the disk in order, in the background."""
+        self.size += len(data)
         self._memory.append(data)
         self._memory_size += len(data)
         if self._memory_size >= _CHUNK:
@@ -100,9 +103,7 @@ class SpoolFile:
     def _write_blocking(self, chunk: bytes) -> None:
         if self._failure is not None:
             return
-        if self._file is None:
-            self._file = open(self.path, "xb")
-        self._file.write(chunk)
+        _write_all(self._open_blocking(), chunk)
 
     def _written(self, _: object, size: int) -> None:
         self._in_flight -= size
@@ -136,15 +137,48 @@ class SpoolFile:
         return result
 
     def _close_blocking(self, rest: bytes, then: Callable[[Path], T] | None) -> Any:
-        if self._file is None:
-            self._file = open(self.path, "xb")
+        fd = self._open_blocking()
         try:
-            self._file.write(rest)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            _write_all(fd, rest)
+            os.fsync(fd)
         finally:
-            self._file.close()
+            self._close_fd()
         return self.path if then is None else then(self.path)
+
+    def detach(self) -> Deferred[bytes]:
+        """Hand the file over for a group commit: fires, once the writes in flight are done,
+        with the content not yet written, for :meth:`finish_blocking` in the committer."""
+        rest = b"".join(self._memory)
+        self._memory.clear()
+        self._memory_size = 0
+        result: Deferred[bytes] = Deferred()
+
+        def handover(_: object) -> None:
+            if self._failure is not None:
+                raise self._failure
+            result.callback(rest)
+
+        self._tail.addCallback(handover)
+        self._tail.addErrback(result.errback)
+        return result
+
+    def finish_blocking(self, rest: bytes) -> None:
+        """Write ``rest`` and close, without fsync (the committer syncs whole batches)."""
+        fd = self._open_blocking()
+        try:
+            _write_all(fd, rest)
+        finally:
+            self._close_fd()
+
+    def _open_blocking(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, _CREATE_FLAGS, 0o600)
+        return self._fd
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def discard(self) -> None:
         """Abandon the message: close and remove whatever was written (in the background)."""
@@ -157,9 +191,16 @@ class SpoolFile:
         self._tail.addErrback(lambda f: _log.failure("could not remove spool file", f))
 
     def _discard_blocking(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.close()
+        self._close_fd()
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte of ``data`` is written."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from mailsrv.config import Config
+from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.maildir import MaildirStore
 from mailsrv.delivery.spool import RunInThread, Spool, SpoolFile
 from mailsrv.limits import TrustedNetworks
@@ -55,6 +56,7 @@ class SMTPServer:
         tls: ReloadingServerTLS | None = None,
         portal: Portal | None = None,
         limits: ILimits | None = None,
+        committer: GroupCommitter | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -62,6 +64,7 @@ class SMTPServer:
         self.hostname = config.server_name
         self.policy = policy or RecipientPolicy(config)
         self.tls = tls
+        self.committer = committer
         self.portal = portal
         self.spool = Spool(config.spool_dir, run_in_thread)
         self.store = MaildirStore(config.mail_dir, self.hostname)
@@ -84,7 +87,13 @@ class SMTPServer:
         )
 
     def commit(self, spool_file: SpoolFile, mailboxes: tuple[str, ...]) -> Deferred[list[Path]]:
-        """Finish ``spool_file`` (fsync) and deliver it to local mailboxes, in one I/O job."""
+        """Make ``spool_file`` durable and deliver it to local mailboxes.
+
+        With a :class:`GroupCommitter` (the server's normal mode) many messages share a few
+        filesystem syncs; without one, each message is fsync'd in its own I/O job.
+        """
+        if self.committer is not None:
+            return self.committer.commit(spool_file, mailboxes)
         now = self.clock.seconds()
         delivered: Deferred[list[Path]] = spool_file.close(
             lambda path: self.store.deliver(path, mailboxes, now)
