@@ -37,6 +37,9 @@ class Reply:
         return self.code >= 400
 
 
+Response = Reply | bytes | None
+"""What a command handler returns: a reply, pre-rendered lines (EHLO, 334), or nothing."""
+
 # 2xx
 OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
