@@ -1384,7 +1384,7 @@ def main() -> int:
     args = parser.parse_args()
 
     command = "bench/run " + " ".join(sys.argv[1:])
-    venv = Path(os.environ.get("MAILSRV_VENV", "/work/venv"))
+    venv = Path(os.environ.get("MAILSRV_VENV", str(HERE.parent / ".venv")))
     if not (venv / "bin" / "twistd").exists():
         print(f"bench: no twistd in {venv} (set MAILSRV_VENV)", file=sys.stderr)
         return 2
@@ -1402,7 +1402,8 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="mailsrv-bench-"))
     base.chmod(0o755)
     _CLEANUPS.insert(0, lambda: shutil.rmtree(base, ignore_errors=True))
-    pythonpath = export_ref(args.ref, base / "snapshot") if args.ref else None
+    # The code under test always comes first on PYTHONPATH: the --ref snapshot or this tree.
+    pythonpath = export_ref(args.ref, base / "snapshot") if args.ref else str(HERE.parent)
 
     workloads = [
         Workload("a", "2000 x 1 KiB, 1 session", 1, 2000 // scale, 1024),
