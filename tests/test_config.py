@@ -743,3 +743,19 @@ def test_check_config_with_broken_or_missing_file(tmp_path: Path) -> None:
 def test_check_config_example_file(tmp_path: Path) -> None:
     result = run_mailsrv(tmp_path, "--config", str(EXAMPLE), "check-config", "-q")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_check_config_loads_the_tls_pair(tmp_path: Path) -> None:
+    import trustme
+
+    cert = trustme.CA().issue_cert("mx.example.org")
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key.write_bytes(cert.private_key_pem.bytes())
+    env = {"SMTP_ENABLE_TLS": "true", "SMTP_TLS_CERT": str(chain), "SMTP_TLS_KEY": str(key)}
+    assert run_mailsrv(tmp_path, "check-config", "-q", env=env).returncode == 0
+    key.write_text("not a key\n")
+    result = run_mailsrv(tmp_path, "check-config", "-q", env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"mailsrv: tls_key: {key}: not a PEM private key")
+    assert result.stderr.count("\n") == 1

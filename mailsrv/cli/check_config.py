@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from mailsrv.config import ConfigError, describe, load
+from mailsrv.tls import ReloadingServerTLS, TLSConfigError
 
 
 def register(commands: Any) -> None:
@@ -31,10 +32,13 @@ def _show(value: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate; print ``KEY = value`` lines; exit 2 with one line on a bad configuration."""
+    """Validate (settings, and the TLS pair if TLS is on); print ``KEY=value`` lines; exit 2
+    with one line on a bad configuration."""
     try:
         config = load(args.config, os.environ)
-    except ConfigError as e:
+        if config.enable_tls:
+            ReloadingServerTLS(config.tls_cert, config.tls_key)  # the same check as at start
+    except (ConfigError, TLSConfigError) as e:
         print(f"mailsrv: {e}", file=sys.stderr)
         return 2
     if not args.quiet:
