@@ -7,20 +7,21 @@ event carries a message body or a credential: the SMTP session logs envelope fac
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import IO
 
 from twisted.logger import (
-    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    eventAsJSON,
     eventAsText,
-    jsonFileLogObserver,
 )
+from zope.interface import implementer
 
 _LEVELS = {
     "debug": LogLevel.debug,
@@ -53,22 +54,88 @@ class SecondCachedTime:
 
 
 def text_line_formatter() -> Callable[[LogEvent], str]:
-    """Formats one event as ``<time> [<system>] <message>`` plus a traceback if any."""
+    """Formats one event as ``<time> [<system>] <message>`` plus a traceback if any.
+
+    Plain ``{field}`` formats (all of mailsrv's) go through ``str.format_map``; anything else
+    (call syntax, failures, legacy events) through Twisted's own ``eventAsText``.
+    """
     format_time = SecondCachedTime()
 
     def format_event(event: LogEvent) -> str:
+        log_format = event.get("log_format")
+        if isinstance(log_format, str) and "log_failure" not in event:
+            try:
+                text = log_format.format_map(event)
+            except Exception:
+                text = None
+            if text is not None:
+                system = event.get("log_system")
+                if system is None:
+                    level = event.get("log_level")
+                    name = level.name if level is not None else "-"
+                    system = f"{event.get('log_namespace', '-')}#{name}"
+                text = text.replace("\n", "\n\t")
+                return f"{format_time(event.get('log_time'))} [{system}] {text}\n"
         text = eventAsText(event, includeTimestamp=True, formatTime=format_time)
         return text + "\n" if text else ""
 
     return format_event
 
 
-def make_observer(level: str, fmt: str, stream: IO[str] | None = None) -> ILogObserver:
-    """An observer writing ``fmt`` ("text" or "json") lines at ``level`` or above to ``stream``."""
+def json_line_formatter(event: LogEvent) -> str:
+    """One event as one line of JSON."""
+    return eventAsJSON(event) + "\n"
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """Writes formatted events to a stream.
+
+    With ``call_later`` (the reactor's), lines written in the reactor thread are flushed once at
+    the end of the reactor turn instead of once each: under load that is one write system call
+    for many events.  Lines from other threads are flushed at once.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str],
+        format_event: Callable[[LogEvent], str],
+        call_later: Callable[..., object] | None = None,
+    ) -> None:
+        self._stream = stream
+        self._format = format_event
+        self._call_later = call_later
+        self._reactor_thread = threading.get_ident()
+        self._flush_pending = False
+
+    def __call__(self, event: LogEvent) -> None:
+        text = self._format(event)
+        if not text:
+            return
+        self._stream.write(text)
+        if self._call_later is None or threading.get_ident() != self._reactor_thread:
+            self._stream.flush()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._call_later(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        self._stream.flush()
+
+
+def make_observer(
+    level: str,
+    fmt: str,
+    stream: IO[str] | None = None,
+    call_later: Callable[..., object] | None = None,
+) -> ILogObserver:
+    """An observer writing ``fmt`` ("text" or "json") lines at ``level`` or above to ``stream``.
+
+    ``call_later`` lets lines from the reactor thread share one flush per reactor turn.
+    """
     out = sys.stdout if stream is None else stream
-    if fmt == "json":
-        base = jsonFileLogObserver(out, recordSeparator="")
-    else:
-        base = FileLogObserver(out, text_line_formatter())
+    formatter = json_line_formatter if fmt == "json" else text_line_formatter()
+    base = LineObserver(out, formatter, call_later)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
     return FilteringLogObserver(base, [predicate])

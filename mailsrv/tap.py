@@ -63,15 +63,19 @@ class MailService(MultiService):
     messages through the I/O threads) before the thread pool stops.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reactor: Any = None) -> None:
         super().__init__()
         self.config = config
+        self._reactor = reactor
         self.setName("mailsrv")
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd asks the application for its log observer after makeService; give it ours.
         if hasattr(parent, "setComponent"):
-            observer = make_observer(self.config.log_level, self.config.log_format)
+            call_later = self._reactor.callLater if self._reactor is not None else None
+            observer = make_observer(
+                self.config.log_level, self.config.log_format, call_later=call_later
+            )
             parent.setComponent(ILogObserver, observer)
         super().setServiceParent(parent)
 
@@ -98,7 +102,7 @@ def build_service(config: Config, reactor: Any) -> MailService:
     """Compose the service tree for ``config`` on ``reactor`` (SystemExit on a bad setup)."""
     from mailsrv.auth.factory import make_hasher, open_user_store
 
-    root = MailService(config)
+    root = MailService(config, reactor)
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
     hash_threads = ThreadPoolService(reactor, "mailsrv-hash", 2)

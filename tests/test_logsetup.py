@@ -57,3 +57,58 @@ def test_time_cache_changes_with_the_second() -> None:
     assert cached(now + 1) != first
     assert first == time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(int(now)))
     assert cached(None) == "-"
+
+
+class CountingStream(io.StringIO):
+    """A text stream that counts flushes."""
+
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_reactor_thread_lines_share_one_flush_per_turn() -> None:
+    from twisted.internet import task
+
+    clock = task.Clock()
+    out = CountingStream()
+    log = Logger(
+        namespace="mailsrv.smtp",
+        observer=LogPublisher(make_observer("info", "text", out, clock.callLater)),
+    )
+    for n in range(5):
+        log.info("event {n}", n=n)
+    assert out.getvalue().count("\n") == 5
+    assert out.flushes == 0
+    clock.advance(0)
+    assert out.flushes == 1
+    log.info("one more")
+    clock.advance(0)
+    assert out.flushes == 2
+
+
+def test_lines_from_other_threads_are_flushed_at_once() -> None:
+    import threading
+
+    from twisted.internet import task
+
+    out = CountingStream()
+    log = Logger(
+        namespace="mailsrv.delivery",
+        observer=LogPublisher(make_observer("info", "text", out, task.Clock().callLater)),
+    )
+    worker = threading.Thread(target=log.info, args=("from a thread",))
+    worker.start()
+    worker.join()
+    assert out.flushes == 1 and "from a thread" in out.getvalue()
+
+
+def test_formats_beyond_plain_fields_fall_back_to_twisted() -> None:
+    log, out = _logger("info", "text")
+    log.info("called {value()} and repr {text!r}", value=lambda: 42, text="x")
+    log.info("line one\nline two")
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("called 42 and repr 'x'")
+    assert lines[1].endswith("line one") and lines[2] == "\tline two"
