@@ -351,6 +351,9 @@ class Config:
         "info", parse_choice("debug", "info", "warn", "error", "critical"), "Lowest level logged"
     )
     log_format: str = setting("text", parse_choice("text", "json"), "Log output: text or json")
+    log_file: str = setting(
+        "", parse_path, "Log to this file, reopened on SIGHUP (logrotate); empty = standard output"
+    )
 
     @property
     def server_name(self) -> str:

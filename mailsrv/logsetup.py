@@ -98,7 +98,7 @@ class LineObserver:
 
     def __init__(
         self,
-        stream: IO[str],
+        stream: IO[str] | ReopenableLogFile,
         format_event: Callable[[LogEvent], str],
         call_later: Callable[..., object] | None = None,
     ) -> None:
@@ -124,10 +124,32 @@ class LineObserver:
         self._stream.flush()
 
 
+class ReopenableLogFile:
+    """A log file opened for appending that can be reopened after logrotate moved it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: IO[str] = self._open()
+
+    def _open(self) -> IO[str]:
+        return open(self.path, "a", encoding="utf-8")
+
+    def write(self, text: str) -> int:
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def reopen(self) -> None:
+        """Close and open the path again (after logrotate renamed the old file)."""
+        old, self._file = self._file, self._open()
+        old.close()
+
+
 def make_observer(
     level: str,
     fmt: str,
-    stream: IO[str] | None = None,
+    stream: IO[str] | ReopenableLogFile | None = None,
     call_later: Callable[..., object] | None = None,
 ) -> ILogObserver:
     """An observer writing ``fmt`` ("text" or "json") lines at ``level`` or above to ``stream``.

@@ -20,7 +20,7 @@ from mailsrv import __version__
 from mailsrv.auth.portal import UserStoreService, build_portal
 from mailsrv.config import SETTINGS, Config, ConfigError, env_name, flag_name, load
 from mailsrv.delivery.committer import GroupCommitter, filesystem_syncer
-from mailsrv.logsetup import make_observer
+from mailsrv.logsetup import ReopenableLogFile, make_observer
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
@@ -63,10 +63,13 @@ class MailService(MultiService):
     messages through the I/O threads) before the thread pool stops.
     """
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(
+        self, config: Config, reactor: Any = None, log_stream: ReopenableLogFile | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
+        self._log_stream = log_stream
         self.setName("mailsrv")
 
     def setServiceParent(self, parent: Any) -> None:
@@ -74,7 +77,7 @@ class MailService(MultiService):
         if hasattr(parent, "setComponent"):
             call_later = self._reactor.callLater if self._reactor is not None else None
             observer = make_observer(
-                self.config.log_level, self.config.log_format, call_later=call_later
+                self.config.log_level, self.config.log_format, self._log_stream, call_later
             )
             parent.setComponent(ILogObserver, observer)
         super().setServiceParent(parent)
@@ -102,7 +105,15 @@ def build_service(config: Config, reactor: Any) -> MailService:
     """Compose the service tree for ``config`` on ``reactor`` (SystemExit on a bad setup)."""
     from mailsrv.auth.factory import make_hasher, open_user_store
 
-    root = MailService(config, reactor)
+    reload_hooks: list[Any] = []
+    log_stream = None
+    if config.log_file:
+        try:
+            log_stream = ReopenableLogFile(config.log_file)
+        except OSError as e:
+            raise SystemExit(f"mailsrv: log_file: {config.log_file}: {e.strerror}") from None
+        reload_hooks.append(log_stream.reopen)
+    root = MailService(config, reactor, log_stream)
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
     hash_threads = ThreadPoolService(reactor, "mailsrv-hash", 2)
@@ -117,7 +128,7 @@ def build_service(config: Config, reactor: Any) -> MailService:
         except TLSConfigError as e:
             raise SystemExit(f"mailsrv: {e}") from None
         CertificateWatcher(tls, reactor, config.tls_reload_interval).setServiceParent(root)
-        install_reload_signal(tls.reload, reactor)
+        reload_hooks.append(tls.reload)
     policy = RecipientPolicy(config, store)
     server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
     server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
@@ -130,6 +141,8 @@ def build_service(config: Config, reactor: Any) -> MailService:
         wanted["smtps"] = config.smtps_port
     ports = {name: port for name, port in wanted.items() if port}
     SMTPListenerService(reactor, server, ports).setServiceParent(root)
+    if reload_hooks:
+        install_reload_signal(reload_hooks, reactor)
     return root
 
 
@@ -138,11 +151,18 @@ def _stop(reactor: Any) -> None:
         reactor.stop()
 
 
-def install_reload_signal(reload: Any, reactor: Any) -> None:
-    """SIGHUP reloads the TLS certificate (in the reactor thread)."""
+def install_reload_signal(hooks: list[Any], reactor: Any) -> None:
+    """SIGHUP runs ``hooks`` in the reactor thread: reload the TLS certificate, reopen the log."""
+
+    def reload_all() -> None:
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                _log.failure("SIGHUP reload failed")
 
     def handler(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reload)
+        reactor.callFromThread(reload_all)
 
     signal.signal(signal.SIGHUP, handler)
 

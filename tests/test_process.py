@@ -593,3 +593,48 @@ def test_kill_9_mid_load_loses_no_acknowledged_message(
             f"accepted after restart: {TOTAL - accepted_first_run}; "
             f"files in new/: {len(queue_ids)}"
         )
+
+
+# --- log file, reopened on SIGHUP ----------------------------------------------------------------
+
+
+def _send_token(port: int, token: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        assert client.sendmail("bob@remote.test", ["alice@example.org"], message(token)) == {}
+
+
+def test_log_file_is_reopened_on_sighup(make_server: Callable[..., Server], tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "mailsrv.log"
+    log_file.parent.mkdir()
+    server: Server = make_server(SMTP_LOG_FILE=str(log_file))
+    server.start()
+    _send_token(server.port, "before-rotation")
+    wait_for(lambda: "accepted" in log_file.read_text(), READY_TIMEOUT, "the first message line")
+    rotated = log_file.with_suffix(".log.1")
+    log_file.rename(rotated)
+    server.signal(signal.SIGHUP)
+    wait_for(log_file.exists, READY_TIMEOUT, "the reopened log file")
+    _send_token(server.port, "after-rotation")
+    wait_for(lambda: "accepted" in log_file.read_text(), READY_TIMEOUT, "the second message line")
+    server.stop()
+    assert rotated.read_text().count("message ") == 1
+    assert log_file.read_text().count("message ") == 1
+    assert "mailsrv stopped" in log_file.read_text()
+    assert "message " not in server.log()  # nothing of ours on standard output
+
+
+def test_unwritable_log_file_stops_the_start(tmp_path: Path) -> None:
+    result = run_twistd(
+        tmp_path,
+        "-n",
+        "--pidfile=",
+        "mailsrv",
+        SMTP_LOG_FILE=str(tmp_path / "missing-dir" / "mailsrv.log"),
+        SMTP_PORT=str(free_port()),
+        SMTP_SUBMISSION_PORT="0",
+        SMTP_DATA_DIR=str(tmp_path / "data"),
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "mailsrv: log_file: " in output and "No such file or directory" in output
+    assert "Traceback" not in output
