@@ -467,3 +467,16 @@ def test_group_sync_really_fsyncs_directories(tmp_path: Path) -> None:
     group = GroupSync()
     group.sync(tmp_path)
     assert group.fsyncs == 1
+
+
+def test_mail_is_private_to_the_server_user(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "mail", "mx.example.org")
+    spool = Spool(tmp_path / "spool", lambda f, *a: defer.maybeDeferred(f, *a))
+    spool.prepare()
+    spool_file = spool.open("QPRIV", lambda: None, lambda: None)
+    spool_file.write(b"secret\n")
+    path = result_of(spool_file.close())
+    [delivered] = store.deliver(path, ["alice@example.org"], NOW)
+    assert delivered.stat().st_mode & 0o077 == 0
+    for folder in (delivered.parent, delivered.parent.parent, spool.incoming):
+        assert folder.stat().st_mode & 0o077 == 0, folder

@@ -116,12 +116,12 @@ class MaildirStore:
         created = []
         for path in (*reversed(maildir.parents), maildir):
             if path.is_relative_to(self.root.parent) and not path.exists():
-                path.mkdir(exist_ok=True)
+                path.mkdir(mode=0o700, exist_ok=True)
                 created.append(path)
         for sub in _SUBDIRS:
             target = maildir / sub
             if not target.exists():
-                target.mkdir(exist_ok=True)
+                target.mkdir(mode=0o700, exist_ok=True)
                 created.append(target)
         for path in {p.parent for p in created}:
             fsync_directory(path)

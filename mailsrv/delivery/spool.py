@@ -38,7 +38,7 @@ class Spool:
 
     def prepare(self) -> int:
         """Create the directory and remove bodies never acknowledged (blocking; at start)."""
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
         stale = 0
         for leftover in self.incoming.iterdir():
             leftover.unlink()
