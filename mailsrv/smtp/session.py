@@ -15,13 +15,14 @@ overlong command line, stores bare CR/LF verbatim and lacks SIZE, PIPELINING and
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -51,6 +52,23 @@ _log = Logger(namespace="mailsrv.smtp")
 _CRLF = b"\r\n"
 _PIPELINE_HIGH_WATER = 256 * 1024
 _CLOSE_GRACE = 10.0
+_COMMANDS = frozenset(
+    {
+        "EHLO",
+        "HELO",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "RSET",
+        "NOOP",
+        "QUIT",
+        "VRFY",
+        "HELP",
+        "STARTTLS",
+        "AUTH",
+    }
+)
+_FORBIDDEN_IN_COMMANDS = re.compile(rb"[\r\n\x00]")
 _NOT_IMPLEMENTED_VERBS = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML"})
 
 _REFUSALS = {
@@ -129,20 +147,6 @@ class SMTPSession(SecurityCommands, Protocol):
             self.config.max_mail_line_length,
             self.config.max_auth_line_length,
         )
-        self._commands: dict[str, Callable[[str], Response | Deferred[Response]]] = {
-            "EHLO": self.do_EHLO,
-            "HELO": self.do_HELO,
-            "MAIL": self.do_MAIL,
-            "RCPT": self.do_RCPT,
-            "DATA": self.do_DATA,
-            "RSET": self.do_RSET,
-            "NOOP": self.do_NOOP,
-            "QUIT": self.do_QUIT,
-            "VRFY": self.do_VRFY,
-            "HELP": self.do_HELP,
-            "STARTTLS": self.do_STARTTLS,
-            "AUTH": self.do_AUTH,
-        }
 
     # -- connection lifecycle -------------------------------------------------------------------
 
@@ -310,7 +314,7 @@ class SMTPSession(SecurityCommands, Protocol):
         if self._auth_exchange is not None:
             self._auth_response(line)
             return
-        if b"\r" in line or b"\n" in line or b"\x00" in line:
+        if _FORBIDDEN_IN_COMMANDS.search(line) is not None:
             self._respond(replies.BAD_CHARACTERS)
             return
         try:
@@ -323,7 +327,9 @@ class SMTPSession(SecurityCommands, Protocol):
         if len(line) + 2 > self._line_limit(verb):
             self._respond(replies.LINE_TOO_LONG)
             return
-        handler = self._commands.get(verb)
+        handler: Callable[[str], Response | Deferred[Response]] | None = (
+            getattr(self, "do_" + verb, None) if verb in _COMMANDS else None
+        )
         if handler is None:
             self._respond(
                 replies.NOT_IMPLEMENTED
@@ -490,7 +496,9 @@ class SMTPSession(SecurityCommands, Protocol):
             return replies.NON_ASCII_ADDRESS
         if len(transaction.recipients) >= self.config.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
-        decision: Deferred[Any] = maybeDeferred(self.server.policy.resolve, address)
+        decision = self.server.policy.resolve(address)
+        if not isinstance(decision, Deferred):
+            return self._recipient_decided(decision, transaction, address)
         decided: Deferred[Response] = decision.addCallback(
             self._recipient_decided, transaction, address
         )
