@@ -324,8 +324,8 @@ async def test_migrations_are_idempotent_on_reopen(backend: Backend) -> None:
 @pytest_twisted.ensureDeferred
 async def test_concurrent_openers_migrate_once(backend: Backend) -> None:
     stores = [backend.make() for _ in range(3)]
-    await gatherResults([s.open() for s in stores])
     try:
+        await gatherResults([s.open() for s in stores])
         await add(stores[0], ALICE)
         for s in stores:
             assert await s.schema_version() == 1

@@ -10,6 +10,7 @@ never fails half-way on a lock upgrade, and readers see a consistent snapshot (`
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -108,8 +109,8 @@ class SQLiteUserStore:
             check_same_thread=False,
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS:d}")
+            _enable_wal(conn)
             conn.execute("PRAGMA foreign_keys=ON")
             m.apply_sqlite(conn)
         except BaseException:
@@ -329,3 +330,23 @@ def _add_alias(conn: sqlite3.Connection, address: str, login: str, given: str, n
 def _remove_alias(conn: sqlite3.Connection, address: str, given: str) -> None:
     if conn.execute("DELETE FROM aliases WHERE address = ?", (address,)).rowcount != 1:
         raise m.no_such_alias(address or given)
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL (persistent, so only the first opener really changes it).
+
+    Changing the journal mode needs an exclusive lock and SQLite may refuse it at once
+    ("database is locked") while another process opens the same file, without calling the busy
+    handler; retry for up to the busy timeout.  This runs in the store's own thread, never on
+    the reactor.
+    """
+    pause = threading.Event()
+    for _ in range(BUSY_TIMEOUT_MS // 20):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            pause.wait(0.02)
+    conn.execute("PRAGMA journal_mode=WAL")
