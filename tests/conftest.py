@@ -84,7 +84,7 @@ async def start_server(
     from mailsrv.tap import MailService
     from mailsrv.threads import ThreadPoolService
 
-    check(dataclasses.replace(config, port=1)) if not config.port else check(config)
+    check(config if config.port else dataclasses.replace(config, port=1))  # 0 = ephemeral here
     root = MailService(config)
     threads = ThreadPoolService(reactor, "test-io", config.io_threads)
     threads.setServiceParent(root)

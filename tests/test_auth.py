@@ -312,7 +312,14 @@ RULES = [
     ([b"AUTH PLAIN !!notbase64!!"], [replies.AUTH_MALFORMED]),
     ([b"AUTH PLAIN " + b64(b"just-one-part")], [replies.AUTH_MALFORMED]),
     ([b"AUTH PLAIN " + b64(b"other\0erin@example.org\0x")], [replies.AUTH_MALFORMED]),
+    ([b"AUTH PLAIN ="], [replies.AUTH_MALFORMED]),  # RFC 4954 empty initial response
+    ([b"AUTH PLAIN", b"="], [None, replies.AUTH_MALFORMED]),
     ([b"AUTH PLAIN", b"*"], [None, replies.AUTH_ABORTED]),
+    (
+        [b"AUTH LOGIN " + b64(b"erin@example.org"), b64(PASSWORD.encode())],
+        [None, replies.AUTH_OK],
+    ),
+    ([b"AUTH LOGIN", b"", b"x"], [None, None, replies.AUTH_MALFORMED]),
     ([b"AUTH LOGIN", b"*"], [None, replies.AUTH_ABORTED]),
     ([b"AUTH LOGIN", b"%%%"], [None, replies.AUTH_MALFORMED]),
     ([b"AUTH CRAM-MD5", b64(b"no-space-here")], [None, replies.AUTH_MALFORMED]),

@@ -6,7 +6,6 @@ import os
 import random
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mailsrv.delivery.maildir import GroupSync, MaildirStore
+from mailsrv.delivery.maildir import MaildirStore
 from mailsrv.delivery.spool import Spool, SpoolFile
 
 NOW = 1_700_000_000.25  # every delivery below happens "in the same second"
@@ -405,68 +404,6 @@ async def test_discard_with_thread_pool(tmp_path: Path) -> None:
     assert [name for name, _ in jobs][-1] == "_discard_blocking"
     assert all(done for _, done in jobs)
     assert directory_listing(tmp_path) == []
-
-
-# --- group commit of directory fsyncs --------------------------------------------------------
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    pause = threading.Event()
-    for _ in range(int(timeout / 0.005)):
-        if predicate():
-            return
-        pause.wait(0.005)
-    raise AssertionError("condition not reached")
-
-
-def test_group_sync_covers_waiting_threads_with_one_fsync(tmp_path: Path) -> None:
-    first_started = threading.Event()
-    release_first = threading.Event()
-    calls: list[Path] = []
-
-    def slow_sync(path: Path) -> None:
-        calls.append(path)
-        if len(calls) == 1:
-            first_started.set()
-            release_first.wait(5)
-
-    group = GroupSync(slow_sync)
-    first = threading.Thread(target=group.sync, args=(tmp_path,))
-    first.start()
-    assert first_started.wait(5)
-    waiters = [threading.Thread(target=group.sync, args=(tmp_path,)) for _ in range(10)]
-    for waiter in waiters:
-        waiter.start()
-    _wait_until(lambda: group._directories[tmp_path].requested == 11)
-    # The running fsync started before these ten asked: it must not count for them.
-    assert all(waiter.is_alive() for waiter in waiters)
-    release_first.set()
-    for thread in (first, *waiters):
-        thread.join(5)
-        assert not thread.is_alive()
-    assert len(calls) == 2
-    assert group.fsyncs == 2
-
-
-def test_group_sync_failure_reaches_the_caller_and_the_next_one_retries(tmp_path: Path) -> None:
-    attempts: list[int] = []
-
-    def flaky(path: Path) -> None:
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise OSError(5, "Input/output error")
-
-    group = GroupSync(flaky)
-    with pytest.raises(OSError):
-        group.sync(tmp_path)
-    group.sync(tmp_path)
-    assert len(attempts) == 2
-
-
-def test_group_sync_really_fsyncs_directories(tmp_path: Path) -> None:
-    group = GroupSync()
-    group.sync(tmp_path)
-    assert group.fsyncs == 1
 
 
 def test_mail_is_private_to_the_server_user(tmp_path: Path) -> None:

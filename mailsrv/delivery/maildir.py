@@ -4,8 +4,9 @@ A message arrives as a spool file (see :mod:`mailsrv.delivery.spool`), already c
 fsync'd.  Delivery hard-links it into each recipient's ``new/`` under a unique name (the
 Maildir "tmp then new" step, with the spool as tmp), fsyncs every ``new/`` directory touched, and
 only then removes the spool file.  A crash at any point leaves either no copy or a whole copy in
-``new/``, never a partial one.  Concurrent deliveries share their directory fsyncs
-(:class:`GroupSync`).  Everything here blocks: call it from a thread.
+``new/``, never a partial one.  The server batches this work across messages
+(:mod:`mailsrv.delivery.committer`); :meth:`MaildirStore.deliver` is the one-message form.
+Everything here blocks: call it from a thread.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import errno
 import itertools
 import os
 import shutil
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 _SUBDIRS = ("tmp", "new", "cur")
@@ -28,55 +28,6 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class _DirectoryState:
-    def __init__(self) -> None:
-        self.condition = threading.Condition()
-        self.requested = 0
-        self.synced = 0
-        self.running = False
-
-
-class GroupSync:
-    """Directory fsyncs shared by concurrent deliveries (group commit).
-
-    A thread that needs a directory's entries durable takes a ticket; one fsync started after
-    the ticket was taken covers it.  While one fsync runs, later requests wait and the next fsync
-    covers them all, so N concurrent deliveries into one Maildir cost about two directory
-    fsyncs instead of N.  Thread-safe; blocking.
-    """
-
-    def __init__(self, sync: Callable[[Path], None] = fsync_directory) -> None:
-        self._sync = sync
-        self._lock = threading.Lock()
-        self._directories: dict[Path, _DirectoryState] = {}
-        self.fsyncs = 0
-
-    def sync(self, directory: Path) -> None:
-        """Return once an fsync of ``directory`` started after this call has completed."""
-        with self._lock:
-            state = self._directories.get(directory)
-            if state is None:
-                state = self._directories[directory] = _DirectoryState()
-        with state.condition:
-            state.requested += 1
-            ticket = state.requested
-            while state.synced < ticket:
-                if state.running:
-                    state.condition.wait()
-                    continue
-                state.running = True
-                covered = state.requested
-                state.condition.release()
-                try:
-                    self._sync(directory)
-                    self.fsyncs += 1
-                finally:
-                    state.condition.acquire()
-                    state.running = False
-                    state.condition.notify_all()
-                state.synced = max(state.synced, covered)
 
 
 def _host_for_name(hostname: str) -> str:
@@ -93,7 +44,6 @@ class MaildirStore:
         self._pid = os.getpid()
         self._counter = itertools.count(1)
         self._ready: set[Path] = set()
-        self.group_sync = GroupSync()
 
     def maildir(self, mailbox: str) -> Path:
         """The Maildir of ``local@domain`` (which config validation made safe as a path)."""
@@ -134,7 +84,7 @@ class MaildirStore:
         """
         delivered = self.link(spool_file, mailboxes, now)
         for directory in {path.parent for path in delivered}:
-            self.group_sync.sync(directory)
+            fsync_directory(directory)
         spool_file.unlink()
         return delivered
 

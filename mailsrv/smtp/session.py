@@ -84,6 +84,12 @@ _BODY_PROBLEM_REPLIES = {
 }
 
 
+def _cancel(timer: IDelayedCall | None) -> None:
+    """Cancel ``timer`` if it is still pending."""
+    if timer is not None and timer.active():
+        timer.cancel()
+
+
 @functools.lru_cache(maxsize=4)
 def _header_date(seconds: int) -> str:
     """RFC 5322 date for the Received header (cached: one formatting per second)."""
@@ -184,8 +190,7 @@ class SMTPSession(SecurityCommands, Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         for timer in (self._idle_timer, self._data_timer, self._abort_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+            _cancel(timer)
         self._closing = True
         self._abandon_transaction()
         if self._counted:
@@ -569,9 +574,7 @@ class SMTPSession(SecurityCommands, Protocol):
         assert decoder is not None and transaction is not None
         assert transaction.spool_file is not None
         self._decoder = None
-        if self._data_timer is not None and self._data_timer.active():
-            self._data_timer.cancel()
-        self._data_timer = None
+        self._stop_data_timer()
         if decoder.problem is not None:
             reply = _BODY_PROBLEM_REPLIES[decoder.problem]
             self._log_message(transaction, decoder.size, f"rejected: {decoder.problem.value}")
@@ -654,6 +657,10 @@ class SMTPSession(SecurityCommands, Protocol):
 
     # -- transaction state ----------------------------------------------------------------------
 
+    def _stop_data_timer(self) -> None:
+        _cancel(self._data_timer)
+        self._data_timer = None
+
     def _reset_transaction(self) -> None:
         self._abandon_transaction()
         self.transaction = None
@@ -662,9 +669,7 @@ class SMTPSession(SecurityCommands, Protocol):
         """Drop DATA in progress, if any, and its spool file."""
         transaction = self.transaction
         self._decoder = None
-        if self._data_timer is not None and self._data_timer.active():
-            self._data_timer.cancel()
-        self._data_timer = None
+        self._stop_data_timer()
         if transaction is not None and transaction.spool_file is not None:
             transaction.spool_file.discard()
             transaction.spool_file = None
