@@ -1,0 +1,1 @@
+"""Outbound relay: the durable queue, the next-hop client, retry and bounces."""
