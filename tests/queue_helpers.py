@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from mailsrv.delivery.committer import filesystem_syncer
@@ -42,6 +43,13 @@ BODY = (
 )
 
 _ids = itertools.count(1)
+_syncers: dict[Path, Callable[[], None]] = {}
+
+
+def _sync(directory: Path) -> None:
+    if directory not in _syncers:
+        _syncers[directory] = filesystem_syncer(directory)
+    _syncers[directory]()
 
 
 def new_id() -> str:
@@ -116,6 +124,6 @@ def commit(
     path = spool_body(spool, message.queue_id, body)
     record = store.stage_blocking(message, path)
     assert record is not None
-    filesystem_syncer(store.root)()
+    _sync(store.root)
     os.unlink(path)
     return record
