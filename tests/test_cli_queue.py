@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -262,6 +264,10 @@ def test_a_broken_record_is_reported_not_fatal(queue: Queue) -> None:
     result = queue("queue", "list")
     assert result.code == 0
     assert good.queue_id in result.out and broken.queue_id not in result.out
+    assert result.err == (
+        f"mailsrv: warning: skipping queue record {broken.queue_id}.json: not JSON: Expecting "
+        "property name enclosed in double quotes at line 1 column 2\n"
+    )
     shown = one_line_error(queue("queue", "show", broken.queue_id))
     assert shown == (
         "mailsrv: unreadable queue record: not JSON: Expecting property name enclosed in "
@@ -377,3 +383,22 @@ def test_cli_changes_and_server_writes_never_race(queue: Queue, tmp_path: Path) 
     assert final.recipients[1].state is expected
     assert final.recipients[0].state is State.PENDING
     assert final.recipients[0].last_reply == f"451 4.4.1 attempt {churned}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_run_as_root_it_writes_as_the_queue_owner() -> None:
+    nobody = 65534
+    top = Path(tempfile.mkdtemp(prefix="mailsrv-owner-"))  # pytest's tmp is root-only (0700)
+    try:
+        top.chmod(0o755)
+        queue = Queue(top / "data")
+        record = queue.add()
+        for path in [queue.data_dir, *queue.data_dir.rglob("*")]:
+            os.chown(path, nobody, nobody)
+        qid = record.queue_id
+        assert queue.ok("queue", "hold", qid) == f"{qid}: 2 recipients put on hold\n"
+        owners = {p.name: p.stat().st_uid for p in queue.root.iterdir()}
+        assert owners == dict.fromkeys([f"{qid}.json", f"{qid}.eml", ".lock", ".edit.lock"], nobody)
+        assert qid in queue.ok("queue", "list")
+    finally:
+        shutil.rmtree(top)

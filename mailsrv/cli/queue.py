@@ -23,7 +23,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mailsrv.config import Config, ConfigError, load
 from mailsrv.relay.control import ControlError, Request, ask, parse_request, perform
@@ -128,11 +128,16 @@ def _react(root: Path, request: Request) -> dict[str, Any]:
     """Apply ``request`` to the files under ``root`` ourselves, on a reactor and its threads."""
     from twisted.internet import task
     from twisted.internet.threads import deferToThread
+    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
     from mailsrv.relay.actions import StoreActions
     from mailsrv.relay.queue_store import FileQueueStore
 
     outcome: list[Any] = []
+
+    def warn(event: dict[str, Any]) -> None:  # e.g. an unreadable record skipped by list
+        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
+            _error(f"warning: {printable(formatEvent(event))}")
 
     async def main(reactor: Any) -> None:
         store = FileQueueStore(root, deferToThread)
@@ -149,10 +154,14 @@ def _react(root: Path, request: Request) -> dict[str, Any]:
         except Exception as e:
             outcome.append(e)
 
+    observer = cast(ILogObserver, warn)
+    globalLogPublisher.addObserver(observer)
     try:
         task.react(main)
     except SystemExit:
         pass
+    finally:
+        globalLogPublisher.removeObserver(observer)
     if not outcome:
         raise CommandError("the queue command stopped unexpectedly")
     if isinstance(outcome[0], Exception):

@@ -14,7 +14,8 @@ CLI, a listing) sees the old record or the new one, never a part.  Two kinds of 
 
 * in the committer's thread, :meth:`FileQueueStore.stage_blocking` links the body and writes the
   record with **no** fsync: the committer's second filesystem sync makes both durable before the
-  client gets its 250, in the same sync as the Maildir links;
+  client gets its 250, in the same sync as the Maildir links (so the queue must be on the
+  spool's filesystem: both are under ``data_dir``);
 * from the reactor, :meth:`~FileQueueStore.update` and :meth:`~FileQueueStore.remove` are
   **group-committed**: every change asked for while a batch is being written waits for the next
   batch, which writes each new version to its temporary file, syncs them all with one
