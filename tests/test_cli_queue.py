@@ -131,10 +131,12 @@ def test_list_shows_id_age_size_sender_and_each_recipient(queue: Queue) -> None:
     assert first[3] == "alice@example.org"
     assert lines[2].split()[:4] == ["deferred", "3", "attempts", "bob@example.net"]
     assert "next in" in lines[2]
-    assert lines[3].strip() == "451 4.7.1 Greylisted, try again later  [mx1.example.net]"
+    assert lines[3].strip() == "(mx1.example.net said: 451 4.7.1 Greylisted, try again later)"
     assert lines[4].split()[:4] == ["deferred", "3", "attempts", "carol@example.com"]
-    assert lines[6].split()[0] == bounce.queue_id and lines[6].split()[3] == "<>"
-    assert lines[7].split() == ["pending", "0", "attempts", "dave@example.com"]
+    assert lines[6] == ""
+    assert lines[7].split()[0] == bounce.queue_id and lines[7].split()[3] == "<>"
+    assert lines[8].split() == ["pending", "0", "attempts", "dave@example.com"]
+    assert lines[9] == ""
     assert lines[-1] == (
         f"-- 2 messages, {2 * len(BODY)} bytes, 3 recipient(s): 2 deferred, 1 pending"
     )

@@ -222,12 +222,12 @@ def listing(records: list[QueueRecord], now: float) -> list[str]:
     block: id, size, age and sender, then one line per recipient)."""
     if not records:
         return ["Mail queue is empty"]
-    lines = [f"{'QUEUE ID':<18}{'SIZE':>10}{'AGE':>8}  SENDER / RECIPIENTS"]
+    lines = [f"{'QUEUE ID':<18}{'SIZE':>10}{'AGE':>9}  SENDER / RECIPIENTS"]
     states: Counter[str] = Counter()
     for record in records:
         sender = printable(record.sender) if record.sender else "<>"
         age = duration(now - record.created_at)
-        lines.append(f"{record.queue_id:<18}{record.size:>10}{age:>8}  {sender}")
+        lines.append(f"{record.queue_id:<18}{record.size:>10}{age:>9}  {sender}")
         for r in record.recipients:
             states[r.state.value] += 1
             tries = "1 attempt" if r.attempts == 1 else f"{r.attempts} attempts"
@@ -237,9 +237,10 @@ def listing(records: list[QueueRecord], now: float) -> list[str]:
                 line += f"  next in {duration(wait)}" if wait > 0 else "  due now"
             lines.append(line)
             if r.last_reply:
-                where = f"  [{printable(r.remote_mta)}]" if r.remote_mta else ""
+                said = f"{printable(r.remote_mta)} said: " if r.remote_mta else ""
                 reply = " ".join(printable(r.last_reply).split())
-                lines.append(f"        {reply}{where}")
+                lines.append(f"        ({said}{reply})")
+        lines.append("")
     total = sum(r.size for r in records)
     count = sum(states.values())
     summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
