@@ -21,6 +21,10 @@ from mailsrv.auth.portal import UserStoreService, build_portal
 from mailsrv.config import SETTINGS, Config, ConfigError, env_name, flag_name, load
 from mailsrv.delivery.committer import GroupCommitter, filesystem_syncer
 from mailsrv.logsetup import ReopenableLogFile, make_observer
+from mailsrv.relay.actions import StoreActions
+from mailsrv.relay.control import QueueControlService, socket_path_problem
+from mailsrv.relay.queue_lock import QueueBusy, QueueLock
+from mailsrv.relay.queue_store import FileQueueStore
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
@@ -116,6 +120,10 @@ def build_service(config: Config, reactor: Any) -> MailService:
     root = MailService(config, reactor, log_stream)
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
+    queue_store = FileQueueStore(config.queue_dir, threads.run)
+    queue_control(
+        config, reactor, StoreActions(queue_store, reactor, threads.run)
+    ).setServiceParent(root)
     hash_threads = ThreadPoolService(reactor, "mailsrv-hash", 2)
     hash_threads.setServiceParent(root)
     store = open_user_store(config, reactor)
@@ -144,6 +152,22 @@ def build_service(config: Config, reactor: Any) -> MailService:
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
+
+
+def queue_control(config: Config, reactor: Any, actions: Any) -> QueueControlService:
+    """Take the queue directory for this server and serve ``mailsrv queue`` on its control
+    socket (SystemExit with one line if another server has the queue)."""
+    problem = socket_path_problem(config.queue_socket)
+    if problem:
+        raise SystemExit(f"mailsrv: {problem}")
+    lock = QueueLock(config.queue_dir)
+    try:
+        lock.acquire()
+    except QueueBusy as e:
+        raise SystemExit(f"mailsrv: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"mailsrv: queue {config.queue_dir}: {e.strerror}") from None
+    return QueueControlService(config.queue_socket, actions, reactor, lock)
 
 
 def _stop(reactor: Any) -> None:
