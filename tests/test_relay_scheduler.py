@@ -268,7 +268,7 @@ def test_permanent_route_error_bounces_without_connecting(rig: Rig) -> None:
     rig.hop.errors["nomail.example"] = NextHopError(Reply(556, "5.1.10", "null MX"))
     rig.submit("bob@nomail.example")
     assert rig.peer.connects == []
-    (record, recipients) = rig.dsns[0]
+    recipients = rig.dsns[0][1]
     assert recipients[0].state is State.BOUNCED
     assert recipients[0].last_reply == "556 5.1.10 null MX"
 
@@ -308,11 +308,11 @@ def test_connection_is_reused_for_a_backlog(rig: Rig) -> None:
     assert len(rig.peer.connects) == 3  # three concurrent transactions, up to the limit
     rig.peer.release_all()
     rig.clock.advance(0)
+    rig.peer.hold_sends = False
     for n in range(5):
         rig.submit(f"later{n}@example.net")
-    rig.peer.release_all()
-    rig.clock.advance(0)
     assert len(rig.peer.connects) == 3, "idle connections carry the new messages"
+    assert len(rig.peer.transactions) == 8
     rig.clock.advance(rig.settings.idle_timeout + 0.1)
     assert rig.peer.open == 0
 
@@ -346,7 +346,6 @@ def test_recipients_are_chunked_per_transaction(tmp_path: Path) -> None:
 def test_domains_with_the_same_mx_share_connections(rig: Rig) -> None:
     rig.hop.table = {"a.example": "mx:mx.shared", "b.example": "mx:mx.shared"}
     rig.peer.hold_sends = True
-    rig.settings  # default per_destination 20
     rig.submit("x@a.example")
     rig.peer.release_all()
     rig.clock.advance(0)
@@ -368,6 +367,7 @@ def test_flush_retries_deferred_now(rig: Rig) -> None:
 
 def test_restart_spreads_due_recipients(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
+    (tmp_path / "queue").mkdir()
     for n in range(40):
         message = rig.message(f"r{n}@d{n}.example")
         rig.store.stage_blocking(message, tmp_path / "spool" / message.queue_id)

@@ -115,7 +115,9 @@ def _reply_line(reply: Reply) -> str:
     return " ".join(part for part in (str(reply.code), reply.enhanced, reply.text) if part)
 
 
-def outbound_message(record: QueueRecord, addresses: Iterable[str], body_path: Any) -> OutboundMessage:
+def outbound_message(
+    record: QueueRecord, addresses: Iterable[str], body_path: Any
+) -> OutboundMessage:
     """The client's view of ``record`` for the recipients ``addresses``."""
     wanted = set(addresses)
     recipients = tuple(
@@ -383,7 +385,9 @@ class RelayScheduler(Service):
         except Exception as e:
             destination.active -= 1
             self._connections -= 1
-            _log.failure("connecting to {destination} failed", Failure(e), destination=destination.key)
+            _log.failure(
+                "connecting to {destination} failed", Failure(e), destination=destination.key
+            )
             await self._destination_failed(
                 destination, NextHopError(Reply(451, "4.4.0", "internal error connecting"))
             )
@@ -455,9 +459,7 @@ class RelayScheduler(Service):
     ) -> None:
         code, _, rest = reply.partition(" ")
         enhanced, _, text = rest.partition(" ")
-        results = [
-            RecipientResult(a, int(code), enhanced, text, permanent) for a in addresses
-        ]
+        results = [RecipientResult(a, int(code), enhanced, text, permanent) for a in addresses]
         await self._apply(queue_id, results, destination)
         self._in_flight.difference_update((queue_id, a) for a in addresses)
 
