@@ -26,7 +26,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from mailsrv.config import Config, ConfigError, load, parse_mailbox
+from mailsrv.config import Config, ConfigError, load
+from mailsrv.identity import InvalidAddress, canonical_address
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -223,11 +224,11 @@ def store_location(config: Config) -> str:
 
 
 def address(text: str) -> str:
-    """A validated, lower-cased address, or CommandError."""
+    """The address in canonical form (``mailsrv.identity``), or CommandError."""
     try:
-        return parse_mailbox(text)
-    except ValueError:
-        raise CommandError(f"invalid address {text!r}") from None
+        return canonical_address(text)
+    except InvalidAddress as error:
+        raise CommandError(str(error)) from None
 
 
 async def existing(ctx: Context, login: str) -> Any:
