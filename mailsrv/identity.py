@@ -67,22 +67,23 @@ def _describe(char: str) -> str:
     return f"U+{ord(char):04X} {unicodedata.name(char, 'unnamed character')}"
 
 
-def _folds_to_ascii(char: str) -> bool:
-    """True when the non-ASCII ``char`` would turn into ASCII (or vanish) under a folding."""
-    compat = unicodedata.normalize("NFKC", char)
-    if compat.lower().isascii():
-        return True
+def _ascii_fold(char: str) -> str:
+    """What becomes of the non-ASCII ``char`` under NFKC + lower-casing or UTS #46 mapping:
+    ``"vanish"``, ``"fold to ASCII"``, or ``""`` when it stays non-ASCII."""
+    folded = [unicodedata.normalize("NFKC", char).lower()]
     try:
-        mapped = idna.uts46_remap(char, std3_rules=False)
+        folded.append(idna.uts46_remap(char, std3_rules=False))
     except idna.IDNAError:
-        return False  # disallowed in domains; the local-part rules decide on their own
-    return mapped.isascii()
+        pass  # disallowed in domains; the local-part rules decide on their own
+    if "" in folded:
+        return "vanish"
+    return "fold to ASCII" if any(text.isascii() for text in folded) else ""
 
 
 def _refuse_ascii_folds(text: str, whole: str) -> None:
     for char in text:
-        if not char.isascii() and _folds_to_ascii(char):
-            raise InvalidAddress(whole, f"{_describe(char)} would fold to ASCII")
+        if not char.isascii() and (fold := _ascii_fold(char)):
+            raise InvalidAddress(whole, f"{_describe(char)} would {fold}")
 
 
 def canonical_domain(text: str, *, whole: str | None = None) -> str:
@@ -129,9 +130,9 @@ def _canonical_label(label: str, shown: str) -> str:
 
 def display_domain(domain: str) -> str:
     """The U-label form of a canonical domain, for people (ASCII domains are returned as is)."""
-    if "xn--" not in domain:
-        return domain
-    return ".".join(idna.ulabel(label) for label in domain.split("."))
+    return ".".join(
+        idna.ulabel(label) if label.startswith("xn--") else label for label in domain.split(".")
+    )
 
 
 def canonical_local(text: str, *, whole: str | None = None) -> str:
