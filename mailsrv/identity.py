@@ -135,6 +135,12 @@ def display_domain(domain: str) -> str:
     )
 
 
+def display_address(address: str) -> str:
+    """A canonical ``local@domain`` with its domain in U-label form, for people."""
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{display_domain(domain)}"
+
+
 def canonical_local(text: str, *, whole: str | None = None) -> str:
     """The stored form of a local part (NFC, lower-cased); :class:`InvalidAddress` if invalid."""
     shown = text if whole is None else whole

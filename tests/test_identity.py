@@ -24,6 +24,7 @@ from mailsrv.identity import (
     canonical_address,
     canonical_domain,
     canonical_local,
+    display_address,
     display_domain,
 )
 from mailsrv.smtp import replies
@@ -64,6 +65,8 @@ def test_domain_forms(text: str, expected: str) -> None:
 def test_display_domain_is_the_u_label() -> None:
     assert display_domain(BUCHER) == "bücher.example"
     assert display_domain("example.org") == "example.org"
+    assert display_address(f"jörg@{BUCHER}") == "jörg@bücher.example"
+    assert display_address("alice@example.org") == "alice@example.org"
 
 
 BAD_DOMAINS = [

@@ -209,7 +209,7 @@ def test_cli_accepts_utf8_addresses_in_canonical_form(cli: Cli) -> None:
     assert [row[0] for row in cli.rows()] == [JORG, "kelly@example.org"]
     assert unicodedata.is_normalized("NFC", cli.rows()[0][0])
     shown = cli.ok("users", "show", nfd("JÖRG@bücher.example"))
-    assert f"login:       {JORG}\n" in shown
+    assert f"login:       {JORG} (jörg@bücher.example)\n" in shown
     assert f"aliases:     info@{BUCHER}\n" in shown
     assert cli.ok("users", "alias", "list") == f"info@{BUCHER}\t{JORG}\n"
     for args, message in CLI_REFUSALS:

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from mailsrv.config import Config, ConfigError, load
-from mailsrv.identity import InvalidAddress, canonical_address
+from mailsrv.identity import InvalidAddress, canonical_address, display_address
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -340,7 +340,10 @@ async def _list(ctx: Context) -> None:
 
 async def _show(ctx: Context) -> None:
     account = await existing(ctx, ctx.args.login)
-    ctx.say(f"login:       {account.login}")
+    readable = display_address(account.login)
+    ctx.say(
+        f"login:       {account.login}" + (f" ({readable})" if readable != account.login else "")
+    )
     ctx.say(f"enabled:     {_yes(account.enabled)}")
     ctx.say(f"send-as-any: {_yes(account.send_as_any)}")
     ctx.say(f"cram-md5:    {_yes(account.cram_md5 is not None)}")
