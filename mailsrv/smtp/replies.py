@@ -109,6 +109,9 @@ UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL or RCPT parameter")
 
 # 5xx: policy and content
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
+MAILBOX_NAME_REFUSED = Reply(
+    550, "5.1.1", "No such user here: the name has characters no mailbox here may use"
+)
 MAILBOX_DISABLED = Reply(550, "5.2.1", "Mailbox disabled, not accepting messages")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
 RELAY_NOT_AVAILABLE = Reply(554, "5.7.1", "Delivery to other domains is not enabled on this server")
