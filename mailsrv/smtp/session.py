@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -37,10 +37,17 @@ from mailsrv.smtp import replies
 from mailsrv.smtp.address import (
     Address,
     AddressError,
+    ParameterSyntaxError,
     parse_path_argument,
     sanitize_for_header,
 )
 from mailsrv.smtp.data import BodyDecoder, BodyProblem
+from mailsrv.smtp.parameters import (
+    MAIL_PARAMETERS,
+    RCPT_PARAMETERS,
+    ParameterError,
+    parse_parameters,
+)
 from mailsrv.smtp.policy import RecipientDecision
 from mailsrv.smtp.replies import Reply, Response
 from mailsrv.smtp.security import SecurityCommands
@@ -128,6 +135,7 @@ class SMTPSession(SecurityCommands, Protocol):
         self.trusted = False
         self.helo: str | None = None
         self.esmtp = False
+        self.offered: frozenset[str] = frozenset()  # EHLO keywords, for MAIL/RCPT parameters
         self.transaction: Transaction | None = None
         self.tls_active = implicit_tls
         self.sender: Sender = ANONYMOUS_SENDER
@@ -415,8 +423,11 @@ class SMTPSession(SecurityCommands, Protocol):
         self.esmtp = esmtp
         greeting = f"{self.server.hostname} Hello {argument} [{self.peer_ip}]"
         if not esmtp:
+            self.offered = frozenset()
             return f"250 {greeting}\r\n".encode()
-        lines = [greeting, *self._ehlo_lines()]
+        extensions = self._ehlo_lines()
+        self.offered = frozenset(line.partition(" ")[0] for line in extensions)
+        lines = [greeting, *extensions]
         return "".join(
             f"250{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)
         ).encode()
@@ -439,27 +450,20 @@ class SMTPSession(SecurityCommands, Protocol):
             return replies.AUTH_REQUIRED
         try:
             path = parse_path_argument(argument, "FROM:", allow_null=True)
+            params = parse_parameters(
+                path.params, MAIL_PARAMETERS, self._offered(), replies.MAIL_SYNTAX
+            )
         except AddressError:
             return replies.MAIL_SYNTAX
-        params = path.params
-        if params and not self.esmtp:
-            return replies.UNKNOWN_PARAMETER
-        smtputf8 = False
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit():
-                    return replies.MAIL_SYNTAX
-                if int(value) > self.config.max_message_size:
-                    return replies.MESSAGE_TOO_BIG
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.MAIL_SYNTAX
-            elif key == "SMTPUTF8":
-                if value is not None:
-                    return replies.MAIL_SYNTAX
-                smtputf8 = True
-            else:
-                return replies.UNKNOWN_PARAMETER
+        except ParameterError as e:
+            return e.reply
+        size = params.get("SIZE")
+        if isinstance(size, int) and size > self.config.max_message_size:
+            return replies.MESSAGE_TOO_BIG
+        # RFC 4954 section 5: every client is treated as not trusted to vouch for a message's
+        # submitter, so a valid AUTH= (given or not, authenticated or not) is read and dropped;
+        # a relay that authenticates to the next hop sends AUTH=<>.
+        smtputf8 = "SMTPUTF8" in params
         if path.address is not None and not path.address.is_ascii and not smtputf8:
             return replies.NON_ASCII_ADDRESS
         if self._auth_required() and not self.sender.authenticated:
@@ -477,6 +481,10 @@ class SMTPSession(SecurityCommands, Protocol):
         started: Deferred[Response] = allowed.addCallback(self._start_transaction, transaction)
         return started
 
+    def _offered(self) -> frozenset[str]:
+        """The extensions whose MAIL/RCPT parameters this session may use (none after HELO)."""
+        return self.offered if self.esmtp else frozenset()
+
     def _start_transaction(self, allowed: bool, transaction: Transaction) -> Response:
         if not allowed:
             self.server.security_event("message-rate", self.peer_ip)
@@ -491,12 +499,19 @@ class SMTPSession(SecurityCommands, Protocol):
             return replies.NEED_MAIL
         try:
             path = parse_path_argument(argument, "TO:", allow_null=False)
+            parse_parameters(path.params, RCPT_PARAMETERS, self._offered(), replies.RCPT_SYNTAX)
+        except ParameterSyntaxError:
+            return replies.RCPT_SYNTAX
         except AddressError:
             return replies.BAD_RECIPIENT_SYNTAX
-        if path.params:
-            return replies.UNKNOWN_PARAMETER
+        except ParameterError as e:
+            return e.reply
         address = path.address
         assert address is not None
+        if not address.domain and self.server.policy.primary_domain:
+            # RFC 5321 section 4.5.1: <postmaster> alone means the postmaster of this server;
+            # trace headers and logs show the address it was taken to mean.
+            address = replace(address, domain=self.server.policy.primary_domain)
         if not address.is_ascii and not transaction.smtputf8:
             return replies.NON_ASCII_ADDRESS
         if len(transaction.recipients) >= self.config.max_recipients:
