@@ -42,6 +42,7 @@ from mailsrv.smtp.address import (
     sanitize_for_header,
 )
 from mailsrv.smtp.data import BodyDecoder, BodyProblem
+from mailsrv.smtp.deadlines import IDLE, Deadlines
 from mailsrv.smtp.parameters import (
     MAIL_PARAMETERS,
     RCPT_PARAMETERS,
@@ -152,7 +153,7 @@ class SMTPSession(SecurityCommands, Protocol):
         self._draining = False
         self._counted = False
         self._pause_reasons: set[str] = set()
-        self._idle_timer: IDelayedCall | None = None
+        self._deadlines = Deadlines(self.clock, self._timeouts, self._timed_out)
         self._data_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
         self._started = 0.0
@@ -187,7 +188,7 @@ class SMTPSession(SecurityCommands, Protocol):
             return
         self._counted = True
         self._busy = False
-        self._idle_timer = self.clock.callLater(self.config.idle_timeout, self._idle_timeout)
+        self._deadlines.client_turn()
         self._send(f"220 {self.server.hostname} ESMTP mailsrv ready\r\n".encode())
         self._process()
 
@@ -197,7 +198,8 @@ class SMTPSession(SecurityCommands, Protocol):
             self._close(replies.LOCAL_ERROR)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for timer in (self._idle_timer, self._data_timer, self._abort_timer):
+        self._deadlines.stop()
+        for timer in (self._data_timer, self._abort_timer):
             _cancel(timer)
         self._closing = True
         self._abandon_transaction()
@@ -234,6 +236,7 @@ class SMTPSession(SecurityCommands, Protocol):
         if reply is not None:
             self._send(reply.format())
         self._closing = True
+        self._deadlines.stop()
         self._abandon_transaction()
         self._buffer = b""
         self.transport.loseConnection()
@@ -243,10 +246,35 @@ class SMTPSession(SecurityCommands, Protocol):
         self._abort_timer = None
         self.transport.abortConnection()
 
-    def _idle_timeout(self) -> None:
-        self._idle_timer = None
-        _log.info("idle timeout {client_ip}", client_ip=self.peer_ip)
-        self._close(replies.IDLE_TIMEOUT)
+    def _timeouts(self) -> tuple[float, float]:
+        """(idle, command) timeouts now: shorter while the server is under stress."""
+        idle, command = self.config.idle_timeout, self.config.command_timeout
+        if self.server.stressed:
+            stress = self.config.stress_timeout
+            return min(idle, stress), min(command, stress)
+        return idle, command
+
+    def timeouts_changed(self) -> None:
+        """The server entered stress: apply the shorter timeouts to this session now."""
+        self._deadlines.timeouts_changed()
+
+    def _timed_out(self, kind: str) -> None:
+        _log.info(
+            "{kind} timeout {client_ip}",
+            kind=kind,
+            client_ip=self.peer_ip,
+            stressed=self.server.stressed,
+        )
+        self._close(replies.IDLE_TIMEOUT if kind == IDLE else replies.COMMAND_TIMEOUT)
+
+    def _turn(self) -> None:
+        """After a command or a message: whose turn it is decides which deadlines run."""
+        if self._closing:
+            return
+        if self._busy:
+            self._deadlines.server_turn()
+        else:
+            self._deadlines.client_turn(command_line=self._decoder is None)
 
     def _data_timeout(self) -> None:
         self._data_timer = None
@@ -269,8 +297,7 @@ class SMTPSession(SecurityCommands, Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._idle_timer is not None:
-            self._idle_timer.reset(self.config.idle_timeout)
+        self._deadlines.input_received()
         self._buffer = self._buffer + data if self._buffer else data
         self._process()
 
@@ -293,6 +320,7 @@ class SMTPSession(SecurityCommands, Protocol):
                 if rest is not None:
                     self._buffer = rest
                     self._end_of_data()
+                    self._turn()
                 continue
             if self._discarding:
                 cut = self._buffer.find(_CRLF)
@@ -301,6 +329,7 @@ class SMTPSession(SecurityCommands, Protocol):
                     break
                 self._buffer = self._buffer[cut + 2 :]
                 self._discarding = False
+                self._turn()
                 continue
             cut = self._buffer.find(_CRLF)
             if cut < 0:
@@ -311,6 +340,7 @@ class SMTPSession(SecurityCommands, Protocol):
                 break
             line, self._buffer = self._buffer[:cut], self._buffer[cut + 2 :]
             self._command_received(line)
+            self._turn()
         if len(self._buffer) > _PIPELINE_HIGH_WATER:
             self._pause("pipeline")
         elif "pipeline" in self._pause_reasons:
@@ -371,6 +401,7 @@ class SMTPSession(SecurityCommands, Protocol):
         if self._closing:
             return
         self._respond(response)
+        self._turn()
         self._process()
 
     # -- output ---------------------------------------------------------------------------------
