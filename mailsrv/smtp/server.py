@@ -174,16 +174,32 @@ class SMTPServer:
 
 
 class SMTPFactory(Factory):
-    """Builds sessions for one listener: ``mx``, ``submission`` or ``smtps`` (implicit TLS)."""
+    """Builds sessions for one listener: ``mx``, ``submission`` or ``smtps`` (implicit TLS).
+
+    ``preadmitted``: the connection limits were asked before the session was built (see
+    :mod:`mailsrv.smtp.admission`); the session only releases its slot at the end.
+    """
 
     noisy = False
 
-    def __init__(self, server: SMTPServer, listener: str, implicit_tls: bool = False) -> None:
+    def __init__(
+        self,
+        server: SMTPServer,
+        listener: str,
+        implicit_tls: bool = False,
+        preadmitted: bool = False,
+    ) -> None:
         self.server = server
         self.listener = listener
         self.implicit_tls = implicit_tls
+        self.preadmitted = preadmitted
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:
         from mailsrv.smtp.session import SMTPSession
 
-        return SMTPSession(self.server, self.listener, implicit_tls=self.implicit_tls)
+        return SMTPSession(
+            self.server,
+            self.listener,
+            implicit_tls=self.implicit_tls,
+            preadmitted=self.preadmitted,
+        )

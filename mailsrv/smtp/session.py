@@ -23,10 +23,11 @@ from email.utils import format_datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailsrv.auth.mechanisms import Exchange
 from mailsrv.auth.realm import ANONYMOUS_SENDER, Sender
@@ -122,12 +123,19 @@ class Transaction:
         return "" if self.sender is None else str(self.sender)
 
 
+@implementer(IHandshakeListener)
 class SMTPSession(SecurityCommands, Protocol):
     """One client connection.  See the module docstring for the design."""
 
     transport: Any = None  # an ITCPTransport (or TLS) that is also an IPushProducer
 
-    def __init__(self, server: SMTPServer, listener: str, implicit_tls: bool = False) -> None:
+    def __init__(
+        self,
+        server: SMTPServer,
+        listener: str,
+        implicit_tls: bool = False,
+        preadmitted: bool = False,
+    ) -> None:
         self.server = server
         self.config = server.config
         self.clock = server.clock
@@ -139,6 +147,7 @@ class SMTPSession(SecurityCommands, Protocol):
         self.offered: frozenset[str] = frozenset()  # EHLO keywords, for MAIL/RCPT parameters
         self.transaction: Transaction | None = None
         self.tls_active = implicit_tls
+        self._tls_up = False  # the TLS handshake has completed (implicit TLS or STARTTLS)
         self.sender: Sender = ANONYMOUS_SENDER
         self._auth_exchange: Exchange | None = None
         self._auth_mechanism = ""
@@ -152,6 +161,7 @@ class SMTPSession(SecurityCommands, Protocol):
         self._closing = False
         self._draining = False
         self._counted = False
+        self._preadmitted = preadmitted  # counted by mailsrv.smtp.admission before TLS
         self._pause_reasons: set[str] = set()
         self._deadlines = Deadlines(self.clock, self._timeouts, self._timed_out)
         self._data_timer: IDelayedCall | None = None
@@ -170,6 +180,9 @@ class SMTPSession(SecurityCommands, Protocol):
         self.peer_ip = normalize_ip(getattr(self.transport.getPeer(), "host", ""))
         self.trusted = self.peer_ip in self.server.trusted
         self.server.session_started(self)
+        if self._preadmitted:
+            self._admitted(None)
+            return
         if self.server.draining:
             self._close(replies.SERVICE_UNAVAILABLE)
             return
@@ -239,8 +252,17 @@ class SMTPSession(SecurityCommands, Protocol):
         self._deadlines.stop()
         self._abandon_transaction()
         self._buffer = b""
+        if self.tls_active and not self._tls_up:
+            # The handshake never finished: nothing written can reach the client, and a TLS
+            # close would wait for it.  Free the slot now.
+            self.transport.abortConnection()
+            return
         self.transport.loseConnection()
         self._abort_timer = self.clock.callLater(_CLOSE_GRACE, self._abort)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up; what was written meanwhile is on its way."""
+        self._tls_up = True
 
     def _abort(self) -> None:
         self._abort_timer = None
