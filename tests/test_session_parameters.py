@@ -9,6 +9,8 @@ session usable, and log no failure.  In memory over a StringTransport (the harne
 from __future__ import annotations
 
 import base64
+import random
+import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from twisted.logger import globalLogPublisher
 
 from mailsrv.auth.realm import MailRealm
 from mailsrv.smtp import replies
+from mailsrv.smtp.address import AddressError, parse_path_argument
 from mailsrv.smtp.parameters import (
     MAIL_PARAMETERS,
     RCPT_PARAMETERS,
@@ -432,3 +435,37 @@ async def test_auth_parameter_after_authentication(
         await store.close()
     assert answers == [replies.SENDER_OK.format()] * 3 + [replies.MAIL_SYNTAX.format()] * 3
     assert failures(log_events) == []
+
+
+def test_random_mail_arguments_raise_only_syntax_errors() -> None:
+    """Seeded random MAIL arguments built from tricky pieces: the parsers may refuse them, but
+    only with AddressError or ParameterError (what the session turns into 501/555)."""
+    rng = random.Random(20261202)
+    chars = string.printable + "é²١\x00\xff"
+
+    def junk(most: int) -> str:
+        return "".join(rng.choice(chars) for _ in range(rng.randint(0, most)))
+
+    locals_ = ["a", '"q\\"x"', "a.b", "a..b", "", "x" * 70, "j\u00f6rg"]
+    domains = [
+        *("b.test", "[1.2.3.4]", "[IPv6:::1]", "[IPv6:fe80::1%25x]", "[IPv6:" + "1:" * 20 + "]"),
+        *("[tag:x]", "[01.2.3.4]", "[1.2.3]", "[IPv6:1::2::3]", "-a.b", "b" * 300),
+    ]
+    values = ["", "1", "9" * 40, "0" * 100 + "1", "8BITMIME", "<>", "+2B", "+ZZ", "a@b", "+C3+28"]
+    keywords = ["SIZE", "BODY", "SMTPUTF8", "AUTH", "X"]
+    offered = {"SIZE", "8BITMIME", "SMTPUTF8", "AUTH"}
+    accepted = 0
+    for _ in range(20_000):
+        params = " ".join(
+            rng.choice([*keywords, junk(3)])
+            + ("=" + rng.choice([*values, junk(8)]) if rng.random() < 0.8 else "")
+            for _ in range(rng.randint(0, 3))
+        )
+        local, domain = rng.choice([*locals_, junk(5)]), rng.choice([*domains, junk(6)])
+        try:
+            path = parse_path_argument(f"FROM:<{local}@{domain}> {params}", "FROM:", True)
+            parse_parameters(path.params, MAIL_PARAMETERS, offered, replies.MAIL_SYNTAX)
+            accepted += 1
+        except (AddressError, ParameterError):
+            pass
+    assert 0 < accepted < 20_000
