@@ -13,7 +13,7 @@ While the server is busy on the client's behalf (a lookup, AUTH, the commit befo
 neither clock runs: a slow disk must not turn into a ``421`` after the message was stored.
 
 The timeouts are asked for whenever they are needed, so they may change while the session
-lives (the server shortens them under stress: see :meth:`mailsrv.smtp.server.SMTPServer`).
+lives (the server shortens them under stress: see :mod:`mailsrv.smtp.server`).
 One ``DelayedCall`` serves both clocks.  It is never later than the earliest deadline, but
 may be earlier: input only records the time (one ``seconds()`` call), and a timer that fires
 before any deadline has passed re-arms itself for the new earliest one.
