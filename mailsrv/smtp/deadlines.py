@@ -12,11 +12,13 @@ Two clocks run while it is the client's turn to speak (the server has answered a
 While the server is busy on the client's behalf (a lookup, AUTH, the commit before ``250``)
 neither clock runs: a slow disk must not turn into a ``421`` after the message was stored.
 
-The timeouts are asked for whenever they are needed, so they may change while the session
-lives (the server shortens them under stress: see :mod:`mailsrv.smtp.server`).
-One ``DelayedCall`` serves both clocks.  It is never later than the earliest deadline, but
+The timeouts may change while the session lives (the server shortens them under stress: see
+:mod:`mailsrv.smtp.server`).  One ``DelayedCall`` serves both clocks.  It is never later than the earliest deadline, but
 may be earlier: input only records the time (one ``seconds()`` call), and a timer that fires
-before any deadline has passed re-arms itself for the new earliest one.
+before any deadline has passed re-arms itself for the new earliest one.  The timeouts are
+read again whenever the timer is armed or fires; a server entering stress calls
+:meth:`Deadlines.timeouts_changed`, so shorter timeouts are never missed, and longer ones
+(stress over) take effect when the timer next fires.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Deadlines:
         self._timeouts = timeouts
         self._expired = expired
         self._timer: IDelayedCall | None = None
+        self._timer_at = 0.0
+        self._idle, self._command = timeouts()  # as of the last time the timer was armed
         self._last_input = 0.0
         self._line_started: float | None = None
         self._server_busy = False
@@ -59,9 +63,10 @@ class Deadlines:
         if self._timer is None:
             self._arm(now)
             return
-        due, _ = self._due(now)
-        if self._timer.getTime() > due:  # the timer must never be later than a deadline
-            self._timer.reset(max(0.0, due - now))
+        due = now + (min(self._idle, self._command) if command_line else self._idle)
+        if self._timer_at > due:  # the timer must never be later than a deadline
+            self._timer.reset(due - now)
+            self._timer_at = due
 
     def server_turn(self) -> None:
         """The server works on the client's behalf: no deadline runs until ``client_turn``."""
@@ -86,21 +91,23 @@ class Deadlines:
             self._timer = None
 
     def _due(self, now: float) -> tuple[float, str]:
-        idle, command = self._timeouts()
         if self._server_busy:
-            return now + idle, ""
-        due, kind = self._last_input + idle, IDLE
-        if self._line_started is not None and self._line_started + command < due:
-            due, kind = self._line_started + command, COMMAND
+            return now + self._idle, ""
+        due, kind = self._last_input + self._idle, IDLE
+        if self._line_started is not None and self._line_started + self._command < due:
+            due, kind = self._line_started + self._command, COMMAND
         return due, kind
 
     def _arm(self, now: float) -> None:
+        self._idle, self._command = self._timeouts()
         due, _ = self._due(now)
-        self._timer = self._clock.callLater(max(0.0, due - now), self._fire)
+        self._timer_at = max(now, due)
+        self._timer = self._clock.callLater(self._timer_at - now, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
         now = self._clock.seconds()
+        self._idle, self._command = self._timeouts()
         due, kind = self._due(now)
         if kind and now + _SLACK >= due:
             self._expired(kind)
