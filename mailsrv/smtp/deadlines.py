@@ -13,12 +13,12 @@ While the server is busy on the client's behalf (a lookup, AUTH, the commit befo
 neither clock runs: a slow disk must not turn into a ``421`` after the message was stored.
 
 The timeouts may change while the session lives (the server shortens them under stress: see
-:mod:`mailsrv.smtp.server`).  One ``DelayedCall`` serves both clocks.  It is never later than the earliest deadline, but
-may be earlier: input only records the time (one ``seconds()`` call), and a timer that fires
-before any deadline has passed re-arms itself for the new earliest one.  The timeouts are
-read again whenever the timer is armed or fires; a server entering stress calls
-:meth:`Deadlines.timeouts_changed`, so shorter timeouts are never missed, and longer ones
-(stress over) take effect when the timer next fires.
+:mod:`mailsrv.smtp.server`).  One ``DelayedCall`` serves both clocks.  It is never later than
+the earliest deadline, but may be earlier: input only records the time (one ``seconds()``
+call), and a timer that fires before any deadline has passed re-arms itself for the new
+earliest one.  The timeouts are read again whenever the timer is armed or fires; a server
+entering stress calls :meth:`Deadlines.timeouts_changed`, so shorter timeouts are never
+missed, and longer ones (stress over) take effect when the timer next fires.
 """
 
 from __future__ import annotations
