@@ -297,6 +297,15 @@ class Config:
         12288, parse_int(512, 65536), "Longest AUTH line (RFC 4954: 12288 octets)"
     )
     idle_timeout: float = setting(300.0, parse_seconds(1.0), "Idle time allowed between commands")
+    command_timeout: float = setting(
+        300.0, parse_seconds(1.0), "Time for a whole command line, from when the server is ready"
+    )
+    stress_threshold: int = setting(
+        80, parse_int(1, 100), "Percent of max_connections in use at which stress timeouts apply"
+    )
+    stress_timeout: float = setting(
+        10.0, parse_seconds(1.0), "Idle and command timeout under stress (Postfix: 10 s)"
+    )
     data_timeout: float = setting(600.0, parse_seconds(1.0), "Total time allowed for one DATA")
     bare_line_endings: str = setting(
         "reject",

@@ -63,6 +63,7 @@ CONNECTION_RATE_EXCEEDED = Reply(421, "4.7.0", "Connection rate limit exceeded, 
 MESSAGE_RATE_EXCEEDED = Reply(451, "4.7.1", "Message rate limit exceeded, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+COMMAND_TIMEOUT = Reply(421, "4.4.2", "Command line timeout, closing connection")
 DATA_TIMEOUT = Reply(421, "4.4.2", "DATA timeout, closing connection")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 STORAGE_ERROR = Reply(452, "4.3.1", "Insufficient system storage, try again later")
