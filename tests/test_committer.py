@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,84 @@ async def test_stop_finishes_queued_work_then_refuses(tmp_path: Path) -> None:
 
 def test_filesystem_syncer_runs(tmp_path: Path) -> None:
     filesystem_syncer(tmp_path)()
+
+
+class SnapshotSyncer:
+    """A syncer that records, at every sync, what each mailbox's ``new/`` holds; can fail."""
+
+    def __init__(self, root: Path, mailboxes: tuple[str, ...], fail_on: int = 0) -> None:
+        self.root = root
+        self.mailboxes = mailboxes
+        self.fail_on = fail_on
+        self.snapshots: list[dict[str, int]] = []
+
+    def __call__(self) -> None:
+        snapshot = {}
+        for mailbox in self.mailboxes:
+            local, _, domain = mailbox.partition("@")
+            folder = self.root / domain / local / "new"
+            snapshot[mailbox] = len(list(folder.iterdir())) if folder.is_dir() else 0
+        self.snapshots.append(snapshot)
+        if len(self.snapshots) == self.fail_on:
+            raise OSError(5, "Input/output error")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_link_is_rolled_back_before_the_second_sync(tmp_path: Path) -> None:
+    """All or nothing: the message with a broken mailbox leaves no copy anywhere, even for the
+    sync that makes the batch durable; the other message of the batch is delivered."""
+    mailboxes = ("alice@example.org", "bob@example.org", "carol@example.net")
+    syncer = SnapshotSyncer(tmp_path / "mail", mailboxes)
+    rig = Rig(tmp_path, sync=syncer)
+    broken = rig.store.maildir("carol@example.net")
+    broken.mkdir(parents=True)
+    (broken / "new").write_bytes(b"not a directory")
+    try:
+        bad = rig.committer.commit(rig.message("QBAD", b"no\n"), mailboxes)
+        good = rig.committer.commit(rig.message("QGOOD", b"ok\n"), ("alice@example.org",))
+        assert len(await good) == 1
+        with pytest.raises(NotADirectoryError):
+            await bad
+    finally:
+        await rig.committer.stopService()
+    assert [p.read_bytes() for p in rig.new("alice@example.org")] == [b"ok\n"]
+    assert rig.new("bob@example.org") == []
+    # Every second sync (the one before the replies) saw no copy of QBAD: bob never had one.
+    assert all(snapshot["bob@example.org"] == 0 for snapshot in syncer.snapshots[1::2])
+    assert syncer.snapshots[-1]["alice@example.org"] == 1
+    assert (rig.spool.incoming / "QBAD").stat().st_nlink == 1  # the session discards it
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_second_sync_removes_the_links(tmp_path: Path) -> None:
+    mailboxes = ("alice@example.org", "bob@example.org")
+    syncer = SnapshotSyncer(tmp_path / "mail", mailboxes, fail_on=2)
+    rig = Rig(tmp_path, sync=syncer)
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            await rig.committer.commit(rig.message("QSYNC", b"x\n"), mailboxes)
+    finally:
+        await rig.committer.stopService()
+    assert syncer.snapshots[1] == {"alice@example.org": 1, "bob@example.org": 1}  # linked...
+    assert rig.new("alice@example.org") == rig.new("bob@example.org") == []  # ...and removed
+
+
+def test_filesystem_syncer_syncs_each_filesystem_once(tmp_path: Path) -> None:
+    """Mail and spool on two filesystems: both are synced; directories not made yet count as
+    their parent's filesystem."""
+    synced: list[int] = []
+
+    def sync_fd(fd: int) -> None:
+        synced.append(os.fstat(fd).st_dev)
+
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem")
+    sync = filesystem_syncer(
+        tmp_path / "spool", tmp_path / "not" / "yet", other / "mailsrv-not-made", sync_fd=sync_fd
+    )
+    sync()
+    assert synced == [tmp_path.stat().st_dev, other.stat().st_dev]
+    synced.clear()
+    filesystem_syncer(tmp_path / "spool", tmp_path / "mail", sync_fd=sync_fd)()
+    assert synced == [tmp_path.stat().st_dev]

@@ -8,14 +8,18 @@ own thread:
 
 1. finish each spool file (write the rest, close; no fsync);
 2. one sync of the spool's filesystem: every body is now on disk;
-3. hard-link each body into its recipients' ``new/`` (the Maildir "tmp then new" step);
-4. one sync again: every new name is on disk;
+3. hard-link each body into its recipients' ``new/`` (the Maildir "tmp then new" step); when
+   one link of a message fails, its other links are removed, so it is delivered everywhere or
+   nowhere;
+4. one sync again: every new name (and every removal) is on disk;
 5. drop the spool names and fire every message's Deferred in one call into the reactor.
 
 A batch waits only for the one before it, so the batch size grows with the load.  The sync is
-``syncfs(2)`` on the filesystem holding the data directory where the platform has it, else
-``sync(2)``.  Mail only counts as accepted after step 4, so a crash at any point leaves either
-no copy in ``new/`` or a whole one, as before.
+``syncfs(2)`` on each filesystem holding the spool or the Maildirs (so a mail directory mounted
+elsewhere is durable before the 250 too) where the platform has it, else ``sync(2)``.  Mail
+only counts as accepted after step 4, so a crash at any point leaves either no copy in
+``new/`` or a whole one, as before.  When the second sync fails, every link of the batch is
+removed again (best effort) before the 451s.
 """
 
 from __future__ import annotations
@@ -42,23 +46,58 @@ from mailsrv.delivery.spool import SpoolFile
 _log = Logger(namespace="mailsrv.delivery")
 
 
-def filesystem_syncer(directory: Path) -> Callable[[], None]:
-    """A function that makes everything written under ``directory``'s filesystem durable."""
+def filesystem_syncer(
+    *directories: Path, sync_fd: Callable[[int], None] | None = None
+) -> Callable[[], None]:
+    """A function that makes everything written on the filesystems of ``directories`` durable.
+
+    Each filesystem is synced once per call, however many of the directories it holds (the
+    data directory's mail and spool are usually one).  A directory not made yet counts as the
+    filesystem of its nearest existing parent, where it will be made.  ``sync_fd`` syncs the
+    filesystem of an open directory; the default is ``syncfs(2)``, or ``sync(2)`` (everything)
+    where the platform lacks it.
+    """
+    sync_fd = sync_fd or _syncfs()
+    if sync_fd is None:
+        return os.sync
+    sync_one = sync_fd
+
+    def sync() -> None:
+        synced: set[int] = set()
+        for directory in directories:
+            fd = os.open(_existing(directory), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                device = os.fstat(fd).st_dev
+                if device not in synced:
+                    sync_one(fd)
+                    synced.add(device)
+            finally:
+                os.close(fd)
+
+    return sync
+
+
+def _syncfs() -> Callable[[int], None] | None:
+    """``syncfs(2)`` through libc, or None."""
     libc_name = ctypes.util.find_library("c")
     syncfs = getattr(ctypes.CDLL(libc_name, use_errno=True), "syncfs", None) if libc_name else None
     if syncfs is None:
-        return os.sync
+        return None
 
-    def sync() -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if syncfs(fd) != 0:
-                error = ctypes.get_errno()
-                raise OSError(error, os.strerror(error))
-        finally:
-            os.close(fd)
+    def sync_fd(fd: int) -> None:
+        if syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
 
-    return sync
+    return sync_fd
+
+
+def _existing(directory: Path) -> Path:
+    """``directory`` or, when it does not exist yet, its nearest existing parent."""
+    for candidate in (directory, *directory.parents):
+        if candidate.is_dir():
+            return candidate
+    return Path("/")
 
 
 @dataclass
@@ -167,6 +206,10 @@ class GroupCommitter(Service):
         except BaseException as e:
             for job in live:
                 job.error = job.error or e
+                # All or nothing: no 250 goes out, so no copy may stay (best effort: the
+                # failed sync says nothing about what is on disk).
+                self._store.remove(job.delivered)
+                job.delivered = []
         for job in live:
             if job.error is None:
                 try:
