@@ -20,6 +20,7 @@ from mailsrv import __version__
 from mailsrv.auth.portal import UserStoreService, build_portal
 from mailsrv.config import SETTINGS, Config, ConfigError, env_name, flag_name, load
 from mailsrv.delivery.committer import GroupCommitter, filesystem_syncer
+from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import ReopenableLogFile, make_observer
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
@@ -131,8 +132,11 @@ def build_service(config: Config, reactor: Any) -> MailService:
         reload_hooks.append(tls.reload)
     policy = RecipientPolicy(config, store)
     server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
-    server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
+    server.committer = GroupCommitter(
+        reactor, server.store, filesystem_syncer(config.spool_dir, config.mail_dir)
+    )
     server.committer.setServiceParent(root)
+    warn_loose_modes(config)
     stale = server.spool.prepare()
     if stale:
         _log.warn("removed {count} unacknowledged spool file(s)", count=stale)

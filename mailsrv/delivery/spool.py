@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from mailsrv.delivery.maildir import fsync_directory
+from mailsrv.filemodes import make_private_dirs
 
 _CHUNK = 256 * 1024
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -37,8 +38,9 @@ class Spool:
         self._run = run_in_thread
 
     def prepare(self) -> int:
-        """Create the directory and remove bodies never acknowledged (blocking; at start)."""
-        self.incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Create the directory (``0700``, with its parents) and remove bodies never
+        acknowledged (blocking; at start)."""
+        make_private_dirs(self.incoming)
         stale = 0
         for leftover in self.incoming.iterdir():
             leftover.unlink()
