@@ -90,7 +90,9 @@ async def start_server(
     threads.setServiceParent(root)
     server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
     server.spool.prepare()
-    server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
+    server.committer = GroupCommitter(
+        reactor, server.store, filesystem_syncer(config.spool_dir, config.mail_dir)
+    )
     server.committer.setServiceParent(root)
     service = SMTPListenerService(reactor, server, dict.fromkeys(listeners, 0))
     service.setServiceParent(root)
