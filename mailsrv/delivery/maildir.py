@@ -4,9 +4,10 @@ A message arrives as a spool file (see :mod:`mailsrv.delivery.spool`), already c
 fsync'd.  Delivery hard-links it into each recipient's ``new/`` under a unique name (the
 Maildir "tmp then new" step, with the spool as tmp), fsyncs every ``new/`` directory touched, and
 only then removes the spool file.  A crash at any point leaves either no copy or a whole copy in
-``new/``, never a partial one.  The server batches this work across messages
-(:mod:`mailsrv.delivery.committer`); :meth:`MaildirStore.deliver` is the one-message form.
-Everything here blocks: call it from a thread.
+``new/``, never a partial one.  The server batches this work across messages: the committer
+(:mod:`mailsrv.delivery.committer`) syncs, and :class:`MaildirSink` links;
+:meth:`MaildirStore.deliver` is the one-message form.  Everything here blocks: call it from a
+thread.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import errno
 import itertools
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from zope.interface import implementer
+
+from mailsrv.delivery.envelope import AcceptedMessage
+from mailsrv.delivery.sinks import Failures, ICommitSink, StagedMessage
 from mailsrv.filemodes import PRIVATE_FILE, make_private_dirs
 
 _SUBDIRS = ("tmp", "new", "cur")
@@ -147,3 +152,42 @@ def _link_or_copy(source: Path, target: Path) -> None:
         raise
     finally:
         os.close(fd)
+
+
+@implementer(ICommitSink)
+class MaildirSink:
+    """The committer's Maildir sink: links each message into its local recipients' ``new/``.
+
+    A message with no local recipient is skipped.  :meth:`rollback` removes the links the
+    last :meth:`write` made for a message (the committer calls it before its next write).
+    """
+
+    name = "maildir"
+
+    def __init__(self, store: MaildirStore) -> None:
+        self.store = store
+        self._linked: dict[str, list[Path]] = {}
+
+    def write(self, batch: Sequence[StagedMessage]) -> Failures:
+        """Link every message of ``batch``; a failed message keeps no link (see ``link``)."""
+        self._linked = {}
+        failures: dict[str, BaseException] = {}
+        for staged in batch:
+            message = staged.message
+            mailboxes = message.local_mailboxes
+            if not mailboxes:
+                continue
+            try:
+                self._linked[staged.queue_id] = self.store.link(
+                    staged.body, mailboxes, message.received_at, message.size
+                )
+            except Exception as e:
+                failures[staged.queue_id] = e
+        return failures
+
+    def rollback(self, staged: StagedMessage) -> None:
+        """Remove the links made for ``staged`` by the last write."""
+        self.store.remove(self._linked.pop(staged.queue_id, []))
+
+    def committed(self, messages: Sequence[AcceptedMessage]) -> None:
+        """Nothing to hand on: a Maildir copy is already delivered."""
