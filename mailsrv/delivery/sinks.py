@@ -116,9 +116,11 @@ class IAsyncCommitSink(Interface):
     reactor thread, the committer calls ``write`` with the messages that every blocking
     :class:`ICommitSink` accepted, and waits for its Deferred before any 250 of the batch
     fires.  A message it fails gets its blocking parts rolled back (in the committer thread,
-    followed by one more sync) and its async parts rolled back, then its 451.  Messages with
-    nothing for this sink are skipped by the sink, as with :class:`ICommitSink`.  Its body
-    stays on this node's disk (a blocking sink keeps it), so it gets no path.
+    followed by one more sync) and its async parts rolled back, then its 451.  The committer
+    thread takes no new batch meanwhile: a blocking sink's ``rollback`` applies to the batch
+    it wrote last.  Messages with nothing for this sink are skipped by the sink, as with
+    :class:`ICommitSink`.  Its body stays on this node's disk (a blocking sink keeps it), so
+    it gets no path.
     """
 
     name = Attribute("A short name for logs.")
