@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.portal import Portal
@@ -27,11 +26,12 @@ from twisted.logger import Logger
 
 from mailsrv.config import Config
 from mailsrv.delivery.committer import GroupCommitter
-from mailsrv.delivery.maildir import MaildirStore
-from mailsrv.delivery.spool import RunInThread, Spool, SpoolFile
+from mailsrv.delivery.envelope import AcceptedMessage
+from mailsrv.delivery.spool import Spool, SpoolFile
 from mailsrv.limits import TrustedNetworks
 from mailsrv.shared_limits import ILimits, LocalLimits
 from mailsrv.smtp.policy import RecipientPolicy
+from mailsrv.threads import RunInThread
 from mailsrv.tls import ReloadingServerTLS
 
 if TYPE_CHECKING:
@@ -59,11 +59,11 @@ class SMTPServer:
         config: Config,
         clock: IReactorTime,
         run_in_thread: RunInThread,
+        committer: GroupCommitter,
         policy: RecipientPolicy | None = None,
         tls: ReloadingServerTLS | None = None,
         portal: Portal | None = None,
         limits: ILimits | None = None,
-        committer: GroupCommitter | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -74,7 +74,6 @@ class SMTPServer:
         self.committer = committer
         self.portal = portal
         self.spool = Spool(config.spool_dir, run_in_thread)
-        self.store = MaildirStore(config.mail_dir, self.hostname)
         self.trusted = TrustedNetworks(config.trusted_networks)
         self.limits: ILimits = limits if limits is not None else LocalLimits(config, clock)
         self.sessions: set[SMTPSession] = set()
@@ -96,19 +95,13 @@ class SMTPServer:
             + _base31(next(self._counter), 3)
         )
 
-    def commit(self, spool_file: SpoolFile, mailboxes: tuple[str, ...]) -> Deferred[list[Path]]:
-        """Make ``spool_file`` durable and deliver it to local mailboxes.
+    def commit(self, message: AcceptedMessage, spool_file: SpoolFile) -> Deferred[AcceptedMessage]:
+        """Make ``message`` durable in every sink (Maildir copies, queue records) before the 250.
 
-        With a :class:`GroupCommitter` (the server's normal mode) many messages share a few
-        filesystem syncs; without one, each message is fsync'd in its own I/O job.
+        See :class:`~mailsrv.delivery.committer.GroupCommitter`: fails, leaving nothing
+        behind, when any part of the message cannot be stored.
         """
-        if self.committer is not None:
-            return self.committer.commit(spool_file, mailboxes)
-        now = self.clock.seconds()
-        delivered: Deferred[list[Path]] = spool_file.close(
-            lambda path: self.store.deliver(path, mailboxes, now)
-        )
-        return delivered
+        return self.committer.commit(message, spool_file)
 
     # -- limits ---------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from mailsrv.auth.mechanisms import Exchange
 from mailsrv.auth.realm import ANONYMOUS_SENDER, Sender
+from mailsrv.delivery.envelope import AcceptedMessage, ClientFacts, LocalRoute, Recipient
 from mailsrv.delivery.spool import SpoolFile
 from mailsrv.limits import normalize_ip
 from mailsrv.shared_limits import CONNECTION_LIMIT, CONNECTION_RATE, IP_CONNECTION_LIMIT
@@ -113,7 +114,7 @@ class Transaction:
     smtputf8: bool
     started: float
     recipients: list[Address] = field(default_factory=list)
-    mailboxes: dict[str, None] = field(default_factory=dict)
+    accepted: list[Recipient] = field(default_factory=list)  # each RCPT with its route
     queue_id: str = ""
     spool_file: SpoolFile | None = None
 
@@ -584,7 +585,7 @@ class SMTPSession(SecurityCommands, Protocol):
             return replies.NEED_MAIL
         if decision.accepted:
             transaction.recipients.append(address)
-            transaction.mailboxes.update(dict.fromkeys(decision.mailboxes))
+            transaction.accepted.append(Recipient(str(address), LocalRoute(decision.mailboxes)))
         elif decision.reply in (replies.RELAY_DENIED, replies.RELAY_TRICK):
             self.server.security_event(
                 "relay-denied", self.peer_ip, recipient=str(address), login=self.sender.login
@@ -651,8 +652,8 @@ class SMTPSession(SecurityCommands, Protocol):
             return
         self._busy = True
         spool_file, transaction.spool_file = transaction.spool_file, None
-        mailboxes = tuple(transaction.mailboxes)
-        committed: Deferred[Any] = self.server.commit(spool_file, mailboxes)
+        message = self._accepted_message(transaction, spool_file.size)
+        committed: Deferred[Any] = self.server.commit(message, spool_file)
         committed.addCallbacks(
             self._message_committed,
             self._message_failed,
@@ -660,6 +661,29 @@ class SMTPSession(SecurityCommands, Protocol):
             errbackArgs=(transaction, spool_file, decoder.size),
         )
         committed.addCallback(self._async_reply)
+
+    def _accepted_message(self, transaction: Transaction, size: int) -> AcceptedMessage:
+        """The transaction as the value every commit sink reads (``size``: the stored body)."""
+        tls = describe_session(self.transport) if self.tls_active else None
+        tls_version, _, tls_cipher = (tls or "").partition(" ")
+        client = ClientFacts(
+            ip=self.peer_ip,
+            helo=self.helo or "",
+            listener=self.listener,
+            login=self.sender.login,
+            tls_version=tls_version or None,
+            tls_cipher=tls_cipher or None,
+            trusted=self.trusted,
+        )
+        return AcceptedMessage(
+            queue_id=transaction.queue_id,
+            sender=transaction.sender_text,
+            recipients=tuple(transaction.accepted),
+            client=client,
+            received_at=self.clock.seconds(),
+            size=size,
+            smtputf8=transaction.smtputf8,
+        )
 
     def _message_committed(self, _: object, transaction: Transaction, size: int) -> Response:
         self.messages_accepted += 1
