@@ -19,6 +19,9 @@ from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 
 from mailsrv.auth.realm import MailRealm
+from mailsrv.delivery.committer import GroupCommitter
+from mailsrv.delivery.fssync import filesystem_syncer
+from mailsrv.delivery.maildir import MaildirSink, MaildirStore
 from mailsrv.smtp import replies
 from mailsrv.smtp.server import SMTPServer
 from tests.test_session_protocol import (
@@ -26,19 +29,34 @@ from tests.test_session_protocol import (
     Client,
     Harness,
     matches,
+    run_now,
 )
 
 
+class SlowCommitter(GroupCommitter):
+    """The inline committer, but every commit takes ``delay`` seconds of ``clock`` to answer."""
+
+    def __init__(self, sinks: Any, sync: Any, clock: task.Clock, delay: float) -> None:
+        super().__init__(None, sinks, sync)
+        self._slow_clock, self._delay = clock, delay
+
+    def commit(self, message: Any, spool_file: Any) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = super().commit(message, spool_file)
+        return done.addCallback(
+            lambda result: task.deferLater(self._slow_clock, self._delay, lambda: result)
+        )
+
+
 class SlowDiskHarness(Harness):
-    """A harness whose disk work takes ``delay`` seconds of the fake clock."""
+    """A harness whose commits take ``delay`` seconds of the fake clock (a slow disk)."""
 
     def __init__(self, tmp_path: Path, delay: float, **overrides: Any) -> None:
         super().__init__(tmp_path, **overrides)
-
-        def run_later(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-            return task.deferLater(self.clock, delay, f, *args, **kwargs)
-
-        self.server = SMTPServer(self.config, self.clock, run_later)
+        store = MaildirStore(self.config.mail_dir, self.config.server_name)
+        sync = filesystem_syncer(self.config.spool_dir, self.config.mail_dir)
+        self.committer = SlowCommitter([MaildirSink(store)], sync, self.clock, delay)
+        self.committer.startService()
+        self.server = SMTPServer(self.config, self.clock, run_now, self.committer)
 
 
 @pytest.fixture
