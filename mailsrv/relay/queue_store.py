@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from mailsrv.delivery.committer import filesystem_syncer
+from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.maildir import fsync_directory
 from mailsrv.delivery.spool import RunInThread

@@ -64,8 +64,10 @@ class SMTPServer:
         tls: ReloadingServerTLS | None = None,
         portal: Portal | None = None,
         limits: ILimits | None = None,
+        relay: bool = False,
     ) -> None:
         self.config = config
+        self.relay = relay  # a relay queue is among the committer's sinks
         self.clock = clock
         self.run_in_thread = run_in_thread
         self.hostname = config.server_name
