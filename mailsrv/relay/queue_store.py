@@ -45,8 +45,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.delivery.envelope import AcceptedMessage
+from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.delivery.maildir import fsync_directory
 from mailsrv.delivery.spool import RunInThread
 from mailsrv.relay.records import QueueRecord, RecordError, decode, encode, valid_queue_id
