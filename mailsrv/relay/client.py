@@ -194,7 +194,12 @@ class SMTPConnection:
                     self._protocol.transport.startTLS(  # type: ignore[union-attr]
                         self._tls.creator(self.candidate.host.strip("[]"))
                     )
-                    await self._hello()
+                    try:
+                        await self._hello()
+                    except ConnectionLostError as e:
+                        # Lost during the handshake or right after it: a TLS failure, whether
+                        # our side found the certificate wanting or the peer gave up.
+                        raise SessionError(_detail(replies.TLS_FAILED, describe(e))) from None
                     self.tls_version = tls_version(self._protocol.transport)
                 elif mode == TLS_REQUIRE:
                     await self._quit_quietly()
@@ -488,12 +493,15 @@ class SMTPConnection:
 
 
 def _extensions(lines: Sequence[str]) -> dict[str, str]:
-    """EHLO keywords (upper-cased) and their parameters."""
+    """EHLO keywords (upper-cased) and their parameters (old ``AUTH=LOGIN`` lines merged in)."""
     found: dict[str, str] = {}
     for line in lines:
         keyword, _sep, params = line.strip().partition(" ")
+        keyword, equals, first = keyword.upper().partition("=")
+        if equals:
+            params = f"{first} {params}"
         if keyword:
-            found.setdefault(keyword.upper(), params.strip())
+            found[keyword] = " ".join(filter(None, [found.get(keyword, ""), params.strip()]))
     return found
 
 
