@@ -623,3 +623,38 @@ def _reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_timeout(kit: Kit) -> None:
+    """A listener whose accept queue is full never completes a handshake: the connect waits."""
+    import socket
+
+    from twisted.internet import defer
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):  # fill the accept queue (Linux admits backlog + 1)
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        connecting = defer.Deferred.fromCoroutine(
+            kit.connector().connect(Candidate("mx.peer.test", "127.0.0.1", port))
+        )
+        await _spin(lambda: kit.clock.getDelayedCalls())
+        kit.clock.advance(29)
+        assert not connecting.called
+        kit.clock.advance(1)
+        with pytest.raises(SessionError) as caught:
+            await connecting
+        assert _codes(caught.value.reply) == _codes(replies.CONNECT_FAILED)
+        assert "timed out" in caught.value.reply.text
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
