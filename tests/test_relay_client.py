@@ -12,7 +12,8 @@ import pytest_twisted
 from twisted.internet import task, threads
 
 from mailsrv.relay import replies
-from mailsrv.relay.client import Connector, SessionError, SMTPConnection, deliver_once
+from mailsrv.relay.client import SessionError, SMTPConnection
+from mailsrv.relay.connector import Connector, deliver_once
 from mailsrv.relay.message import OutboundMessage, OutboundRecipient, RecipientResult
 from mailsrv.relay.options import TLS_NONE, ClientOptions, Timeouts
 from mailsrv.relay.resolver import Candidate

@@ -16,7 +16,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from mailsrv.relay import replies
-from mailsrv.relay.client import Connector, SessionError, deliver_once
+from mailsrv.relay.client import SessionError
+from mailsrv.relay.connector import Connector, deliver_once
 from mailsrv.relay.message import OutboundMessage, OutboundRecipient
 from mailsrv.relay.options import TLS_IMPLICIT, TLS_MAY, TLS_NONE, TLS_REQUIRE, ClientOptions
 from mailsrv.relay.resolver import Candidate

@@ -25,7 +25,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import task, threads
 
-from mailsrv.relay.client import Connector
+from mailsrv.relay.connector import Connector
 from mailsrv.relay.message import OutboundMessage, OutboundRecipient
 from mailsrv.relay.options import TLS_MAY, ClientOptions
 from mailsrv.relay.resolver import Candidate

@@ -1,7 +1,7 @@
 """The outbound ESMTP client: one reusable connection to a next hop, several messages on it.
 
-:class:`Connector` opens a :class:`SMTPConnection` to a candidate (or the first candidate that
-works: the next MX on connection failure or a 4xx/5xx greeting).  Opening means greeting, EHLO
+:class:`~mailsrv.relay.connector.Connector` opens an :class:`SMTPConnection`.  Opening means
+greeting, EHLO
 (HELO if EHLO is refused), STARTTLS as the TLS mode says, and AUTH PLAIN or LOGIN when
 credentials are set, only ever over TLS.  :meth:`SMTPConnection.deliver` sends one message in
 transactions of at most ``recipients_per_transaction`` recipients, MAIL, RCPTs and DATA in one
@@ -19,9 +19,8 @@ import base64
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 
 from mailsrv.relay import replies
 from mailsrv.relay.body import BodySender, TransmissionStopped
@@ -48,8 +47,6 @@ from mailsrv.relay.tlsclient import ClientTLS, tls_version
 from mailsrv.smtp.replies import Reply
 from mailsrv.threads import RunInThread
 
-_log = Logger(namespace="mailsrv.relay.client")
-
 
 class SessionError(Exception):
     """The session with the next hop failed; ``reply`` is what every affected recipient gets."""
@@ -63,7 +60,8 @@ class _BodyUnreadable(Exception):
     """The stored body could not be read while it was being sent."""
 
 
-def _detail(template: Reply, detail: str) -> Reply:
+def with_detail(template: Reply, detail: str) -> Reply:
+    """``template`` with ``": detail"`` added to its text (unchanged when ``detail`` is empty)."""
     return template.with_text(f"{template.text}: {detail}") if detail else template
 
 
@@ -72,21 +70,21 @@ def _reply_for(exc: BaseException) -> Reply:
     if isinstance(exc, SessionError):
         return exc.reply
     if isinstance(exc, _BodyUnreadable):
-        return _detail(replies.BODY_UNREADABLE, str(exc))
+        return with_detail(replies.BODY_UNREADABLE, str(exc))
     if isinstance(exc, ReplyTimeout):
-        return _detail(replies.TIMEOUT, exc.what)
+        return with_detail(replies.TIMEOUT, exc.what)
     if isinstance(exc, ProtocolViolation):
-        return _detail(replies.PROTOCOL_ERROR, str(exc))
+        return with_detail(replies.PROTOCOL_ERROR, str(exc))
     if is_tls_failure(exc):
-        return _detail(replies.TLS_FAILED, describe(exc))
+        return with_detail(replies.TLS_FAILED, describe(exc))
     if isinstance(exc, ConnectionLostError):
-        return _detail(replies.CONNECTION_LOST, describe(exc))
-    return _detail(replies.PROTOCOL_ERROR, describe(exc))
+        return with_detail(replies.CONNECTION_LOST, describe(exc))
+    return with_detail(replies.PROTOCOL_ERROR, describe(exc))
 
 
 def _peer(template: Reply, reply: ServerReply) -> Reply:
     """A made-up reply that quotes the peer's."""
-    return _detail(
+    return with_detail(
         template, f"{reply.code} {reply.as_reply().enhanced} {reply.text}".replace("  ", " ")
     )
 
@@ -199,7 +197,7 @@ class SMTPConnection:
                     except ConnectionLostError as e:
                         # Lost during the handshake or right after it: a TLS failure, whether
                         # our side found the certificate wanting or the peer gave up.
-                        raise SessionError(_detail(replies.TLS_FAILED, describe(e))) from None
+                        raise SessionError(with_detail(replies.TLS_FAILED, describe(e))) from None
                     self.tls_version = tls_version(self._protocol.transport)
                 elif mode == TLS_REQUIRE:
                     await self._quit_quietly()
@@ -313,7 +311,7 @@ class SMTPConnection:
             return replies.NEEDS_SMTPUTF8
         limit = self.extensions.get("SIZE", "").strip()
         if limit.isdigit() and int(limit) > 0 and message.size > int(limit):
-            return _detail(replies.TOO_BIG_FOR_PEER, f"{message.size} > {limit} bytes")
+            return with_detail(replies.TOO_BIG_FOR_PEER, f"{message.size} > {limit} bytes")
         return None
 
     async def _rset(self) -> None:
@@ -503,131 +501,3 @@ def _extensions(lines: Sequence[str]) -> dict[str, str]:
         if keyword:
             found[keyword] = " ".join(filter(None, [found.get(keyword, ""), params.strip()]))
     return found
-
-
-class Connector:
-    """Opens connections to next hops with one set of :class:`ClientOptions`.
-
-    ``reactor`` makes the TCP connections; ``clock`` (default: the reactor) runs every timer;
-    ``run_in_thread`` reads message bodies off the reactor.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        options: ClientOptions,
-        run_in_thread: RunInThread,
-        clock: IReactorTime | None = None,
-        tls: ClientTLS | None = None,
-    ) -> None:
-        self._reactor = reactor
-        self._options = options
-        self._run = run_in_thread
-        self._clock: IReactorTime = clock if clock is not None else reactor
-        if tls is None and options.tls != TLS_NONE:
-            tls = ClientTLS(options.verify, options.ca_file)
-        self._tls = tls
-
-    async def connect(self, candidate: Candidate, starttls: bool = True) -> SMTPConnection:
-        """A ready connection to ``candidate``; raises :class:`SessionError`."""
-        timeouts = self._options.timeouts
-        endpoint: Any
-        if ":" in candidate.address:
-            endpoint = endpoints.TCP6ClientEndpoint(
-                self._reactor, candidate.address, candidate.port, timeout=timeouts.connect
-            )
-        else:
-            endpoint = endpoints.TCP4ClientEndpoint(
-                self._reactor, candidate.address, candidate.port, timeout=timeouts.connect
-            )
-        if self._options.tls == TLS_IMPLICIT:
-            assert self._tls is not None
-            endpoint = endpoints.wrapClientTLS(
-                self._tls.creator(candidate.host.strip("[]")), endpoint
-            )
-        protocol = ReplyReader(self._clock)
-        connecting = endpoints.connectProtocol(endpoint, protocol)
-        connecting.addTimeout(timeouts.connect, self._clock)
-        try:
-            await connecting
-        except (defer.TimeoutError, error.ConnectingCancelledError):
-            raise SessionError(_detail(replies.CONNECT_FAILED, "timed out")) from None
-        except Exception as e:
-            raise SessionError(_detail(replies.CONNECT_FAILED, _connect_error(e))) from None
-        connection = SMTPConnection(
-            protocol, candidate, self._options, self._clock, self._run, self._tls, starttls
-        )
-        await connection.open()
-        return connection
-
-    async def connect_any(self, candidates: Sequence[Candidate]) -> SMTPConnection:
-        """The first candidate that gives a working session; :class:`SessionError` if none.
-
-        In opportunistic mode a peer whose STARTTLS handshake fails is tried once more in
-        plaintext (RFC 7435: better unencrypted than not at all).
-        """
-        last: SessionError | None = None
-        for candidate in candidates:
-            try:
-                return await self._connect_logged(candidate)
-            except SessionError as e:
-                last = e
-                if e.reply.enhanced == replies.TLS_FAILED.enhanced and self._options.tls == TLS_MAY:
-                    try:
-                        return await self._connect_logged(candidate, starttls=False)
-                    except SessionError as again:
-                        last = again
-        if last is None:
-            raise SessionError(_detail(replies.CONNECT_FAILED, "no address to connect to"))
-        raise last
-
-    async def _connect_logged(self, candidate: Candidate, starttls: bool = True) -> SMTPConnection:
-        try:
-            connection = await self.connect(candidate, starttls)
-        except SessionError as e:
-            _log.info(
-                "next hop {host}[{address}]:{port} failed: {reply}",
-                host=candidate.host,
-                address=candidate.address,
-                port=candidate.port,
-                reply=f"{e.reply.code} {e.reply.enhanced} {e.reply.text}",
-            )
-            raise
-        _log.debug(
-            "connected to {host}[{address}]:{port} tls={tls}",
-            host=candidate.host,
-            address=candidate.address,
-            port=candidate.port,
-            tls=connection.tls_version,
-        )
-        return connection
-
-
-def _connect_error(e: BaseException) -> str:
-    if isinstance(e, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, error.TimeoutError):
-        return "timed out"
-    return str(e).strip() or type(e).__name__
-
-
-async def deliver_once(
-    connector: Connector, candidates: Sequence[Candidate], message: OutboundMessage
-) -> list[RecipientResult]:
-    """Connect to the first working candidate, deliver ``message``, close: one result each.
-
-    When no candidate works, every recipient gets the last failure (temporary for connection
-    trouble, as a 5xx greeting is too: the next attempt may find another MX).
-    """
-    try:
-        connection = await connector.connect_any(candidates)
-    except SessionError as e:
-        reply = e.reply if e.reply.code < 500 else _detail(replies.GREETING_REFUSED, e.reply.text)
-        return [
-            RecipientResult(r.address, reply.code, reply.enhanced, reply.text, reply.code >= 500)
-            for r in message.recipients
-        ]
-    try:
-        return await connection.deliver(message)
-    finally:
-        await connection.close()
