@@ -236,12 +236,67 @@ def parse_path(raw: object) -> str:
     return os.path.expanduser(text) if text else ""
 
 
+def split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"``, ``"host"`` -> ``(host, port)``; ValueError if bad."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [address]:port, got {text!r}")
+        port_text = rest[1:]
+    elif text.count(":") > 1:  # a bare IPv6 address
+        host, port_text = text, ""
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError(f"expected host:port, got {text!r}")
+    if not _is_ip(host):
+        host = _domain(host)
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_relay_host(raw: object) -> str:
+    """``host:port`` of a smarthost (port 25 if omitted); empty = none (deliver by MX)."""
+    text = _as_text(raw)
+    return _join_host_port(*split_host_port(text, 25)) if text else ""
+
+
+def parse_dns_servers(raw: object) -> tuple[str, ...]:
+    """Comma-separated ``address:port`` DNS servers (port 53 if omitted); empty = resolv.conf."""
+    servers = [split_host_port(item, 53) for item in _items(raw)]
+    for host, _port in servers:
+        if not _is_ip(host):
+            raise ValueError(f"a DNS server must be an IP address, got {host!r}")
+    return tuple(_join_host_port(host, port) for host, port in servers)
+
+
 # --- the settings ------------------------------------------------------------------------------
 
 
-def setting(default: Any, parse: Callable[[object], Any], doc: str) -> Any:
-    """Declare one setting: its default, its parser and a one-line description."""
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+def setting(default: Any, parse: Callable[[object], Any], doc: str, secret: bool = False) -> Any:
+    """Declare one setting: its default, its parser and a one-line description.
+
+    A ``secret`` setting is left out of the Config's repr and masked by :func:`describe`.
+    """
+    return field(
+        default=default, repr=not secret, metadata={"parse": parse, "doc": doc, "secret": secret}
+    )
 
 
 @dataclass(frozen=True)
@@ -351,6 +406,63 @@ class Config:
     db_path: str = setting("", parse_path, "SQLite user database; empty = <data_dir>/mailsrv.db")
     db_url: str = setting(
         "", parse_str, "PostgreSQL DSN (postgresql://user@host/db); empty = SQLite at db_path"
+    )
+    relay_host: str = setting(
+        "", parse_relay_host, "Smarthost host:port for all outbound mail; empty = direct MX"
+    )
+    relay_user: str = setting("", parse_str, "User name for AUTH at the smarthost; empty = none")
+    relay_password: str = setting(
+        "", parse_str, "Password for AUTH at the smarthost (sent only over TLS)", secret=True
+    )
+    relay_tls: str = setting(
+        "starttls",
+        parse_choice("starttls", "implicit", "none"),
+        "TLS to the smarthost: starttls (verified), implicit (verified), none",
+    )
+    relay_ca_file: str = setting(
+        "", parse_path, "PEM CA file for verified relay TLS; empty = the system CAs"
+    )
+    relay_mx_tls: str = setting(
+        "may",
+        parse_choice("may", "encrypt", "verify"),
+        "STARTTLS to MX hosts: may (opportunistic), encrypt (required), verify (verified)",
+    )
+    relay_mx_port: int = setting(25, parse_int(1, 65535), "Port of MX hosts (25; tests change it)")
+    dns_servers: tuple[str, ...] = setting(
+        (), parse_dns_servers, "DNS servers as address:port list; empty = /etc/resolv.conf"
+    )
+    relay_dns_timeout: float = setting(
+        60.0, parse_seconds(1.0), "Time one next-hop DNS lookup may take before it is deferred"
+    )
+    relay_min_backoff: float = setting(
+        300.0, parse_seconds(1.0), "First retry delay of a deferred recipient (s), then doubled"
+    )
+    relay_max_backoff: float = setting(4000.0, parse_seconds(1.0), "Longest retry delay (s)")
+    relay_queue_lifetime: float = setting(
+        432000.0, parse_seconds(0.0), "Time a message may stay queued before it bounces (s)"
+    )
+    relay_recipients_per_transaction: int = setting(
+        50, parse_int(1, 100_000), "Recipients per outbound transaction (more: another one)"
+    )
+    relay_connect_timeout: float = setting(30.0, parse_seconds(1.0), "Outbound TCP connect (s)")
+    relay_greeting_timeout: float = setting(300.0, parse_seconds(1.0), "Wait for the 220 (s)")
+    relay_command_timeout: float = setting(
+        300.0, parse_seconds(1.0), "Wait for EHLO/STARTTLS/AUTH/RSET/QUIT replies (s)"
+    )
+    relay_mail_timeout: float = setting(300.0, parse_seconds(1.0), "Wait for the MAIL reply (s)")
+    relay_rcpt_timeout: float = setting(300.0, parse_seconds(1.0), "Wait for a RCPT reply (s)")
+    relay_data_timeout: float = setting(120.0, parse_seconds(1.0), "Wait for the DATA 354 (s)")
+    relay_data_block_timeout: float = setting(
+        180.0, parse_seconds(1.0), "Longest stall while sending the body (s)"
+    )
+    relay_data_done_timeout: float = setting(
+        600.0, parse_seconds(1.0), "Wait for the reply to the final dot (s)"
+    )
+    relay_connection_idle: float = setting(
+        5.0, parse_seconds(0.0), "Keep an unused outbound connection open this long (s)"
+    )
+    relay_bounce_size_limit: int = setting(
+        50000, parse_size(0), "Largest original returned whole in a DSN (RET=FULL; bytes)"
     )
     log_level: str = setting(
         "info", parse_choice("debug", "info", "warn", "error", "critical"), "Lowest level logged"
@@ -509,5 +621,6 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
 
 def describe(config: Config) -> Iterable[tuple[str, str, object]]:
     """``(key, env name, value)`` for every setting, for ``mailsrv check-config``."""
-    for key in SETTINGS:
-        yield key, env_name(key), getattr(config, key)
+    for key, spec in SETTINGS.items():
+        value = getattr(config, key)
+        yield key, env_name(key), "********" if spec.metadata["secret"] and value else value
