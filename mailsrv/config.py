@@ -423,7 +423,7 @@ class Config:
         "TLS to the smarthost: starttls (verified), implicit (verified), none",
     )
     relay_ca_file: str = setting(
-        "", parse_path, "PEM CA file to verify the smarthost; empty = the system CAs"
+        "", parse_path, "PEM CA file for verified relay TLS; empty = the system CAs"
     )
     relay_mx_tls: str = setting(
         "may",

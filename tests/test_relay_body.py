@@ -11,7 +11,13 @@ import pytest_twisted
 from twisted.internet import threads
 from twisted.internet.testing import StringTransport
 
-from mailsrv.relay.body import BodySender, ReturnPathDropper, WireEncoder, wire_form
+from mailsrv.relay.body import (
+    BodySender,
+    ReturnPathDropper,
+    TransmissionStopped,
+    WireEncoder,
+    wire_form,
+)
 
 TRACE = b"Return-Path: <a@example.org>\nReceived: from x by y; Mon, 1 Jan 2024 00:00:00 +0000\n"
 
@@ -163,6 +169,6 @@ async def test_stop_fails_the_transmission(tmp_path: Path) -> None:
     sender = BodySender(path, transport, threads.deferToThread, chunk_size=100)
     done = sender.start()
     sender.stop()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TransmissionStopped):
         await done
     assert not transport.value().endswith(b".\r\n")

@@ -31,6 +31,10 @@ _RETURN_PATH = b"return-path:"
 DEFAULT_CHUNK_SIZE = 65536
 
 
+class TransmissionStopped(Exception):
+    """The body was not sent to the end: the connection went away or the sender was stopped."""
+
+
 class WireEncoder:
     """Stored body bytes -> CRLF, dot-stuffed DATA bytes, chunk by chunk."""
 
@@ -125,10 +129,11 @@ def wire_form(stored: bytes) -> bytes:
 class BodySender:
     """Streams a stored body file into ``consumer`` (a transport) as DATA, ``.`` included.
 
-    :meth:`start` fires with the number of bytes written once the final ``.`` line is written,
-    or fails if the file cannot be read (the caller must then drop the connection: the data
-    cannot be ended cleanly) or if :meth:`stop` was called.  ``on_progress`` is called after
-    every write, for the caller's data-block timer.
+    :meth:`start` fires with the number of bytes written once the final ``.`` line is written.
+    It fails if the file cannot be read (the caller must then drop the connection: the data
+    cannot be ended cleanly), or with :class:`TransmissionStopped` after :meth:`stop` or when
+    the consumer went away.  ``on_progress`` is called after every write, for the caller's
+    data-block timer.
     """
 
     def __init__(
@@ -174,7 +179,7 @@ class BodySender:
 
     def stopProducing(self) -> None:
         if not self._finished:
-            self._end(RuntimeError("body transmission stopped"))
+            self._end(TransmissionStopped("body transmission stopped"))
 
     def _opened(self, file: IO[bytes]) -> None:
         self._reading = False
