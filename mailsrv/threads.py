@@ -38,7 +38,3 @@ class ThreadPoolService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
-
-
-RunInThread = Callable[..., "Deferred[Any]"]
-"""Runs blocking ``function(*args, **kwargs)`` off the reactor; fires with its result."""
