@@ -639,3 +639,161 @@ def test_unwritable_log_file_stops_the_start(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert "mailsrv: log_file: " in output and "No such file or directory" in output
     assert "Traceback" not in output
+
+
+# --- client data in the logs: escaped, never raw ----------------------------------------------
+
+# (name, character, how the log shows it); CR, LF and NUL can only arrive inside AUTH (base64).
+CLIENT_CONTROLS = [
+    ("NUL", "\x00", "\\x00"),
+    ("LF", "\n", "\\n"),
+    ("CR", "\r", "\\r"),
+    ("TAB", "\t", "\\t"),
+    ("BEL", "\x07", "\\x07"),
+    ("ESC", "\x1b", "\\x1b"),
+    ("DEL", "\x7f", "\\x7f"),
+    ("C1-NEL", "\x85", "\\x85"),
+    ("C1-CSI", "\x9b", "\\x9b"),
+    ("LINE-SEPARATOR", "\u2028", "\\u2028"),
+    ("PARAGRAPH-SEPARATOR", "\u2029", "\\u2029"),
+    ("BIDI-OVERRIDE", "\u202e", "\\u202e"),
+]
+RAW_CONTROLS = [char for _, char, _ in CLIENT_CONTROLS]
+
+
+def _reply(client: socket.socket, buffer: list[bytes]) -> bytes:
+    """One whole reply (its last line) from ``client``."""
+    data = buffer[0]
+    while True:
+        while b"\r\n" not in data:
+            chunk = client.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed after {data!r}")
+            data += chunk
+        line, _, data = data.partition(b"\r\n")
+        if line[3:4] != b"-":
+            buffer[0] = data
+            return line
+
+
+def _hostile_session(port: int, char: str) -> dict[str, bool]:
+    """One session carrying ``char`` in every field it can reach; which fields got through."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    buffer = [b""]
+
+    def command(text: str) -> bytes:
+        sock.sendall(text.encode("utf-8") + b"\r\n")
+        return _reply(sock, buffer)
+
+    accepted: dict[str, bool] = {}
+    line_safe = char not in "\r\n\x00"
+    try:
+        assert _reply(sock, buffer).startswith(b"220 ")
+        helo = command(f"EHLO h{char}x.test") if line_safe else b""
+        accepted["helo"] = helo.startswith(b"250")
+        if not accepted["helo"]:
+            assert command("EHLO client.test").startswith(b"250")
+        login = base64.b64encode(f"u{char}ser@example.org".encode()).decode()
+        assert command(f"AUTH LOGIN {login}").startswith(b"334 ")
+        accepted["login"] = command(base64.b64encode(b"wrong").decode()).startswith(b"535 ")
+        accepted["command"] = line_safe and command(f"X{char}Y").startswith(b"500 ")
+        mail = command(f"MAIL FROM:<s{char}nd@remote.test> SMTPUTF8") if line_safe else b""
+        accepted["sender"] = accepted["recipient"] = False
+        if mail.startswith(b"250"):
+            relay = command(f"RCPT TO:<r{char}cpt@elsewhere.test>")
+            accepted["recipient"] = relay.startswith(b"554")
+            assert command("RCPT TO:<alice@example.org>").startswith(b"250")
+            assert command("DATA").startswith(b"354")
+            accepted["sender"] = command("Subject: x\r\n\r\nbody\r\n.").startswith(b"250")
+        command("QUIT")
+    finally:
+        sock.close()
+    return accepted
+
+
+def _where_each_field_shows(shown: str) -> dict[str, str]:
+    return {
+        "helo": f"helo=h{shown}x.test",
+        "login": f"security auth-failure from 127.0.0.1 login=u{shown}ser@example.org"
+        " mechanism=LOGIN",
+        "command": f"unknown command X{shown}Y from 127.0.0.1",
+        "sender": f"from 127.0.0.1 <s{shown}nd@remote.test> to ['alice@example.org']",
+        "recipient": f"security relay-denied from 127.0.0.1 recipient=r{shown}cpt@elsewhere.test",
+    }
+
+
+def _run_hostile_sessions(server: Server) -> dict[str, dict[str, bool]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server.start()
+    with ThreadPoolExecutor(6) as pool:  # each failed AUTH waits 0.5 s: run them side by side
+        results = pool.map(lambda case: _hostile_session(server.port, case[1]), CLIENT_CONTROLS)
+        accepted = {
+            name: fields for (name, _, _), fields in zip(CLIENT_CONTROLS, results, strict=True)
+        }
+    assert server.stop() in (-signal.SIGTERM, 128 + signal.SIGTERM), server.output()
+    # Not vacuous: every class reached the log through at least the AUTH login.
+    assert all(fields["login"] for fields in accepted.values()), accepted
+    return accepted
+
+
+HOSTILE_ENV = {
+    "SMTP_LOG_LEVEL": "debug",
+    "SMTP_ENABLE_AUTH": "true",
+    "SMTP_ALLOW_PLAINTEXT_AUTH": "true",
+}
+
+
+def test_client_fields_are_escaped_in_text_logs(make_server: Callable[..., Server]) -> None:
+    server: Server = make_server(**HOSTILE_ENV)
+    accepted = _run_hostile_sessions(server)
+    log = server.log()
+    lines = log.splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT", line) for line in lines), "a line was forged"
+    raw = {repr(c) for c in RAW_CONTROLS if c in log.replace("\n", "")}
+    assert not raw, f"raw {raw} in the log"
+    for name, _, shown in CLIENT_CONTROLS:
+        for where, text in _where_each_field_shows(shown).items():
+            if accepted[name][where]:
+                assert text in log, (name, where, text)
+
+
+def _walk_strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _walk_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk_strings(item)
+
+
+def test_client_fields_are_escaped_in_json_logs(make_server: Callable[..., Server]) -> None:
+    server: Server = make_server(SMTP_LOG_FORMAT="json", **HOSTILE_ENV)
+    accepted = _run_hostile_sessions(server)
+    events = [json.loads(line) for line in server.log().splitlines()]
+    for event in events:
+        for text in _walk_strings(event):
+            raw = [c for c in RAW_CONTROLS if c in text]
+            assert not raw, (raw, text, event.get("log_format"))
+
+    def fields(fmt_start: str, key: str) -> set[str]:
+        return {
+            str(e.get(key))
+            for e in events
+            if str(e.get("log_format", "")).startswith(fmt_start) and key in e
+        }
+
+    for name, _, shown in CLIENT_CONTROLS:
+        got = accepted[name]
+        assert got["login"] and f"u{shown}ser@example.org" in fields("security ", "login")
+        if got["helo"]:
+            assert f"h{shown}x.test" in fields("session closed", "helo")
+        if got["command"]:
+            assert f"X{shown}Y" in fields("unknown command", "verb")
+        if got["sender"]:
+            assert f"s{shown}nd@remote.test" in fields("message ", "sender")
+        if got["recipient"]:
+            assert f"r{shown}cpt@elsewhere.test" in fields("security ", "recipient")
