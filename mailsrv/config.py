@@ -236,6 +236,11 @@ def parse_path(raw: object) -> str:
     return os.path.expanduser(text) if text else ""
 
 
+def display_path(path: str) -> str:
+    """``path`` for a message: bytes that are not UTF-8 (surrogates here) shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 # --- the settings ------------------------------------------------------------------------------
 
 
@@ -479,6 +484,14 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
     def where(key: str) -> str:
         return (sources or {}).get(key, key)
 
+    if not config.local_domains:
+        raise ConfigError(f"{where('local_domains')}: empty: at least one local domain is needed")
+    if config.argon2_memory_kib < 8 * config.argon2_parallelism:
+        raise ConfigError(
+            f"{where('argon2_memory_kib')}: must be at least 8 KiB per lane"
+            f" ({8 * config.argon2_parallelism} for argon2_parallelism"
+            f" {config.argon2_parallelism}), got {config.argon2_memory_kib}"
+        )
     if not config.port and not config.submission_port:
         raise ConfigError("port and submission_port are both 0: nothing to listen on")
     if config.enable_tls and not (config.tls_cert and config.tls_key):

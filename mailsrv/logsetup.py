@@ -21,10 +21,12 @@ from typing import IO
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     eventAsJSON,
     eventAsText,
 )
@@ -299,6 +301,25 @@ class ReopenableLogFile:
         old.close()
 
 
+# Twisted's tcp.Port logs "<factory> starting on <port>" (a legacy log.msg) when it listens;
+# mailsrv announces its listeners itself (mailsrv.startup), so each would show twice.
+_PORT_STARTING = re.compile(r"\S.* starting on \d+")
+
+
+@implementer(ILogFilterPredicate)
+class DropPortAnnouncements:
+    """Filters out Twisted's own "... starting on <port>" lines."""
+
+    def __call__(self, event: LogEvent) -> PredicateResult:
+        if event.get("log_namespace") == "log_legacy":
+            text = event.get("log_text")
+            if isinstance(text, str) and _PORT_STARTING.fullmatch(text):
+                drop: PredicateResult = PredicateResult.no
+                return drop
+        keep: PredicateResult = PredicateResult.maybe
+        return keep
+
+
 def make_observer(
     level: str,
     fmt: str,
@@ -313,4 +334,4 @@ def make_observer(
     formatter = json_line_formatter if fmt == "json" else text_line_formatter()
     base = LineObserver(out, formatter, call_later)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    return FilteringLogObserver(base, [predicate])
+    return FilteringLogObserver(base, [predicate, DropPortAnnouncements()])

@@ -32,6 +32,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailsrv.config import display_path
+
 _log = Logger(namespace="mailsrv.tls")
 
 # TLS 1.2 suites of the "intermediate" profile (ssl-config.mozilla.org, guidelines 5.7).
@@ -51,11 +53,6 @@ _DH_GROUP = "ffdhe2048.pem"
 
 class TLSConfigError(Exception):
     """The certificate or key cannot be used; the message is one line for the operator."""
-
-
-def display_path(path: str) -> str:
-    """``path`` for a message: bytes that are not UTF-8 shown as ``\\xNN``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _read(label: str, path: str) -> bytes:
@@ -87,6 +84,15 @@ def _private_key(key_path: str) -> Any:
         raise TLSConfigError(f"tls_key: {shown}: not a PEM private key") from None
 
 
+def _reason(error: SSL.Error) -> str:
+    """OpenSSL's first reason (``no start line``), not its whole error stack."""
+    stack = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    for entry in stack:
+        if isinstance(entry, tuple) and len(entry) == 3 and entry[2]:
+            return str(entry[2])
+    return str(error) or "unknown error"
+
+
 def load_context(cert_path: str, key_path: str) -> SSL.Context:
     """An ``SSL.Context`` for the PEM chain and key, or :class:`TLSConfigError`."""
     _read("tls_cert", cert_path)  # one clear line for a missing or unreadable file
@@ -101,7 +107,7 @@ def load_context(cert_path: str, key_path: str) -> SSL.Context:
         context.use_certificate_chain_file(os.fsencode(cert_path))
     except SSL.Error as e:
         raise TLSConfigError(
-            f"tls_cert: {display_path(cert_path)}: not a PEM certificate chain ({e})"
+            f"tls_cert: {display_path(cert_path)}: not a PEM certificate chain ({_reason(e)})"
         ) from None
     try:
         context.use_privatekey(key)

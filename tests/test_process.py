@@ -17,6 +17,7 @@ import re
 import signal
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from mailsrv import __version__
 from mailsrv.config import SETTINGS, flag_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -797,3 +799,87 @@ def test_client_fields_are_escaped_in_json_logs(make_server: Callable[..., Serve
             assert f"s{shown}nd@remote.test" in fields("message ", "sender")
         if got["recipient"]:
             assert f"r{shown}cpt@elsewhere.test" in fields("security ", "recipient")
+
+
+# --- the start-up log -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_start_up_log_says_where_mail_goes(
+    make_server: Callable[..., Server], tmp_path: Path, tls: bool
+) -> None:
+    from tests.test_tls import CertFiles
+
+    env = {"SMTP_MAILBOXES": "alice@example.org,carol@example.org"}
+    if tls:
+        certs = CertFiles(tmp_path / "tls")
+        env.update(
+            SMTP_ENABLE_TLS="true",
+            SMTP_TLS_CERT=str(certs.chain),
+            SMTP_TLS_KEY=str(certs.key),
+            SMTP_SMTPS_PORT=str(free_port()),
+            SMTP_ENABLE_AUTH="true",
+            SMTP_ARGON2_TIME_COST="1",
+            SMTP_ARGON2_MEMORY_KIB="8",
+            SMTP_ARGON2_PARALLELISM="1",
+        )
+    server: Server = make_server(**env)
+    if tls:  # an account in the store before the start
+        added = subprocess.run(
+            [
+                *(os.path.join(os.path.dirname(sys.executable), "mailsrv"), "users", "add"),
+                *("bob@example.org", "--password-stdin"),
+            ],
+            input="a password\n",
+            env=server.env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert added.returncode == 0, added.stderr
+    server.start()
+    wait_for(lambda: " ready: " in server.log(), READY_TIMEOUT, "the start-up summary")
+    assert server.stop() in (-signal.SIGTERM, 128 + signal.SIGTERM), server.output()
+    log = server.log()
+    listening = f"mx [127.0.0.1]:{server.port}, submission [127.0.0.1]:{server.submission_port}"
+    if tls:
+        listening += f", smtps [127.0.0.1]:{env['SMTP_SMTPS_PORT']}"
+    summary = (
+        f"[mailsrv#info] mailsrv {__version__} ready: mail for example.org in {server.data_dir};"
+        f" 2 mailbox(es) configured, {1 if tls else 0} account(s) in"
+        f" {server.data_dir}/mailsrv.db; TLS {'on' if tls else 'off'},"
+        f" AUTH {'on' if tls else 'off'}; listening: {listening}"
+    )
+    assert [line.split(" ", 1)[1] for line in log.splitlines() if " ready: " in line] == [summary]
+    # Each listener is announced once: not again by Twisted's port, nor by the listener.
+    assert " starting on " not in log
+    assert "listening for " not in log
+    assert "Traceback" not in server.output()
+
+
+def test_a_store_that_cannot_be_opened_exits_non_zero(
+    make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The start-up checks pass (the file is a good database) but opening it for writing
+    fails: the server logs one critical line and exits 1, so a supervisor sees a failure."""
+    server: Server = make_server()
+    db = server.data_dir / "mailsrv.db"
+    server.data_dir.mkdir()
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode=WAL")
+        holder.execute("CREATE TABLE unrelated (x)")
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held past the store's busy timeout
+        server.start()
+        status = server.wait()
+    finally:
+        holder.close()
+    output = server.output()
+    assert status == 1, output
+    assert (
+        f"[mailsrv.auth#critical] cannot open the user store {db}: database error:"
+        " database is locked"
+    ) in server.log()
+    assert " ready: " not in output and "Traceback" not in output
+    assert "mailsrv stopped" in server.log()
