@@ -20,7 +20,15 @@ from twisted.python import usage
 
 from mailsrv import __version__
 from mailsrv.auth.portal import UserStoreService, build_portal
-from mailsrv.config import SETTINGS, Config, ConfigError, env_name, flag_name, load
+from mailsrv.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    display_path,
+    env_name,
+    flag_name,
+    load,
+)
 from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.delivery.maildir import MaildirSink, MaildirStore
@@ -179,8 +187,6 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
 
 def describe_os_error(error: OSError) -> str:
     """``path: strerror`` for an OSError, paths shown as :func:`display_path` shows them."""
-    from mailsrv.config import display_path
-
     where = f"{display_path(str(error.filename))}: " if error.filename else ""
     return f"{where}{error.strerror or error}"
 
