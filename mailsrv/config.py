@@ -286,6 +286,11 @@ def parse_dns_servers(raw: object) -> tuple[str, ...]:
     return tuple(_join_host_port(host, port) for host, port in servers)
 
 
+def display_path(path: str) -> str:
+    """``path`` for a message: bytes that are not UTF-8 (surrogates here) shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 # --- the settings ------------------------------------------------------------------------------
 
 
@@ -604,6 +609,14 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
     def where(key: str) -> str:
         return (sources or {}).get(key, key)
 
+    if not config.local_domains:
+        raise ConfigError(f"{where('local_domains')}: empty: at least one local domain is needed")
+    if config.argon2_memory_kib < 8 * config.argon2_parallelism:
+        raise ConfigError(
+            f"{where('argon2_memory_kib')}: must be at least 8 KiB per lane"
+            f" ({8 * config.argon2_parallelism} for argon2_parallelism"
+            f" {config.argon2_parallelism}), got {config.argon2_memory_kib}"
+        )
     if not config.port and not config.submission_port:
         raise ConfigError("port and submission_port are both 0: nothing to listen on")
     if config.enable_tls and not (config.tls_cert and config.tls_key):

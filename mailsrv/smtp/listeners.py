@@ -124,7 +124,7 @@ class SMTPListenerService(Service):
                 )
             self.listening[name] = listening
             address = listening.getHost()
-            _log.info(
+            _log.debug(  # the start-up summary (mailsrv.startup) names every listener
                 "listening for {listener} on [{host}]:{port}",
                 listener=name,
                 host=address.host,

@@ -108,8 +108,15 @@ class SMTPServer:
     # -- limits ---------------------------------------------------------------------------------
 
     def security_event(self, event: str, host: str, **fields: Any) -> None:
-        """Log one structured security event (refusals, limits, auth)."""
-        _log.warn("security {event} from {client_ip}", event=event, client_ip=host, **fields)
+        """Log one structured security event (refusals, limits, auth).
+
+        The text line shows every field that has a value (``login=... mechanism=...``), not
+        only the event name; JSON lines carry them as keys either way.
+        """
+        shown = "".join(f" {key}={{{key}}}" for key, value in fields.items() if value is not None)
+        _log.warn(
+            "security {event} from {client_ip}" + shown, event=event, client_ip=host, **fields
+        )
 
     def expire_limits(self) -> None:
         """Forget rate-limit state that left its window (run on a timer)."""

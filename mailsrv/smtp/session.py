@@ -408,6 +408,7 @@ class SMTPSession(SecurityCommands, Protocol):
             getattr(self, "do_" + verb, None) if verb in _COMMANDS else None
         )
         if handler is None:
+            _log.debug("unknown command {verb} from {client_ip}", verb=verb, client_ip=self.peer_ip)
             self._respond(
                 replies.NOT_IMPLEMENTED
                 if verb in _NOT_IMPLEMENTED_VERBS
