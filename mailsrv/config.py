@@ -452,6 +452,10 @@ class Config:
     relay_recipients_per_transaction: int = setting(
         50, parse_int(1, 100_000), "Recipients per outbound transaction (more: another one)"
     )
+    relay_destination_concurrency: int = setting(
+        20, parse_int(1, 10_000), "Outbound connections per destination at most"
+    )
+    relay_concurrency: int = setting(100, parse_int(1, 100_000), "Outbound connections at most")
     relay_connect_timeout: float = setting(30.0, parse_seconds(1.0), "Outbound TCP connect (s)")
     relay_greeting_timeout: float = setting(300.0, parse_seconds(1.0), "Wait for the 220 (s)")
     relay_command_timeout: float = setting(

@@ -37,9 +37,12 @@ from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import ReopenableLogFile, make_observer
 from mailsrv.preflight import Checked, PreflightError, check
 from mailsrv.relay.actions import StoreActions
+from mailsrv.relay.bounces import DsnSubmitter
 from mailsrv.relay.control import QueueControlService, socket_path_problem
 from mailsrv.relay.queue_lock import QueueBusy, QueueLock
 from mailsrv.relay.queue_store import FileQueueStore
+from mailsrv.relay.service import build_relay
+from mailsrv.relay.sink import QueueSink
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
@@ -153,9 +156,7 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
     queue_store = FileQueueStore(config.queue_dir, threads.run)
-    queue_control(
-        config, reactor, StoreActions(queue_store, reactor, threads.run)
-    ).setServiceParent(root)
+    queue_lock = take_queue(config)
     hash_threads = ThreadPoolService(reactor, "mailsrv-hash", 2)
     hash_threads.setServiceParent(root)
     store = open_user_store(config, reactor)
@@ -167,13 +168,25 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
         CertificateWatcher(tls, reactor, config.tls_reload_interval).setServiceParent(root)
         reload_hooks.append(tls.reload)
     policy = RecipientPolicy(config, store)
-    sinks: list[ICommitSink] = [MaildirSink(MaildirStore(config.mail_dir, config.server_name))]
-    sync = filesystem_syncer(config.spool_dir, config.mail_dir)
+    queue_sink = QueueSink(queue_store)
+    sinks: list[ICommitSink] = [
+        MaildirSink(MaildirStore(config.mail_dir, config.server_name)),
+        queue_sink,
+    ]
+    sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir)
     committer = GroupCommitter(reactor, sinks, sync)
     committer.setServiceParent(root)
     server = SMTPServer(
-        config, reactor, threads.run, committer, policy=policy, tls=tls, portal=portal
+        config, reactor, threads.run, committer, policy=policy, tls=tls, portal=portal, relay=True
     )
+    bounces = DsnSubmitter(
+        server, queue_store.body_path, threads.run, config.relay_bounce_size_limit
+    )
+    relay = build_relay(config, reactor, threads.run, queue_store, bounces)
+    queue_sink.listen(relay.scheduler.queued)
+    relay.scheduler.setServiceParent(root)
+    actions = StoreActions(queue_store, reactor, threads.run, relay.scheduler)
+    QueueControlService(config.queue_socket, actions, reactor, queue_lock).setServiceParent(root)
     warn_loose_modes(config)
     try:
         stale = server.spool.prepare()
@@ -193,9 +206,9 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     return root
 
 
-def queue_control(config: Config, reactor: Any, actions: Any) -> QueueControlService:
-    """Take the queue directory for this server and serve ``mailsrv queue`` on its control
-    socket (SystemExit with one line if another server has the queue)."""
+def take_queue(config: Config) -> QueueLock:
+    """Take the queue directory for this server (SystemExit with one line if another server
+    has it, or the control socket's path cannot be used)."""
     problem = socket_path_problem(config.queue_socket)
     if problem:
         raise SystemExit(f"mailsrv: {problem}")
@@ -206,7 +219,7 @@ def queue_control(config: Config, reactor: Any, actions: Any) -> QueueControlSer
         raise SystemExit(f"mailsrv: {e}") from None
     except OSError as e:
         raise SystemExit(f"mailsrv: queue {config.queue_dir}: {e.strerror}") from None
-    return QueueControlService(config.queue_socket, actions, reactor, lock)
+    return lock
 
 
 def describe_os_error(error: OSError) -> str:

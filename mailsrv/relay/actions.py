@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -125,14 +125,32 @@ Rule = Callable[[QueueRecord], tuple["QueueRecord | None", str]]
 # --- on the store alone ----------------------------------------------------------------------
 
 
+class SchedulerHooks(Protocol):
+    """What a running scheduler needs to hear of an operator's change (the relay scheduler)."""
+
+    def flush(self, queue_id: str | None = None) -> int:
+        """Make deferred recipients due now."""
+
+    def replaced(self, record: QueueRecord | None, queue_id: str) -> None:
+        """A record was changed (or, with None, deleted) by an operator."""
+
+
 @implementer(IQueueActions)
 class StoreActions:
-    """:class:`IQueueActions` on an :class:`IQueueStore` alone (no scheduler to tell)."""
+    """:class:`IQueueActions` on an :class:`IQueueStore`, telling the running ``scheduler``
+    (if any) of every change so that it follows at once."""
 
-    def __init__(self, store: IQueueStore, clock: IReactorTime, run_in_thread: RunInThread):
+    def __init__(
+        self,
+        store: IQueueStore,
+        clock: IReactorTime,
+        run_in_thread: RunInThread,
+        scheduler: SchedulerHooks | None = None,
+    ):
         self._store = store
         self._clock = clock
         self._run = run_in_thread
+        self._scheduler = scheduler
 
     def list_messages(self) -> Deferred[list[QueueRecord]]:
         return self._store.records()
@@ -156,6 +174,8 @@ class StoreActions:
     async def _flush(self, queue_id: str | None) -> str:
         if queue_id is not None:
             due = await self._flush_one(queue_id)
+            if self._scheduler is not None:
+                self._scheduler.flush(queue_id)
             return f"{queue_id}: {due} deferred recipient(s) due now"
         messages = due = 0
         for record in await self._store.records():
@@ -165,6 +185,8 @@ class StoreActions:
                 continue  # left the queue meanwhile
             messages += 1 if count else 0
             due += count
+        if self._scheduler is not None:
+            self._scheduler.flush(None)
         return f"queue flushed: {due} deferred recipient(s) of {messages} message(s) due now"
 
     async def _flush_one(self, queue_id: str) -> int:
@@ -195,5 +217,10 @@ class StoreActions:
             outcome.append(line)
             return new
 
+        def changed(record: QueueRecord | None) -> str:
+            if self._scheduler is not None:
+                self._scheduler.replaced(record, queue_id)
+            return outcome[-1]
+
         done: Deferred[Any] = self._store.modify(queue_id, change)
-        return done.addCallback(lambda _: outcome[-1])
+        return done.addCallback(changed)

@@ -75,7 +75,7 @@ class IRelayConnector(Interface):
         :class:`NextHopError` failure saying why none of the candidates could be used."""
 
 
-DsnSubmitter = Callable[[QueueRecord, Sequence[RecipientStatus]], Deferred[None]]
+SubmitDsns = Callable[[QueueRecord, Sequence[RecipientStatus]], Deferred[None]]
 """Submits the DSNs a finished message needs (given its final recipients); the composition root
 wires it to the DSN composer and the commit path."""
 
@@ -89,7 +89,7 @@ class SchedulerSettings:
     max_recipients: int = 50
     idle_timeout: float = 2.0
     restart_spread: float = 30.0
-    route_timeout: float = 120.0
+    stop_grace: float = 30.0
 
 
 @dataclass
@@ -153,7 +153,7 @@ class RelayScheduler(Service):
         retry: RetryPolicy,
         clock: IReactorTime,
         rng: random.Random,
-        submit_dsns: DsnSubmitter,
+        submit_dsns: SubmitDsns,
         settings: SchedulerSettings = SchedulerSettings(),
         dead: DeadDestinations | None = None,
     ) -> None:
@@ -174,6 +174,8 @@ class RelayScheduler(Service):
         self._sequence = itertools.count()
         self._timer: IDelayedCall | None = None
         self._running_work: set[Deferred[Any]] = set()
+        self._open: set[Any] = set()
+        self._queued_since_start: set[str] = set()
         self._stopping = False
         self._loaded: Deferred[None] | None = None
         self.setName("relay")
@@ -186,7 +188,9 @@ class RelayScheduler(Service):
         self._loaded = Deferred.fromCoroutine(self._load())
 
     async def _load(self) -> None:
-        records = await self._store.load()
+        loaded = await self._store.load()
+        # Records committed while the load ran are already here, newer than what was read.
+        records = [r for r in loaded if r.queue_id not in self._queued_since_start]
         now = self._clock.seconds()
         due_now = 0
         for record in records:
@@ -214,6 +218,8 @@ class RelayScheduler(Service):
         )
 
     def stopService(self) -> Deferred[None]:
+        """Stop scheduling; let transactions in flight finish for up to ``stop_grace`` seconds,
+        then drop their connections (their recipients are deferred, durably, as usual)."""
         super().stopService()
         self._stopping = True
         if self._timer is not None and self._timer.active():
@@ -227,7 +233,20 @@ class RelayScheduler(Service):
             destination.idle.clear()
         waiting = list(self._running_work)
         done: Deferred[Any] = DeferredList(waiting, consumeErrors=True)
-        return done.addCallback(lambda _: None)
+        if not waiting:
+            return done.addCallback(lambda _: None)
+
+        def drop_connections() -> None:
+            for connection in list(self._open):
+                connection.close()
+
+        timer = self._clock.callLater(self.settings.stop_grace, drop_connections)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return done.addCallback(finished)
 
     # -- what others call -------------------------------------------------------------------
 
@@ -235,6 +254,7 @@ class RelayScheduler(Service):
         """New records were committed (reactor thread, after their 250s): try them now."""
         now = self._clock.seconds()
         for record in records:
+            self._queued_since_start.add(record.queue_id)
             self.records[record.queue_id] = record
             self._schedule(record.queue_id, now)
 
@@ -363,6 +383,9 @@ class RelayScheduler(Service):
         while destination.ready and destination.idle:
             connection, timer = destination.idle.pop()
             timer.cancel()
+            if not connection.reusable:  # the peer or its idle timer closed it meanwhile
+                self._forget(connection)
+                continue
             destination.active += 1
             self._track(Deferred.fromCoroutine(self._work_on(destination, connection)))
         while (
@@ -393,6 +416,7 @@ class RelayScheduler(Service):
             )
             return
         self.dead.revive(destination.key)
+        self._open.add(connection)
         await self._work_on(destination, connection)
 
     async def _work_on(self, destination: _Destination, connection: Any) -> None:
@@ -411,15 +435,19 @@ class RelayScheduler(Service):
             if destination.ready:
                 self._pump(destination)
             return
-        self._connections -= 1
-        await connection.close()
+        self._forget(connection)
         if destination.ready:
             self._pump(destination)
 
-    def _close_idle(self, destination: _Destination, connection: Any) -> None:
-        destination.idle = [(c, t) for c, t in destination.idle if c is not connection]
+    def _forget(self, connection: Any) -> None:
+        """A connection leaves the pool: closed (QUIT if it can), no longer counted."""
+        self._open.discard(connection)
         self._connections -= 1
         connection.close()
+
+    def _close_idle(self, destination: _Destination, connection: Any) -> None:
+        destination.idle = [(c, t) for c, t in destination.idle if c is not connection]
+        self._forget(connection)
         if not destination.ready and not destination.active and not destination.idle:
             self._destinations.pop(destination.key, None)
 
@@ -450,9 +478,19 @@ class RelayScheduler(Service):
             self._in_flight.difference_update((work.queue_id, a) for a in work.addresses)
             return
         message = outbound_message(record, addresses, self._store.body_path(work.queue_id))
-        results = await connection.send(message)
-        await self._apply(work.queue_id, results, destination.key)
-        self._in_flight.difference_update((work.queue_id, a) for a in work.addresses)
+        try:
+            try:
+                results = await connection.send(message)
+            except Exception as e:
+                _log.failure("relay {queue_id}: send failed", Failure(e), queue_id=work.queue_id)
+                reply = Reply(451, "4.3.0", "local error while sending")
+                results = [
+                    RecipientResult(a, reply.code, reply.enhanced, reply.text, False)
+                    for a in addresses
+                ]
+            await self._apply(work.queue_id, results, destination.key)
+        finally:
+            self._in_flight.difference_update((work.queue_id, a) for a in work.addresses)
 
     async def _fail_all(
         self, queue_id: str, addresses: list[str], reply: str, permanent: bool, destination: str
@@ -565,5 +603,5 @@ class RelayScheduler(Service):
 
 
 def no_dsns(record: QueueRecord, recipients: Sequence[RecipientStatus]) -> Deferred[None]:
-    """A :data:`DsnSubmitter` that sends nothing (tests of scheduling alone)."""
+    """A :data:`SubmitDsns` that sends nothing (tests of scheduling alone)."""
     return succeed(None)

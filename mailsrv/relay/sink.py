@@ -20,13 +20,17 @@ from mailsrv.relay.records import QueueRecord
 
 @implementer(ICommitSink)
 class QueueSink:
-    """Stages the remote recipients of each message in ``store``; tells ``queued`` after."""
+    """Stages the remote recipients of each message in ``store``; tells its listeners after."""
 
     name = "queue"
 
-    def __init__(self, store: IQueueStore, queued: Callable[[list[QueueRecord]], None]) -> None:
+    def __init__(self, store: IQueueStore) -> None:
         self._store = store
-        self._queued = queued
+        self._listeners: list[Callable[[list[QueueRecord]], None]] = []
+
+    def listen(self, queued: Callable[[list[QueueRecord]], None]) -> None:
+        """Call ``queued`` with the new records of every committed batch (the scheduler)."""
+        self._listeners.append(queued)
 
     def write(self, batch: Sequence[StagedMessage]) -> Failures:
         failures: dict[str, BaseException] = {}
@@ -46,4 +50,7 @@ class QueueSink:
 
     def committed(self, messages: Sequence[AcceptedMessage]) -> None:
         records = [QueueRecord.from_message(m) for m in messages if m.remote_recipients]
-        self._queued([r for r in records if r is not None])
+        new = [r for r in records if r is not None]
+        if new:
+            for queued in self._listeners:
+                queued(new)
