@@ -28,14 +28,14 @@ MAILSRV = str(Path(REPO) / ".venv" / "bin" / "mailsrv")
 WAIT = 30.0
 
 
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+async def eventually(predicate: Callable[[], bool], what: str, within: float = WAIT) -> None:
     """Let the reactor run (the peer lives in it) until ``predicate`` holds."""
     from twisted.internet import reactor
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
         await task.deferLater(reactor, 0.05, lambda: None)
 
 
