@@ -20,9 +20,12 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailsrv.identity import InvalidAddress, canonical_address, canonical_domain
+
+if TYPE_CHECKING:
+    from mailsrv.webhook.endpoints import Endpoint
 
 ENV_PREFIX = "SMTP_"
 CONFIG_FILE_ENV = "SMTP_CONFIG"
@@ -236,12 +239,24 @@ def parse_path(raw: object) -> str:
     return os.path.expanduser(text) if text else ""
 
 
+def parse_webhook_tables(raw: object) -> tuple[Endpoint, ...]:
+    """``[[webhooks]]`` tables (see ``mailsrv.webhook.endpoints``); not from the environment."""
+    from mailsrv.webhook.endpoints import parse_tables
+
+    return parse_tables(raw)
+
+
 # --- the settings ------------------------------------------------------------------------------
 
 
-def setting(default: Any, parse: Callable[[object], Any], doc: str) -> Any:
-    """Declare one setting: its default, its parser and a one-line description."""
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+def setting(default: Any, parse: Callable[[object], Any], doc: str, secret: bool = False) -> Any:
+    """Declare one setting: its default, its parser and a one-line description.
+
+    A ``secret`` setting is left out of the Config's repr and masked by :func:`describe`.
+    """
+    return field(
+        default=default, repr=not secret, metadata={"parse": parse, "doc": doc, "secret": secret}
+    )
 
 
 @dataclass(frozen=True)
@@ -350,6 +365,15 @@ class Config:
     log_file: str = setting(
         "", parse_path, "Log to this file, reopened on SIGHUP (logrotate); empty = standard output"
     )
+    webhook_url: str = setting(
+        "", parse_str, "URL of the 'default' webhook endpoint; empty = none ([[webhooks]] too)"
+    )
+    webhook_secret: str = setting(
+        "", parse_str, "whsec_ secret(s) signing the default endpoint's requests", secret=True
+    )
+    webhooks: tuple[Endpoint, ...] = setting(
+        (), parse_webhook_tables, "Webhook endpoints: [[webhooks]] tables in the config file"
+    )
 
     @property
     def server_name(self) -> str:
@@ -365,6 +389,13 @@ class Config:
     def spool_dir(self) -> Path:
         """Where message bodies are written while they arrive."""
         return Path(self.data_dir) / "spool"
+
+    @property
+    def webhook_endpoints(self) -> tuple[Endpoint, ...]:
+        """Every webhook endpoint: the default one (webhook_url), then the [[webhooks]] ones."""
+        from mailsrv.webhook.endpoints import combine, env_endpoint
+
+        return combine(env_endpoint(self.webhook_url, self.webhook_secret), self.webhooks)
 
     @property
     def sqlite_path(self) -> Path:
@@ -495,10 +526,21 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(f"{where('aliases')}: {alias} is not in a local domain {local}")
         if target not in mailboxes and not target.startswith("postmaster@"):
             raise ConfigError(f"{where('aliases')}: target {target} of {alias} is not in mailboxes")
+    if config.webhook_url or config.webhook_secret:
+        from mailsrv.webhook.endpoints import EndpointError, combine, env_endpoint
+
+        try:
+            url, secret = config.webhook_url, config.webhook_secret
+            names = [(sources or {}).get(k, env_name(k)) for k in ("webhook_url", "webhook_secret")]
+            env = env_endpoint(url, secret, *names)
+            combine(env, config.webhooks)
+        except EndpointError as e:
+            raise ConfigError(str(e)) from None
     return config
 
 
 def describe(config: Config) -> Iterable[tuple[str, str, object]]:
     """``(key, env name, value)`` for every setting, for ``mailsrv check-config``."""
-    for key in SETTINGS:
-        yield key, env_name(key), getattr(config, key)
+    for key, spec in SETTINGS.items():
+        value = getattr(config, key)
+        yield key, env_name(key), "********" if spec.metadata["secret"] and value else value
