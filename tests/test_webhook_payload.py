@@ -425,7 +425,8 @@ def test_smtputf8_envelope_and_utf8_headers(tmp_path: Path) -> None:
     ("content_type", "body", "expected", "error"),
     [
         ("text/plain; charset=x-unknown", b"hello\n", "hello\n", "unknown charset 'x-unknown'"),
-        ("text/plain", b"caf\xe9\n", "café\n", "8-bit text without a charset, read as Latin-1"),
+        ("text/plain", b"caf\xe9\n", "café\n", "8-bit text that is not UTF-8, read as Latin-1"),
+        ("text/plain; charset=rot13", b"uryyb\n", "uryyb\n", "'rot13' is not a text encoding"),
         ("text/plain", "café\n".encode(), "café\n", None),
         (
             "text/plain; charset=unicode_escape",

@@ -214,37 +214,34 @@ def _headers(message: Message, errors: _Errors) -> dict[str, Any]:
 # --- bodies ----------------------------------------------------------------------------------
 
 
-def _charset(part: Message, what: str, errors: _Errors) -> str | None:
+def _charset(part: Message) -> str | None:
     try:
         charset = part.get_content_charset()
-    except Exception:
-        charset = None
-    if charset is None:
+    except Exception:  # a broken Content-Type parameter
         return None
-    charset = _safe(charset)
-    try:
-        codec = codecs.lookup(charset)
-    except LookupError:
-        errors.add(f"{what}: unknown charset {charset!r}")
-        return charset
-    if codec.name in _NOT_TEXT_CODECS or not getattr(codec, "_is_text_encoding", True):
-        errors.add(f"{what}: charset {charset!r} is not a text encoding")
-    return charset
+    return _safe(charset) if charset else None
 
 
 def _decode_text(data: bytes, charset: str | None, what: str, errors: _Errors) -> str:
+    """The declared charset if Python knows it as a text encoding; else UTF-8, else Latin-1."""
     if charset is not None:
         try:
-            codec = codecs.lookup(charset)
-            if codec.name not in _NOT_TEXT_CODECS and getattr(codec, "_is_text_encoding", True):
-                return _safe(data.decode(codec.name, "replace"))
-        except (LookupError, UnicodeError, ValueError):
-            pass
+            name: str | None = codecs.lookup(charset).name
+        except LookupError:
+            name = None
+            errors.add(f"{what}: unknown charset {charset!r}")
+        if name in _NOT_TEXT_CODECS:
+            name = None
+            errors.add(f"{what}: charset {charset!r} is not a text encoding")
+        if name is not None:
+            try:
+                return _safe(data.decode(name, "replace"))
+            except LookupError:  # a bytes-to-bytes codec such as rot13
+                errors.add(f"{what}: charset {charset!r} is not a text encoding")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        if charset is None:
-            errors.add(f"{what}: 8-bit text without a charset, read as Latin-1")
+        errors.add(f"{what}: 8-bit text that is not UTF-8, read as Latin-1")
         return data.decode("latin-1")
 
 
@@ -256,7 +253,7 @@ def _body(part: Message, what: str, errors: _Errors, max_size: int) -> dict[str,
         return None
     if not isinstance(data, bytes):
         return None
-    charset = _charset(part, what, errors)
+    charset = _charset(part)
     text = _decode_text(data, charset, what, errors)
     encoded = text.encode("utf-8")
     truncated = len(encoded) > max_size
@@ -383,7 +380,9 @@ def _attachment(part: Message, what: str, errors: _Errors) -> dict[str, Any]:
     return {
         "filename": _from_raw(filename, f"{what} filename", errors) if filename else None,
         "content_type": _safe(part.get_content_type()),
-        "disposition": part.get_content_disposition(),
+        "disposition": _safe(disposition)
+        if (disposition := part.get_content_disposition())
+        else None,
         "size": digest.size,
         "sha256": digest.sha256.hexdigest(),
         "content_id": cid or None,
