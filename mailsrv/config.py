@@ -203,6 +203,13 @@ def parse_aliases(raw: object) -> tuple[tuple[str, str], ...]:
     return tuple(dict.fromkeys((_mailbox(a), _mailbox(t)) for a, t in pairs))
 
 
+def parse_webhook_tables(raw: object) -> tuple[Endpoint, ...]:
+    """``[[webhooks]]`` tables (see ``mailsrv.webhook.endpoints``); not from the environment."""
+    from mailsrv.webhook.endpoints import parse_tables
+
+    return parse_tables(raw)
+
+
 def parse_networks(raw: object) -> tuple[Network, ...]:
     """Comma-separated CIDR networks (IPv4 or IPv6); empty means none."""
     networks = []
@@ -237,13 +244,6 @@ def parse_path(raw: object) -> str:
     """A filesystem path (``~`` is expanded); empty means unset."""
     text = _as_text(raw)
     return os.path.expanduser(text) if text else ""
-
-
-def parse_webhook_tables(raw: object) -> tuple[Endpoint, ...]:
-    """``[[webhooks]]`` tables (see ``mailsrv.webhook.endpoints``); not from the environment."""
-    from mailsrv.webhook.endpoints import parse_tables
-
-    return parse_tables(raw)
 
 
 # --- the settings ------------------------------------------------------------------------------
@@ -391,16 +391,16 @@ class Config:
         return Path(self.data_dir) / "spool"
 
     @property
+    def sqlite_path(self) -> Path:
+        """The SQLite user database."""
+        return Path(self.db_path) if self.db_path else Path(self.data_dir) / "mailsrv.db"
+
+    @property
     def webhook_endpoints(self) -> tuple[Endpoint, ...]:
         """Every webhook endpoint: the default one (webhook_url), then the [[webhooks]] ones."""
         from mailsrv.webhook.endpoints import combine, env_endpoint
 
         return combine(env_endpoint(self.webhook_url, self.webhook_secret), self.webhooks)
-
-    @property
-    def sqlite_path(self) -> Path:
-        """The SQLite user database."""
-        return Path(self.db_path) if self.db_path else Path(self.data_dir) / "mailsrv.db"
 
 
 SETTINGS = {f.name: f for f in fields(Config)}
