@@ -20,9 +20,12 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailsrv.identity import InvalidAddress, canonical_address, canonical_domain
+
+if TYPE_CHECKING:
+    from mailsrv.webhook.endpoints import Endpoint
 
 ENV_PREFIX = "SMTP_"
 CONFIG_FILE_ENV = "SMTP_CONFIG"
@@ -198,6 +201,13 @@ def parse_aliases(raw: object) -> tuple[tuple[str, str], ...]:
                 raise ValueError(f"expected alias=target, got {item!r}")
             pairs.append((alias, target))
     return tuple(dict.fromkeys((_mailbox(a), _mailbox(t)) for a, t in pairs))
+
+
+def parse_webhook_tables(raw: object) -> tuple[Endpoint, ...]:
+    """``[[webhooks]]`` tables (see ``mailsrv.webhook.endpoints``); not from the environment."""
+    from mailsrv.webhook.endpoints import parse_tables
+
+    return parse_tables(raw)
 
 
 def parse_networks(raw: object) -> tuple[Network, ...]:
@@ -483,6 +493,15 @@ class Config:
     log_file: str = setting(
         "", parse_path, "Log to this file, reopened on SIGHUP (logrotate); empty = standard output"
     )
+    webhook_url: str = setting(
+        "", parse_str, "URL of the 'default' webhook endpoint; empty = none ([[webhooks]] too)"
+    )
+    webhook_secret: str = setting(
+        "", parse_str, "whsec_ secret(s) signing the default endpoint's requests", secret=True
+    )
+    webhooks: tuple[Endpoint, ...] = setting(
+        (), parse_webhook_tables, "Webhook endpoints: [[webhooks]] tables in the config file"
+    )
 
     @property
     def server_name(self) -> str:
@@ -513,6 +532,13 @@ class Config:
     def sqlite_path(self) -> Path:
         """The SQLite user database."""
         return Path(self.db_path) if self.db_path else Path(self.data_dir) / "mailsrv.db"
+
+    @property
+    def webhook_endpoints(self) -> tuple[Endpoint, ...]:
+        """Every webhook endpoint: the default one (webhook_url), then the [[webhooks]] ones."""
+        from mailsrv.webhook.endpoints import combine, env_endpoint
+
+        return combine(env_endpoint(self.webhook_url, self.webhook_secret), self.webhooks)
 
 
 SETTINGS = {f.name: f for f in fields(Config)}
@@ -646,6 +672,16 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(f"{where('aliases')}: {alias} is not in a local domain {local}")
         if target not in mailboxes and not target.startswith("postmaster@"):
             raise ConfigError(f"{where('aliases')}: target {target} of {alias} is not in mailboxes")
+    if config.webhook_url or config.webhook_secret:
+        from mailsrv.webhook.endpoints import EndpointError, combine, env_endpoint
+
+        try:
+            url, secret = config.webhook_url, config.webhook_secret
+            names = [(sources or {}).get(k, env_name(k)) for k in ("webhook_url", "webhook_secret")]
+            env = env_endpoint(url, secret, *names)
+            combine(env, config.webhooks)
+        except EndpointError as e:
+            raise ConfigError(str(e)) from None
     return config
 
 
