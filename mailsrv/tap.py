@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -95,6 +96,9 @@ class MailService(MultiService):
             except Exception:
                 _log.failure("error stopping {service}", service=child.name)
         _log.info("mailsrv stopped")
+        # Reactor-thread log lines are flushed at the end of a reactor turn; the shutdown may
+        # end before the next one.
+        (self._log_stream or sys.stdout).flush()
 
 
 def raise_file_limit(wanted: int) -> None:
