@@ -22,6 +22,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mailsrv.identity import InvalidAddress, canonical_address, canonical_domain
+
 ENV_PREFIX = "SMTP_"
 CONFIG_FILE_ENV = "SMTP_CONFIG"
 
@@ -149,42 +151,36 @@ def _items(raw: object) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
 
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-
-
 def _domain(text: str) -> str:
-    name = text.strip().lower().rstrip(".")
     try:
-        ascii_name = name.encode("idna").decode("ascii") if not name.isascii() else name
-    except UnicodeError:
-        raise ValueError(f"invalid domain {text!r}") from None
-    if len(ascii_name) > 253 or not all(_LABEL.fullmatch(x) for x in ascii_name.split(".")):
-        raise ValueError(f"invalid domain {text!r}")
-    return name
+        return canonical_domain(text)
+    except InvalidAddress as error:
+        raise ValueError(f"invalid domain {text!r}" + _why(error)) from None
+
+
+def _why(error: InvalidAddress) -> str:
+    return f" ({error.reason})" if error.reason else ""
 
 
 def parse_domains(raw: object) -> tuple[str, ...]:
-    """Comma-separated domain names (lower-cased)."""
+    """Comma-separated domain names (canonical: lower-case, IDNs as A-labels)."""
     return tuple(dict.fromkeys(_domain(item) for item in _items(raw)))
 
 
-_MAILBOX_LOCAL = re.compile(r"[a-z0-9!#$&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$&'*+/=?^_`{|}~-]+)*")
-
-
 def _mailbox(text: str) -> str:
-    local, sep, domain = text.strip().lower().rpartition("@")
-    if not sep or not local or not _MAILBOX_LOCAL.fullmatch(local) or "/" in local:
-        raise ValueError(f"invalid mailbox address {text!r}")
-    return f"{local}@{_domain(domain)}"
+    try:
+        return canonical_address(text)
+    except InvalidAddress as error:
+        raise ValueError(f"invalid mailbox address {text!r}" + _why(error)) from None
 
 
 def parse_mailbox(raw: object) -> str:
-    """One mailbox address (local-part@domain), lower-cased; ValueError if invalid."""
+    """One mailbox address in canonical form (``mailsrv.identity``); ValueError if invalid."""
     return _mailbox(_as_text(raw))
 
 
 def parse_mailboxes(raw: object) -> tuple[str, ...]:
-    """Comma-separated mailbox addresses (local-part@domain, lower-cased)."""
+    """Comma-separated mailbox addresses (canonical form, ``mailsrv.identity``)."""
     return tuple(dict.fromkeys(_mailbox(item) for item in _items(raw)))
 
 
@@ -301,6 +297,15 @@ class Config:
         12288, parse_int(512, 65536), "Longest AUTH line (RFC 4954: 12288 octets)"
     )
     idle_timeout: float = setting(300.0, parse_seconds(1.0), "Idle time allowed between commands")
+    command_timeout: float = setting(
+        300.0, parse_seconds(1.0), "Time for a whole command line, from when the server is ready"
+    )
+    stress_threshold: int = setting(
+        80, parse_int(1, 100), "Percent of max_connections in use at which stress timeouts apply"
+    )
+    stress_timeout: float = setting(
+        10.0, parse_seconds(1.0), "Idle and command timeout under stress (Postfix: 10 s)"
+    )
     data_timeout: float = setting(600.0, parse_seconds(1.0), "Total time allowed for one DATA")
     bare_line_endings: str = setting(
         "reject",

@@ -20,7 +20,11 @@ from twisted.python import usage
 from mailsrv import __version__
 from mailsrv.auth.portal import UserStoreService, build_portal
 from mailsrv.config import SETTINGS, Config, ConfigError, env_name, flag_name, load
-from mailsrv.delivery.committer import GroupCommitter, filesystem_syncer
+from mailsrv.delivery.committer import GroupCommitter
+from mailsrv.delivery.fssync import filesystem_syncer
+from mailsrv.delivery.maildir import MaildirSink, MaildirStore
+from mailsrv.delivery.sinks import ICommitSink
+from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import ReopenableLogFile, make_observer
 from mailsrv.relay.actions import StoreActions
 from mailsrv.relay.control import QueueControlService, socket_path_problem
@@ -142,9 +146,14 @@ def build_service(config: Config, reactor: Any) -> MailService:
         CertificateWatcher(tls, reactor, config.tls_reload_interval).setServiceParent(root)
         reload_hooks.append(tls.reload)
     policy = RecipientPolicy(config, store)
-    server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
-    server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
-    server.committer.setServiceParent(root)
+    sinks: list[ICommitSink] = [MaildirSink(MaildirStore(config.mail_dir, config.server_name))]
+    sync = filesystem_syncer(config.spool_dir, config.mail_dir)
+    committer = GroupCommitter(reactor, sinks, sync)
+    committer.setServiceParent(root)
+    server = SMTPServer(
+        config, reactor, threads.run, committer, policy=policy, tls=tls, portal=portal
+    )
+    warn_loose_modes(config)
     stale = server.spool.prepare()
     if stale:
         _log.warn("removed {count} unacknowledged spool file(s)", count=stale)

@@ -1,4 +1,9 @@
-"""The I/O thread pool: blocking disk work (fsync, link, rename) runs here, never on the reactor."""
+"""Threads for blocking work (disk, hashing): never on the reactor.
+
+:data:`RunInThread` is how a component asks for that without knowing the pool: a callable
+that runs ``function(*args, **kwargs)`` elsewhere and returns a Deferred of its result
+(:meth:`ThreadPoolService.run` is one; tests pass a synchronous stand-in).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+
+RunInThread = Callable[..., "Deferred[Any]"]
 
 
 class ThreadPoolService(Service):

@@ -86,6 +86,7 @@ class Server:
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    command_prefix: list[str] = field(default_factory=list)  # e.g. setpriv to change user
 
     @property
     def stdout_path(self) -> Path:
@@ -121,7 +122,7 @@ class Server:
             self.runs += 1
             with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
                 process = self.process = subprocess.Popen(
-                    [TWISTD, "-n", "--pidfile=", "mailsrv"],
+                    [*self.command_prefix, TWISTD, "-n", "--pidfile=", "mailsrv"],
                     env=self.env(),
                     cwd=self.workdir,
                     stdout=out,

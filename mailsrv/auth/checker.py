@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from mailsrv.auth import cram
 from mailsrv.auth.mechanisms import CramMD5Response
+from mailsrv.auth.migrations import lookup_key
 from mailsrv.auth.passwords import PasswordHasher
 from mailsrv.auth.store import IUserStore
 from mailsrv.delivery.spool import RunInThread
@@ -48,7 +49,7 @@ class AccountChecker:
     @inlineCallbacks
     def requestAvatarId(self, credentials: Any) -> Any:
         try:
-            login = credentials.username.decode("utf-8").strip().lower()
+            login = lookup_key(credentials.username.decode("utf-8"))
         except UnicodeDecodeError:
             raise UnauthorizedLogin("bad user name") from None
         account = yield self._store.get_account(login) if login else None

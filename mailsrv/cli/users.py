@@ -26,7 +26,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from mailsrv.config import Config, ConfigError, load, parse_mailbox
+from mailsrv.config import Config, ConfigError, load
+from mailsrv.identity import InvalidAddress, canonical_address, display_address
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -223,11 +224,11 @@ def store_location(config: Config) -> str:
 
 
 def address(text: str) -> str:
-    """A validated, lower-cased address, or CommandError."""
+    """The address in canonical form (``mailsrv.identity``), or CommandError."""
     try:
-        return parse_mailbox(text)
-    except ValueError:
-        raise CommandError(f"invalid address {text!r}") from None
+        return canonical_address(text)
+    except InvalidAddress as error:
+        raise CommandError(str(error)) from None
 
 
 async def existing(ctx: Context, login: str) -> Any:
@@ -339,7 +340,10 @@ async def _list(ctx: Context) -> None:
 
 async def _show(ctx: Context) -> None:
     account = await existing(ctx, ctx.args.login)
-    ctx.say(f"login:       {account.login}")
+    readable = display_address(account.login)
+    ctx.say(
+        f"login:       {account.login}" + (f" ({readable})" if readable != account.login else "")
+    )
     ctx.say(f"enabled:     {_yes(account.enabled)}")
     ctx.say(f"send-as-any: {_yes(account.send_as_any)}")
     ctx.say(f"cram-md5:    {_yes(account.cram_md5 is not None)}")
