@@ -126,6 +126,9 @@ class MailService(MultiService):
             except Exception:
                 _log.failure("error stopping {service}", service=child.name)
         _log.info("mailsrv stopped")
+        # Reactor-thread log lines are flushed at the end of a reactor turn; the shutdown may
+        # end before the next one.
+        (self._log_stream or sys.stdout).flush()
 
 
 def raise_file_limit(wanted: int) -> None:

@@ -8,7 +8,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from mailsrv.delivery.committer import filesystem_syncer
 from mailsrv.delivery.envelope import (
     AcceptedMessage,
     ClientFacts,
@@ -19,6 +18,7 @@ from mailsrv.delivery.envelope import (
     RemoteRoute,
     Ret,
 )
+from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.relay.queue_store import FileQueueStore
 from mailsrv.relay.records import QueueRecord
 

@@ -238,3 +238,17 @@ def test_no_queue_directory_means_no_server(tmp_path: Path) -> None:
     with direct_access(tmp_path / "nowhere") as direct:
         assert direct is True
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_the_lock_makes_private_directories_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        lock = QueueLock(tmp_path / "data" / "queue")
+        lock.acquire()
+        lock.release()
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "data", tmp_path / "data" / "queue"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    for name in (".lock", ".edit.lock"):
+        assert stat.S_IMODE((tmp_path / "data" / "queue" / name).stat().st_mode) == 0o600

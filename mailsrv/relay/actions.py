@@ -24,9 +24,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
-from mailsrv.delivery.spool import RunInThread
 from mailsrv.relay.queue_store import IQueueStore, NoSuchMessage, QueueError, read_headers
 from mailsrv.relay.records import QueueRecord, RecipientStatus, State
+from mailsrv.threads import RunInThread
 
 
 class IQueueActions(Interface):

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mailsrv.filemodes import make_private_dirs
+
 LOCK_NAME = ".lock"
 EDIT_LOCK_NAME = ".edit.lock"
 
@@ -49,7 +51,7 @@ class QueueLock:
 
     def acquire(self) -> None:
         """Take the queue for this server (blocking, briefly); QueueBusy if another has it."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(self.root)
         edit = _open(self.root / EDIT_LOCK_NAME)
         try:
             fcntl.flock(edit, fcntl.LOCK_EX)  # a CLI working on the files finishes first

@@ -48,8 +48,9 @@ from zope.interface import Interface, implementer
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.delivery.maildir import fsync_directory
-from mailsrv.delivery.spool import RunInThread
+from mailsrv.filemodes import make_private_dirs
 from mailsrv.relay.records import QueueRecord, RecordError, decode, encode, valid_queue_id
+from mailsrv.threads import RunInThread
 
 _log = Logger(namespace="mailsrv.relay")
 
@@ -233,7 +234,7 @@ class FileQueueStore:
 
     def add(self, message: AcceptedMessage, body_path: Path) -> Deferred[QueueRecord]:
         def stage() -> QueueRecord:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(self.root)
             record = self._stage(message, body_path, durable=True)
             if record is None:
                 raise ValueError(f"{message.queue_id} has no remote recipient to queue")
@@ -268,7 +269,7 @@ class FileQueueStore:
         return records
 
     def _load_blocking(self) -> tuple[list[QueueRecord], LoadReport]:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(self.root)
         leftovers, corrupt = [], []
         ids: list[str] = []
         bodies: set[str] = set()
@@ -302,7 +303,7 @@ class FileQueueStore:
         return records, LoadReport(tuple(leftovers), tuple(orphans), tuple(corrupt))
 
     def _move_aside(self, queue_id: str) -> str:
-        self.corrupt_dir.mkdir(mode=0o700, exist_ok=True)
+        make_private_dirs(self.corrupt_dir)
         name = queue_id
         for n in range(1, 10_000):
             if not (self.corrupt_dir / f"{name}{RECORD_SUFFIX}").exists():
@@ -520,7 +521,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
         if e.errno != errno.EXDEV:
             raise
         temporary = target.with_name(target.name + TMP_SUFFIX)
-        with open(source, "rb") as src, open(temporary, "xb") as dst:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(source, "rb") as src, open(fd, "wb") as dst:
             shutil.copyfileobj(src, dst)
             dst.flush()
             os.fsync(dst.fileno())
