@@ -191,7 +191,7 @@ def test_flush_needs_a_running_server(queue: Queue) -> None:
     line = one_line_error(queue("queue", "flush"))
     assert line == (
         f"mailsrv: no mailsrv server is running on {queue.data_dir}: nothing can be retried "
-        "now (queued mail is tried when the server starts)"
+        "now (once it runs, each recipient is tried at its next attempt time)"
     )
     assert "no mailsrv server is running" in one_line_error(
         queue("queue", "flush", record.queue_id)

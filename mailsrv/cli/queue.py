@@ -148,7 +148,7 @@ def _react(root: Path, request: Request) -> dict[str, Any]:
                     raise NoSuchMessage(request.queue_id)
                 raise CommandError(
                     f"no mailsrv server is running on {root.parent}: nothing can be retried "
-                    "now (queued mail is tried when the server starts)"
+                    "now (once it runs, each recipient is tried at its next attempt time)"
                 )
             outcome.append(await perform(actions, request))
         except Exception as e:

@@ -248,7 +248,14 @@ class FileQueueStore:
 
     async def _load(self) -> list[QueueRecord]:
         loaded: tuple[list[QueueRecord], LoadReport] = await self._run(self._load_blocking)
-        records, report = loaded
+        return self._loaded(*loaded)
+
+    def load_now(self) -> list[QueueRecord]:
+        """:meth:`load`, blocking: for the composition root, before the reactor runs (so that
+        no message can be staged while the recovery removes orphan bodies)."""
+        return self._loaded(*self._load_blocking())
+
+    def _loaded(self, records: list[QueueRecord], report: LoadReport) -> list[QueueRecord]:
         self.last_load = report
         for name in report.leftovers:
             _log.info("removed {file}, a record write interrupted by a crash", file=name)

@@ -156,6 +156,7 @@ class RelayScheduler(Service):
         submit_dsns: SubmitDsns,
         settings: SchedulerSettings = SchedulerSettings(),
         dead: DeadDestinations | None = None,
+        loaded: list[QueueRecord] | None = None,
     ) -> None:
         self._store = store
         self._next_hop = next_hop
@@ -177,6 +178,7 @@ class RelayScheduler(Service):
         self._open: set[Any] = set()
         self._queued_since_start: set[str] = set()
         self._stopping = False
+        self._preloaded = loaded
         self._loaded: Deferred[None] | None = None
         self.setName("relay")
 
@@ -188,7 +190,10 @@ class RelayScheduler(Service):
         self._loaded = Deferred.fromCoroutine(self._load())
 
     async def _load(self) -> None:
-        loaded = await self._store.load()
+        if self._preloaded is not None:
+            loaded, self._preloaded = self._preloaded, None
+        else:
+            loaded = await self._store.load()
         # Records committed while the load ran are already here, newer than what was read.
         records = [r for r in loaded if r.queue_id not in self._queued_since_start]
         now = self._clock.seconds()

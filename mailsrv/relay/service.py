@@ -37,7 +37,10 @@ def build_relay(
     store: FileQueueStore,
     submit_dsns: SubmitDsns,
 ) -> Relay:
-    """The scheduler over ``store``, delivering through a smarthost or by MX as configured."""
+    """The scheduler over ``store``, delivering through a smarthost or by MX as configured.
+
+    The queue is recovered from disk here, before the reactor runs: nothing is staged while
+    the recovery removes what interrupted writes left."""
     rng = random.SystemRandom()
     servers = [split_host_port(server, 53) for server in config.dns_servers]
     smarthost = split_host_port(config.relay_host, 25) if config.relay_host else None
@@ -66,6 +69,14 @@ def build_relay(
         stop_grace=config.shutdown_grace,
     )
     scheduler = RelayScheduler(
-        store, next_hop, connector, retry, reactor, rng, submit_dsns, settings
+        store,
+        next_hop,
+        connector,
+        retry,
+        reactor,
+        rng,
+        submit_dsns,
+        settings,
+        loaded=store.load_now(),
     )
     return Relay(store, scheduler)
