@@ -209,6 +209,8 @@ class ControlProtocol(LineOnlyReceiver):
 class _ControlFactory(Factory):
     """Makes :class:`ControlProtocol` instances and knows the live ones."""
 
+    noisy = False  # the service logs its socket once; no "starting on" lines
+
     def __init__(self, actions: IQueueActions, clock: Any, timeout: float) -> None:
         self._actions = actions
         self._clock = clock

@@ -175,6 +175,7 @@ class RelayScheduler(Service):
         self._sequence = itertools.count()
         self._timer: IDelayedCall | None = None
         self._running_work: set[Deferred[Any]] = set()
+        self._sending: set[Deferred[Any]] = set()
         self._open: set[Any] = set()
         self._queued_since_start: set[str] = set()
         self._stopping = False
@@ -236,7 +237,9 @@ class RelayScheduler(Service):
                 timer.cancel()
                 connection.close()
             destination.idle.clear()
-        waiting = list(self._running_work)
+        # Transactions in flight are waited for (their outcome is made durable); DNS lookups
+        # and DSN submissions are not: what they were for is still in the queue.
+        waiting = list(self._sending)
         done: Deferred[Any] = DeferredList(waiting, consumeErrors=True)
         if not waiting:
             return done.addCallback(lambda _: None)
@@ -353,11 +356,14 @@ class RelayScheduler(Service):
             self._in_flight.update((queue_id, a) for a in addresses)
             self._track(Deferred.fromCoroutine(self._route(queue_id, domain, addresses)))
 
-    def _track(self, work: Deferred[Any]) -> None:
+    def _track(self, work: Deferred[Any], sending: bool = False) -> None:
         self._running_work.add(work)
+        if sending:
+            self._sending.add(work)
 
         def done(result: object) -> None:
             self._running_work.discard(work)
+            self._sending.discard(work)
             if isinstance(result, Failure):
                 _log.failure("relay work failed", result)
 
@@ -367,7 +373,13 @@ class RelayScheduler(Service):
         try:
             route = await self._next_hop.route(domain)
         except NextHopError as e:
+            if self._stopping:
+                self._in_flight.difference_update((queue_id, a) for a in addresses)
+                return
             await self._fail_all(queue_id, addresses, _reply_line(e.reply), e.permanent, "")
+            return
+        if self._stopping:
+            self._in_flight.difference_update((queue_id, a) for a in addresses)
             return
         suspension = self.dead.suspended(route.destination)
         if suspension is not None:
@@ -392,7 +404,7 @@ class RelayScheduler(Service):
                 self._forget(connection)
                 continue
             destination.active += 1
-            self._track(Deferred.fromCoroutine(self._work_on(destination, connection)))
+            self._track(Deferred.fromCoroutine(self._work_on(destination, connection)), True)
         while (
             destination.ready
             and destination.active < self.settings.per_destination
@@ -400,7 +412,7 @@ class RelayScheduler(Service):
         ):
             destination.active += 1
             self._connections += 1
-            self._track(Deferred.fromCoroutine(self._connect_and_work(destination)))
+            self._track(Deferred.fromCoroutine(self._connect_and_work(destination)), True)
 
     async def _connect_and_work(self, destination: _Destination) -> None:
         try:
