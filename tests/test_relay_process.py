@@ -12,6 +12,7 @@ import json
 import signal
 import smtplib
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +23,9 @@ import pytest_twisted
 from twisted.internet import task
 
 from tests.relay_peer import Script, start_peer
-from tests.test_process import REPO, Server, free_port
+from tests.test_process import Server, free_port
 
-MAILSRV = str(Path(REPO) / ".venv" / "bin" / "mailsrv")
+MAILSRV = str(Path(sys.executable).parent / "mailsrv")
 WAIT = 30.0
 
 
