@@ -19,10 +19,8 @@ strict: a missing or unknown key, a wrong type, an unknown state or ``version`` 
 
 from __future__ import annotations
 
-import json
-import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -31,25 +29,28 @@ from mailsrv.delivery.envelope import (
     AcceptedMessage,
     ClientFacts,
     DsnRequest,
-    Notify,
     RemoteRoute,
     Ret,
 )
+from mailsrv.delivery.envelope_json import (
+    DSN_KEYS,
+    client_from,
+    client_to_dict,
+    dsn_from,
+    dsn_to_dict,
+)
+from mailsrv.jsonstore.fields import Fields, decode_json, encode_json, enum_value
+from mailsrv.jsonstore.fields import RecordError as RecordError  # the queue's readers use it
 
 SCHEMA_VERSION = 1
 """The ``version`` written in every record; a record with another version is refused."""
 
 _QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def valid_queue_id(text: str) -> bool:
     """True when ``text`` can be a queue id (letters, digits, ``_``, ``-``; safe as a file name)."""
     return _QUEUE_ID.fullmatch(text) is not None
-
-
-class RecordError(ValueError):
-    """A stored record is broken or of an unknown version; the message says what is wrong."""
 
 
 class State(Enum):
@@ -159,7 +160,6 @@ class QueueRecord:
 
 def to_dict(record: QueueRecord) -> dict[str, Any]:
     """The JSON object for ``record`` (what is written to disk and sent to the CLI)."""
-    client = record.client
     return {
         "version": SCHEMA_VERSION,
         "queue_id": record.queue_id,
@@ -170,21 +170,12 @@ def to_dict(record: QueueRecord) -> dict[str, Any]:
         "body_8bit": record.body_8bit,
         "envid": record.envid,
         "ret": record.ret.value if record.ret is not None else None,
-        "client": {
-            "ip": client.ip,
-            "helo": client.helo,
-            "listener": client.listener,
-            "login": client.login,
-            "tls_version": client.tls_version,
-            "tls_cipher": client.tls_cipher,
-            "trusted": client.trusted,
-        },
+        "client": client_to_dict(record.client),
         "recipients": [_recipient_dict(r) for r in record.recipients],
     }
 
 
 def _recipient_dict(recipient: RecipientStatus) -> dict[str, Any]:
-    orcpt = recipient.dsn.orcpt
     return {
         "address": recipient.address,
         "domain": recipient.domain,
@@ -194,19 +185,13 @@ def _recipient_dict(recipient: RecipientStatus) -> dict[str, Any]:
         "last_attempt": recipient.last_attempt,
         "last_reply": recipient.last_reply,
         "remote_mta": recipient.remote_mta,
-        "notify": sorted(n.value for n in recipient.dsn.notify),
-        "orcpt": list(orcpt) if orcpt is not None else None,
+        **dsn_to_dict(recipient.dsn),
     }
 
 
 def encode(record: QueueRecord) -> bytes:
     """``record`` as indented UTF-8 JSON with a final newline."""
-    text = json.dumps(to_dict(record), indent=2, ensure_ascii=False, allow_nan=False)
-    return (text + "\n").encode("utf-8")
-
-
-def _refuse_constant(name: str) -> float:
-    raise RecordError(f"{name} is not a number")
+    return encode_json(to_dict(record))
 
 
 def decode(data: bytes, queue_id: str | None = None) -> QueueRecord:
@@ -214,13 +199,7 @@ def decode(data: bytes, queue_id: str | None = None) -> QueueRecord:
 
     With ``queue_id``, the record must carry that id (the name of the file it came from).
     """
-    try:
-        raw = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except UnicodeDecodeError as e:
-        raise RecordError(f"not UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise RecordError(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    record = from_dict(raw)
+    record = from_dict(decode_json(data))
     if queue_id is not None and record.queue_id != queue_id:
         raise RecordError(f"queue_id {record.queue_id!r} does not match the file name")
     return record
@@ -228,11 +207,10 @@ def decode(data: bytes, queue_id: str | None = None) -> QueueRecord:
 
 def from_dict(raw: object) -> QueueRecord:
     """Validate a record's JSON object (see :func:`decode`)."""
-    top = _Fields(raw, "record", _RECORD_KEYS, check_version=True)
+    top = Fields(raw, "record", _RECORD_KEYS, version=SCHEMA_VERSION)
     queue_id = top.text("queue_id")
     if not valid_queue_id(queue_id):
         raise RecordError(f"queue_id {queue_id!r} is not a valid queue id")
-    client = _Fields(top.value("client"), "client", _CLIENT_KEYS)
     recipients_raw = top.value("recipients")
     if not isinstance(recipients_raw, list) or not recipients_raw:
         raise RecordError("recipients: expected a non-empty list")
@@ -247,51 +225,27 @@ def from_dict(raw: object) -> QueueRecord:
         created_at=top.number("created_at"),
         sender=top.text("sender", allow_empty=True),
         size=top.count("size"),
-        client=ClientFacts(
-            ip=client.text("ip"),
-            helo=client.text("helo", allow_empty=True),
-            listener=client.text("listener"),
-            login=client.optional_text("login"),
-            tls_version=client.optional_text("tls_version"),
-            tls_cipher=client.optional_text("tls_cipher"),
-            trusted=client.flag("trusted"),
-        ),
+        client=client_from(top.value("client"), "client"),
         recipients=recipients,
         smtputf8=top.flag("smtputf8"),
         body_8bit=top.flag("body_8bit"),
         envid=top.optional_text("envid"),
-        ret=_enum(Ret, ret, "ret") if ret is not None else None,
+        ret=enum_value(Ret, ret, "ret") if ret is not None else None,
     )
 
 
 def _recipient(raw: object, where: str) -> RecipientStatus:
-    fields = _Fields(raw, where, _RECIPIENT_KEYS)
-    notify_raw = fields.value("notify")
-    if not isinstance(notify_raw, list) or not all(isinstance(n, str) for n in notify_raw):
-        raise RecordError(f"{where}.notify: expected a list of strings")
-    notify = frozenset(_enum(Notify, n, f"{where}.notify") for n in notify_raw)
-    if Notify.NEVER in notify and len(notify) > 1:
-        raise RecordError(f"{where}.notify: NEVER cannot be combined with other keywords")
-    orcpt_raw = fields.value("orcpt")
-    orcpt: tuple[str, str] | None = None
-    if orcpt_raw is not None:
-        if (
-            not isinstance(orcpt_raw, list)
-            or len(orcpt_raw) != 2
-            or not all(isinstance(part, str) and part for part in orcpt_raw)
-        ):
-            raise RecordError(f"{where}.orcpt: expected null or [address type, address]")
-        orcpt = (orcpt_raw[0], orcpt_raw[1])
+    fields = Fields(raw, where, _RECIPIENT_KEYS)
     return RecipientStatus(
         address=fields.text("address"),
         domain=fields.text("domain"),
-        state=_enum(State, fields.text("state"), f"{where}.state"),
+        state=enum_value(State, fields.text("state"), f"{where}.state"),
         attempts=fields.count("attempts"),
         next_attempt=fields.optional_number("next_attempt"),
         last_attempt=fields.optional_number("last_attempt"),
         last_reply=fields.optional_text("last_reply", allow_controls=True),
         remote_mta=fields.optional_text("remote_mta"),
-        dsn=DsnRequest(notify=notify, orcpt=orcpt),
+        dsn=dsn_from(fields),
     )
 
 
@@ -310,94 +264,18 @@ _RECORD_KEYS = frozenset(
         "recipients",
     )
 )
-_CLIENT_KEYS = frozenset(
-    ("ip", "helo", "listener", "login", "tls_version", "tls_cipher", "trusted")
-)
-_RECIPIENT_KEYS = frozenset(
-    (
-        "address",
-        "domain",
-        "state",
-        "attempts",
-        "next_attempt",
-        "last_attempt",
-        "last_reply",
-        "remote_mta",
-        "notify",
-        "orcpt",
+_RECIPIENT_KEYS = (
+    frozenset(
+        (
+            "address",
+            "domain",
+            "state",
+            "attempts",
+            "next_attempt",
+            "last_attempt",
+            "last_reply",
+            "remote_mta",
+        )
     )
+    | DSN_KEYS
 )
-
-
-def _enum(kind: type[Any], value: str, where: str) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(member.value for member in kind)
-        raise RecordError(f"{where}: {value!r} is not one of {allowed}") from None
-
-
-class _Fields:
-    """Typed access to a JSON object with exactly ``keys``; RecordError names the bad field."""
-
-    def __init__(
-        self, raw: object, where: str, keys: frozenset[str], check_version: bool = False
-    ) -> None:
-        if not isinstance(raw, Mapping):
-            raise RecordError(f"{where}: expected an object")
-        if check_version:
-            version = raw.get("version")
-            if version != SCHEMA_VERSION or isinstance(version, bool):
-                raise RecordError(
-                    f"version {version!r} is not supported (this mailsrv reads {SCHEMA_VERSION})"
-                )
-        missing = keys - raw.keys()
-        if missing:
-            raise RecordError(f"{where}: missing {', '.join(sorted(missing))}")
-        unknown = raw.keys() - keys
-        if unknown:
-            raise RecordError(f"{where}: unknown {', '.join(sorted(map(str, unknown)))}")
-        self._raw = raw
-        self._where = where
-
-    def value(self, key: str) -> object:
-        return self._raw[key]
-
-    def _bad(self, key: str, expected: str) -> RecordError:
-        return RecordError(f"{self._where}.{key}: expected {expected}")
-
-    def text(self, key: str, allow_empty: bool = False, allow_controls: bool = False) -> str:
-        value = self._raw[key]
-        if not isinstance(value, str) or not (value or allow_empty):
-            raise self._bad(key, "a string" if allow_empty else "a non-empty string")
-        if not allow_controls and _CONTROL.search(value):
-            raise self._bad(key, "no control characters")
-        return value
-
-    def optional_text(self, key: str, allow_controls: bool = False) -> str | None:
-        if self._raw[key] is None:
-            return None
-        return self.text(key, allow_controls=allow_controls)
-
-    def number(self, key: str) -> float:
-        value = self._raw[key]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self._bad(key, "a number")
-        if not math.isfinite(value) or value < 0:
-            raise self._bad(key, "a finite number of seconds since the epoch")
-        return float(value)
-
-    def optional_number(self, key: str) -> float | None:
-        return None if self._raw[key] is None else self.number(key)
-
-    def count(self, key: str) -> int:
-        value = self._raw[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self._bad(key, "a non-negative integer")
-        return value
-
-    def flag(self, key: str) -> bool:
-        value = self._raw[key]
-        if not isinstance(value, bool):
-            raise self._bad(key, "true or false")
-        return value
