@@ -524,6 +524,11 @@ class Config:
         return Path(self.data_dir) / "queue"
 
     @property
+    def outbox_dir(self) -> Path:
+        """The webhook outbox: one JSON entry per event and endpoint."""
+        return Path(self.data_dir) / "outbox"
+
+    @property
     def queue_socket(self) -> Path:
         """Where the running server listens for ``mailsrv queue``."""
         return Path(self.queue_control_socket or self.queue_dir / "control.sock")

@@ -49,6 +49,7 @@ from mailsrv.smtp.server import SMTPServer
 from mailsrv.startup import StartupSummary
 from mailsrv.threads import ThreadPoolService
 from mailsrv.tls import CertificateWatcher
+from mailsrv.webhook.service import build_webhooks
 
 _log = Logger(namespace="mailsrv")
 
@@ -172,11 +173,14 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
         reload_hooks.append(tls.reload)
     policy = RecipientPolicy(config, store)
     queue_sink = QueueSink(queue_store)
-    sinks: list[ICommitSink] = [
-        MaildirSink(MaildirStore(config.mail_dir, config.server_name)),
-        queue_sink,
-    ]
-    sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir)
+    maildir_sink = MaildirSink(MaildirStore(config.mail_dir, config.server_name))
+    webhook_threads = ThreadPoolService(reactor, "mailsrv-webhook", 2)
+    webhook_threads.setServiceParent(root)
+    webhooks = build_webhooks(
+        config, reactor, threads.run, webhook_threads.run, maildir_sink.delivered
+    )
+    sinks: list[ICommitSink] = [maildir_sink, queue_sink, webhooks.sink]
+    sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir, config.outbox_dir)
     committer = GroupCommitter(reactor, sinks, sync)
     committer.setServiceParent(root)
     server = SMTPServer(
@@ -187,9 +191,14 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     )
     relay = build_relay(config, reactor, threads.run, queue_store, bounces)
     queue_sink.listen(relay.scheduler.queued)
+    relay.scheduler.outcome_listener = webhooks.relay_events
     relay.scheduler.setServiceParent(root)
+    webhooks.dispatcher.setServiceParent(root)
     actions = StoreActions(queue_store, reactor, threads.run, relay.scheduler)
-    QueueControlService(config.queue_socket, actions, reactor, queue_lock).setServiceParent(root)
+    control = QueueControlService(
+        config.queue_socket, actions, reactor, queue_lock, more=webhooks.control
+    )
+    control.setServiceParent(root)
     warn_loose_modes(config)
     try:
         stale = server.spool.prepare()

@@ -1,4 +1,5 @@
-"""The ``mailsrv`` admin command.  Subcommands: ``check-config``, ``users``, ``queue``.
+"""The ``mailsrv`` admin command.  Subcommands: ``check-config``, ``users``, ``queue``,
+``webhooks``.
 
 Every subcommand reads the same config file and ``SMTP_*`` environment as the server, and on
 error prints one line to standard error and exits non-zero.
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from mailsrv import __version__
-from mailsrv.cli import check_config, queue, users
+from mailsrv.cli import check_config, queue, users, webhooks
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_config.register(commands)
     users.register(commands)
     queue.register(commands)
+    webhooks.register(commands)
     return parser
 
 

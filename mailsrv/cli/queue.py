@@ -19,25 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import sys
 from collections import Counter
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+from mailsrv.cli import reach
+from mailsrv.cli.reach import CommandError, duration, error, now, printable
 from mailsrv.config import Config, ConfigError, load
-from mailsrv.relay.control import ControlError, Request, ask, parse_request, perform
-from mailsrv.relay.queue_lock import direct_access
+from mailsrv.relay.control import ControlError, Request, parse_request, perform
 from mailsrv.relay.queue_store import NoSuchMessage, QueueError
 from mailsrv.relay.records import QueueRecord, RecordError, State, from_dict
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-
-
-class CommandError(Exception):
-    """An error to print as one line (exit status 1)."""
 
 
 def register(commands: Any) -> None:
@@ -69,16 +63,12 @@ def register(commands: Any) -> None:
         sub.add_argument("recipient", metavar="RECIPIENT", nargs="?")
 
 
-def _error(message: str) -> None:
-    print(f"mailsrv: {message}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run one ``mailsrv queue`` action; returns the exit status."""
     try:
         config = load(args.config, os.environ)
     except ConfigError as e:
-        _error(str(e))
+        error(str(e))
         return EXIT_USAGE
     try:
         request = parse_request(
@@ -89,114 +79,39 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(str(response.get("error", "refused")))
         _render(args, request, response)
     except (CommandError, QueueError, ControlError) as e:
-        _error(str(e))
+        error(str(e))
         return EXIT_ERROR
     except RecordError as e:
-        _error(f"unreadable queue record: {e}")
+        error(f"unreadable queue record: {e}")
         return EXIT_ERROR
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        _error(f"{where}{e.strerror or type(e).__name__}")
+        error(f"{where}{e.strerror or type(e).__name__}")
         return EXIT_ERROR
     return EXIT_OK
 
 
 def _perform(config: Config, request: Request) -> dict[str, Any]:
     root = config.queue_dir
-    _become_queue_owner(root)
-    with direct_access(root) as direct:
-        if not direct:
-            return ask(config.queue_socket, request)
-        return _react(root, request)
 
+    async def on_files(reactor: Any) -> dict[str, Any]:
+        from twisted.internet.threads import deferToThread
 
-def _become_queue_owner(root: Path) -> None:
-    """As root, act as the queue directory's owner (files written stay readable by the server)."""
-    if os.geteuid() != 0:
-        return
-    try:
-        owner = root.stat()
-    except FileNotFoundError:
-        return
-    if owner.st_uid != 0:
-        os.setgroups([])
-        os.setegid(owner.st_gid)
-        os.seteuid(owner.st_uid)
+        from mailsrv.relay.actions import StoreActions
+        from mailsrv.relay.queue_store import FileQueueStore
 
-
-def _react(root: Path, request: Request) -> dict[str, Any]:
-    """Apply ``request`` to the files under ``root`` ourselves, on a reactor and its threads."""
-    from twisted.internet import task
-    from twisted.internet.threads import deferToThread
-    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
-
-    from mailsrv.relay.actions import StoreActions
-    from mailsrv.relay.queue_store import FileQueueStore
-
-    outcome: list[Any] = []
-
-    def warn(event: dict[str, Any]) -> None:  # e.g. an unreadable record skipped by list
-        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
-            _error(f"warning: {printable(formatEvent(event))}")
-
-    async def main(reactor: Any) -> None:
         store = FileQueueStore(root, deferToThread)
         actions = StoreActions(store, reactor, deferToThread)
-        try:
-            if request.action == "flush":
-                if request.queue_id is not None and await store.get(request.queue_id) is None:
-                    raise NoSuchMessage(request.queue_id)
-                raise CommandError(
-                    f"no mailsrv server is running on {root.parent}: nothing can be retried "
-                    "now (once it runs, each recipient is tried at its next attempt time)"
-                )
-            outcome.append(await perform(actions, request))
-        except Exception as e:
-            outcome.append(e)
+        if request.action == "flush":
+            if request.queue_id is not None and await store.get(request.queue_id) is None:
+                raise NoSuchMessage(request.queue_id)
+            raise CommandError(
+                f"no mailsrv server is running on {root.parent}: nothing can be retried "
+                "now (once it runs, each recipient is tried at its next attempt time)"
+            )
+        return await perform(actions, request)
 
-    observer = cast(ILogObserver, warn)
-    globalLogPublisher.addObserver(observer)
-    try:
-        task.react(main)
-    except SystemExit:
-        pass
-    finally:
-        globalLogPublisher.removeObserver(observer)
-    if not outcome:
-        raise CommandError("the queue command stopped unexpectedly")
-    if isinstance(outcome[0], Exception):
-        raise outcome[0]
-    result: dict[str, Any] = outcome[0]
-    return result
-
-
-# --- output ----------------------------------------------------------------------------------
-
-_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """``text`` safe for a terminal: control characters (but tab and newline) as ``\\xNN``."""
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}", text.replace("\r\n", "\n"))
-
-
-def duration(seconds: float) -> str:
-    """A short human duration: ``45s``, ``12m``, ``2h05m``, ``3d04h``."""
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def _now() -> float:
-    from twisted.internet import reactor
-
-    seconds: float = reactor.seconds()
-    return seconds
+    return reach.perform(config, request, on_files)
 
 
 def _render(args: argparse.Namespace, request: Request, response: dict[str, Any]) -> None:
@@ -205,7 +120,7 @@ def _render(args: argparse.Namespace, request: Request, response: dict[str, Any]
             print(json.dumps(response["messages"], indent=2, ensure_ascii=False))
         else:
             records = [from_dict(raw) for raw in response["messages"]]
-            for line in listing(records, _now()):
+            for line in listing(records, now()):
                 print(line)
     elif request.action == "show":
         record = from_dict(response["record"])  # validated, as from disk

@@ -86,17 +86,17 @@ def dsn_from(fields: Fields) -> DsnRequest:
     notify = frozenset(enum_value(Notify, n, f"{where}.notify") for n in notify_raw)
     if Notify.NEVER in notify and len(notify) > 1:
         raise RecordError(f"{where}.notify: NEVER cannot be combined with other keywords")
-    orcpt_raw = fields.value("orcpt")
-    orcpt: tuple[str, str] | None = None
-    if orcpt_raw is not None:
-        if (
-            not isinstance(orcpt_raw, list)
-            or len(orcpt_raw) != 2
-            or not all(isinstance(part, str) and part for part in orcpt_raw)
-        ):
-            raise RecordError(f"{where}.orcpt: expected null or [address type, address]")
-        orcpt = (orcpt_raw[0], orcpt_raw[1])
-    return DsnRequest(notify=notify, orcpt=orcpt)
+    return DsnRequest(notify=notify, orcpt=orcpt_from(fields))
+
+
+def orcpt_from(fields: Fields) -> tuple[str, str] | None:
+    """The ``orcpt`` key: null or ``[address type, address]``."""
+    raw = fields.value("orcpt")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) != 2 or not all(isinstance(p, str) and p for p in raw):
+        raise fields.bad("orcpt", "null or [address type, address]")
+    return (raw[0], raw[1])
 
 
 def _recipient_dict(recipient: Recipient) -> dict[str, Any]:

@@ -185,6 +185,12 @@ class MaildirSink:
                 failures[staged.queue_id] = e
         return failures
 
+    def delivered(self, staged: StagedMessage) -> dict[str, Path]:
+        """The copy the last write made for each local mailbox of ``staged`` (committer thread:
+        for a later sink of the same batch, e.g. the webhook outbox's payload paths)."""
+        paths = self._linked.get(staged.queue_id, [])
+        return dict(zip(dict.fromkeys(staged.message.local_mailboxes), paths, strict=False))
+
     def rollback(self, staged: StagedMessage) -> None:
         """Remove the links made for ``staged`` by the last write."""
         self.store.remove(self._linked.pop(staged.queue_id, []))

@@ -16,6 +16,11 @@ RECORD is a queue record exactly as stored (:func:`mailsrv.relay.records.to_dict
 applies each request in its reactor through :class:`~mailsrv.relay.actions.IQueueActions`, the
 same code as its own writes, so the two never race.  :func:`perform` is also what the CLI runs
 itself when no server is running.
+
+The same socket serves other admin commands of the running server: :class:`QueueControlService`
+takes more handlers by action name (``webhooks.list`` and the like, see
+:mod:`mailsrv.webhook.control`); a handler gets the request's JSON object and answers with the
+response object, refusing with a :class:`~mailsrv.jsonstore.directory.StoreError` (one line).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import json
 import os
 import socket
 import stat
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
@@ -36,6 +42,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from mailsrv.jsonstore.directory import StoreError
 from mailsrv.relay.actions import IQueueActions
 from mailsrv.relay.queue_lock import QueueLock
 from mailsrv.relay.queue_store import QueueError
@@ -48,6 +55,9 @@ _NEEDS_ID = frozenset(("show", "delete", "hold", "release"))
 _TAKES_RECIPIENT = frozenset(("delete", "hold", "release"))
 MAX_REQUEST = 64 * 1024
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL on Linux
+
+Handler = Callable[[object], Awaitable[dict[str, Any]]]
+"""Answers one request (its JSON object) with the response object; StoreError refuses it."""
 
 
 def socket_path_problem(path: Path) -> str | None:
@@ -118,6 +128,18 @@ async def perform(actions: IQueueActions, request: Request) -> dict[str, Any]:
     return {"ok": True, "outcome": outcome}
 
 
+def route(actions: IQueueActions, more: Mapping[str, Handler]) -> Handler:
+    """The handler of every request: ``more`` by action name, the queue's actions otherwise."""
+
+    async def handle(raw: object) -> dict[str, Any]:
+        action = raw.get("action") if isinstance(raw, dict) else None
+        if isinstance(action, str) and action in more:
+            return await more[action](raw)
+        return await perform(actions, parse_request(raw))
+
+    return handle
+
+
 # --- the server side -------------------------------------------------------------------------
 
 
@@ -132,9 +154,9 @@ class ControlProtocol(LineOnlyReceiver):
     MAX_LENGTH = MAX_REQUEST
 
     def __init__(
-        self, actions: IQueueActions, clock: IReactorTime, timeout: float, live: set[Any]
+        self, handle: Handler, clock: IReactorTime, timeout: float, live: set[Any]
     ) -> None:
-        self._actions = actions
+        self._handle = handle
         self._clock = clock
         self._timeout = timeout
         self._live = live
@@ -191,8 +213,8 @@ class ControlProtocol(LineOnlyReceiver):
                 raw = json.loads(line)
             except ValueError:
                 raise QueueError("bad request: not a JSON object") from None
-            response = await perform(self._actions, parse_request(raw))
-        except QueueError as e:
+            response = await self._handle(raw)
+        except StoreError as e:
             response = {"ok": False, "error": str(e)}
         except Exception:
             _log.failure("queue control request failed: {line!r}", line=line[:200])
@@ -211,14 +233,14 @@ class _ControlFactory(Factory):
 
     noisy = False  # the service logs its socket once; no "starting on" lines
 
-    def __init__(self, actions: IQueueActions, clock: Any, timeout: float) -> None:
-        self._actions = actions
+    def __init__(self, handle: Handler, clock: Any, timeout: float) -> None:
+        self._handle = handle
         self._clock = clock
         self._timeout = timeout
         self.live: set[ControlProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self._actions, self._clock, self._timeout, self.live)
+        return ControlProtocol(self._handle, self._clock, self._timeout, self.live)
 
 
 class QueueControlService(Service):
@@ -228,7 +250,7 @@ class QueueControlService(Service):
     the idle timeout); ``actions`` is the scheduler (or
     :class:`~mailsrv.relay.actions.StoreActions` when there is none); ``lock`` is the server's
     :class:`~mailsrv.relay.queue_lock.QueueLock`, already acquired, released when this service
-    stops.
+    stops; ``more`` handles further actions by name (``mailsrv webhooks``).
     """
 
     def __init__(
@@ -239,9 +261,10 @@ class QueueControlService(Service):
         lock: QueueLock | None = None,
         timeout: float = 60.0,
         clock: IReactorTime | None = None,
+        more: Mapping[str, Handler] | None = None,
     ) -> None:
         self.path = path
-        self._factory = _ControlFactory(actions, clock or reactor, timeout)
+        self._factory = _ControlFactory(route(actions, more or {}), clock or reactor, timeout)
         self._reactor = reactor
         self._lock = lock
         self._port: IListeningPort | None = None
@@ -287,7 +310,14 @@ class ControlError(Exception):
     """The server could not be asked; the message is one line."""
 
 
-def ask(path: Path, request: Request, timeout: float = 60.0) -> dict[str, Any]:
+class Sendable(Protocol):
+    """A request the client can send: a queue :class:`Request`, or another command's."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as sent on the socket."""
+
+
+def ask(path: Path, request: Sendable, timeout: float = 60.0) -> dict[str, Any]:
     """Send ``request`` to the server at ``path``; its response (ok or not)."""
     line = json.dumps(request.to_json(), ensure_ascii=False).encode("utf-8") + b"\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -44,6 +44,7 @@ from zope.interface import Attribute, Interface
 
 from mailsrv.relay.destinations import DeadDestinations
 from mailsrv.relay.message import OutboundMessage, OutboundRecipient, RecipientResult
+from mailsrv.relay.outcomes import IOutcomeListener
 from mailsrv.relay.queue_store import IQueueStore, NoSuchMessage
 from mailsrv.relay.records import QueueRecord, RecipientStatus, State
 from mailsrv.relay.resolver import NextHopError, Route
@@ -534,8 +535,9 @@ class RelayScheduler(Service):
                 updated.append(self._outcome(record, recipient, result, now))
             return record.with_recipients(updated)
 
+        store_change = await self._announce(queue_id, change)
         try:
-            record = await self._store.modify(queue_id, change)
+            record = await self._store.modify(queue_id, store_change)
         except NoSuchMessage:
             self.records.pop(queue_id, None)
             return
@@ -617,6 +619,28 @@ class RelayScheduler(Service):
             sender=record.sender,
             age=round(self._clock.seconds() - record.created_at, 3),
         )
+
+    # -- the outcome listener (the webhook outbox) --------------------------------------------
+
+    outcome_listener: IOutcomeListener | None = None
+    """Told of each attempt's outcomes, durably, before the queue stores them."""
+
+    async def _announce(
+        self, queue_id: str, change: Callable[[QueueRecord], QueueRecord]
+    ) -> Callable[[QueueRecord], QueueRecord]:
+        """Tell the listener (if any) what ``change`` will store; the change to store in its
+        place (the same result, unless the record changed meanwhile)."""
+        if self.outcome_listener is None:
+            return change
+        current = await self._store.get(queue_id)
+        if current is None:
+            return change
+        planned = change(current)
+        pairs = zip(planned.recipients, current.recipients, strict=True)
+        ended = [new for new, old in pairs if new != old]
+        if ended:
+            await self.outcome_listener.outcomes(planned, ended)
+        return lambda record: planned if record == current else change(record)
 
 
 def no_dsns(record: QueueRecord, recipients: Sequence[RecipientStatus]) -> Deferred[None]:

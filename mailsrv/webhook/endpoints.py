@@ -60,7 +60,9 @@ DEFAULT_MAX_RAW_SIZE = 10 * 1024 * 1024
 DEFAULT_CONCURRENCY = 8
 MAX_SECRETS = 10
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+"""What an endpoint name may be (also a part of outbox file names)."""
+_NAME = re.compile(NAME_PATTERN)
 
 
 class EndpointError(ValueError):

@@ -239,6 +239,11 @@ class WebhookSender:
         pool.maxPersistentPerHost = max(pool.maxPersistentPerHost, endpoint.concurrency)
         return client
 
+    def prepare(self, endpoint: Endpoint) -> None:
+        """Make ``endpoint``'s client now (it reads the CA bundle: blocking, so at start)."""
+        self._client(endpoint)
+        self._signer(endpoint)
+
     def _signer(self, endpoint: Endpoint) -> Signer:
         signer = self._signers.get(endpoint.secrets)
         if signer is None:

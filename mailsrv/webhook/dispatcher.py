@@ -1,0 +1,422 @@
+"""The webhook dispatcher: when each outbox entry is sent, and what its outcome changes.
+
+The outbox store holds the truth (one entry per event and endpoint); the dispatcher keeps the
+pending entries in memory, in one *lane* per endpoint:
+
+1. An entry becomes due (new, its retry time came, redriven).  Each lane has its own timer and
+   sends at most ``endpoint.concurrency`` requests at a time, so an endpoint that is slow or
+   down only ever holds its own lane: other endpoints' events, the SMTP sessions and the relay
+   never wait for it (nor does anything wait for an attempt except its own lane: every attempt
+   ends within the endpoint's timeout).
+2. The payload is built (a message event parses the stored message: in a thread, never on the
+   reactor) and POSTed, signed, by the sender (:mod:`mailsrv.webhook.sender`).
+3. The outcome is made durable (:meth:`~mailsrv.jsonstore.directory.RecordDirectory.update`)
+   before anything else happens to the entry, and logged: event id, endpoint, status,
+   latency, and the next attempt or the final result.
+
+   * 2xx: done.  The entry is kept, without its message link, among the last ``done_kept``
+     done entries (for ``mailsrv webhooks show``), then removed.
+   * 5xx, 408, 429, 3xx, timeouts, connection errors: retried per the endpoint's schedule
+     (:mod:`mailsrv.webhook.retry`, jittered, never sooner than ``Retry-After``), then
+     dead-lettered when the schedule runs out.
+   * any other 4xx: dead-lettered at once (``mailsrv webhooks redrive`` sends it again).
+   * 410 Gone: the endpoint is disabled, durably (:mod:`mailsrv.webhook.endpoint_state`); its
+     entries stay pending and are not sent until a redrive or a new URL enables it.  The 410
+     attempt is not counted against the entry, which goes first when the endpoint is enabled.
+
+Delivery is at least once: the ``webhook-id`` is the event id, the same on every attempt and
+after a restart, so a receiver can drop duplicates.  Time is the injected clock's; jitter the
+injected ``rng``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsrv.webhook.endpoint_state import DisabledEndpoint, DisabledEndpoints
+from mailsrv.webhook.endpoints import Endpoint
+from mailsrv.webhook.entries import EntryState, OutboxEntry
+from mailsrv.webhook.outbox_store import NoSuchEntry, OutboxStore
+from mailsrv.webhook.payload import iso_time
+from mailsrv.webhook.sender import AttemptResult, Outcome
+
+_log = Logger(namespace="mailsrv.webhook")
+
+DONE_KEPT = 1000
+"""How many done entries are kept (the newest) for ``mailsrv webhooks show``."""
+
+BuildBody = Callable[[OutboxEntry, Endpoint], "Deferred[bytes]"]
+"""Builds the request body of an entry for its endpoint (off the reactor when it parses)."""
+
+
+class Sender(Protocol):
+    """What the dispatcher needs of :class:`~mailsrv.webhook.sender.WebhookSender`."""
+
+    def attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> Deferred[AttemptResult]:
+        """One signed POST; always fires with a result within the endpoint's timeout."""
+
+    def close(self) -> Deferred[Any]:
+        """Close kept-alive connections."""
+
+
+@dataclass
+class _Lane:
+    """One endpoint's due entries, its requests in flight and its timer."""
+
+    endpoint: Endpoint
+    due: list[tuple[float, int, str]] = field(default_factory=list)
+    in_flight: int = 0
+    timer: IDelayedCall | None = None
+    disabled: DisabledEndpoint | None = None
+
+
+class WebhookDispatcher(Service):
+    """Sends the outbox (see the module docstring).
+
+    ``loaded`` and ``disabled`` are what the stores' ``load_now`` returned at start.
+    """
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        states: DisabledEndpoints,
+        endpoints: Sequence[Endpoint],
+        sender: Sender,
+        build: BuildBody,
+        clock: IReactorTime,
+        rng: random.Random,
+        loaded: Sequence[OutboxEntry] = (),
+        disabled: Sequence[DisabledEndpoint] = (),
+        stop_grace: float = 30.0,
+        done_kept: int = DONE_KEPT,
+    ) -> None:
+        self._store = store
+        self._states = states
+        self._lanes = {endpoint.name: _Lane(endpoint) for endpoint in endpoints}
+        self._sender = sender
+        self._build = build
+        self._clock = clock
+        self._rng = rng
+        self._loaded = list(loaded)
+        self._disabled_at_start = list(disabled)
+        self._stop_grace = stop_grace
+        self._done_kept = done_kept
+        self.pending: dict[str, OutboxEntry] = {}
+        self._when: dict[str, float] = {}
+        self._flying: set[str] = set()
+        self._done: deque[str] = deque()
+        self._sequence = itertools.count()
+        self._attempts: set[Deferred[Any]] = set()
+        self._background: set[Deferred[Any]] = set()
+        self._stopping = False
+        self.setName("webhooks")
+
+    # -- service ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        for state in self._disabled_at_start:
+            lane = self._lanes.get(state.name)
+            if lane is not None and lane.endpoint.url != state.url:
+                _log.info(
+                    "webhook endpoint {endpoint} is enabled again: its URL changed since it "
+                    "answered {reason}",
+                    endpoint=state.name,
+                    reason=state.reason,
+                )
+                self._in_background(self._states.remove(state.name))
+            elif lane is not None:
+                lane.disabled = state
+        self._disabled_at_start = []
+        loaded, self._loaded = self._loaded, []
+        unknown: dict[str, int] = {}
+        done = []
+        for entry in loaded:
+            if entry.state is EntryState.DONE:
+                done.append(entry)
+            elif entry.state is EntryState.PENDING:
+                if entry.endpoint in self._lanes:
+                    self.pending[entry.key] = entry
+                else:
+                    unknown[entry.endpoint] = unknown.get(entry.endpoint, 0) + 1
+        for name, count in sorted(unknown.items()):
+            _log.warn(
+                "{count} pending webhook event(s) for endpoint {endpoint}, which is not "
+                "configured: kept, not sent",
+                count=count,
+                endpoint=name,
+            )
+        done.sort(key=lambda e: (e.finished_at or 0.0, e.key))
+        for entry in done:
+            self._note_done(entry.key)
+        now = self._clock.seconds()
+        for entry in self.pending.values():
+            self._schedule(self._lanes[entry.endpoint], entry.key, entry.next_attempt or now)
+        _log.info(
+            "webhook dispatcher started: {endpoints} endpoint(s), {pending} pending event(s)",
+            endpoints=len(self._lanes),
+            pending=len(self.pending),
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """Stop scheduling; wait up to ``stop_grace`` seconds for attempts in flight (and the
+        writes of their outcomes), then close the sender's connections."""
+        super().stopService()
+        self._stopping = True
+        for lane in self._lanes.values():
+            if lane.timer is not None and lane.timer.active():
+                lane.timer.cancel()
+            lane.timer = None
+        waiting = list(self._attempts) + list(self._background)
+        done: Deferred[Any] = DeferredList(waiting, consumeErrors=True)
+        finished: Deferred[None] = Deferred()
+        timer = self._clock.callLater(self._stop_grace, finished.callback, None)
+
+        def all_done(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+                finished.callback(None)
+
+        done.addCallback(all_done)
+
+        def close(_: object) -> Deferred[Any]:
+            if self._flying:
+                _log.info(
+                    "{count} webhook attempt(s) still in flight at stop: their events stay "
+                    "pending and are sent after the restart",
+                    count=len(self._flying),
+                )
+            return self._sender.close()
+
+        return finished.addCallback(close).addCallback(lambda _: None)
+
+    # -- what others call -------------------------------------------------------------------
+
+    def added(self, entries: Iterable[OutboxEntry]) -> None:
+        """New pending entries are durable (committed messages, relay outcomes): send them."""
+        now = self._clock.seconds()
+        for entry in entries:
+            lane = self._lanes.get(entry.endpoint)
+            if lane is None or entry.state is not EntryState.PENDING:
+                continue
+            self.pending[entry.key] = entry
+            if entry.key not in self._flying:
+                self._schedule(lane, entry.key, entry.next_attempt or now)
+
+    def redriven(self, entries: Iterable[OutboxEntry]) -> None:
+        """An operator made entries pending again (durably): send them."""
+        self.added(entries)
+
+    def enabled(self, name: str) -> None:
+        """An operator enabled endpoint ``name`` again (its state file is removed)."""
+        lane = self._lanes.get(name)
+        if lane is not None and lane.disabled is not None:
+            lane.disabled = None
+            _log.info("webhook endpoint {endpoint} enabled", endpoint=name)
+            self._pump(lane)
+
+    def disabled(self) -> dict[str, DisabledEndpoint]:
+        """The disabled endpoints, by name."""
+        return {name: lane.disabled for name, lane in self._lanes.items() if lane.disabled}
+
+    # -- lanes ------------------------------------------------------------------------------
+
+    def _schedule(self, lane: _Lane, key: str, when: float) -> None:
+        self._when[key] = when
+        heapq.heappush(lane.due, (when, next(self._sequence), key))
+        self._arm(lane)
+
+    def _arm(self, lane: _Lane) -> None:
+        if (
+            self._stopping
+            or not self.running
+            or lane.disabled is not None
+            or not lane.due
+            or lane.in_flight >= lane.endpoint.concurrency
+        ):
+            return  # the end of an attempt, an enable or the start arms it again
+        when = lane.due[0][0]
+        if lane.timer is not None and lane.timer.active():
+            if lane.timer.getTime() <= when:
+                return
+            lane.timer.cancel()
+        lane.timer = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._wake, lane)
+
+    def _wake(self, lane: _Lane) -> None:
+        lane.timer = None
+        self._pump(lane)
+
+    def _pump(self, lane: _Lane) -> None:
+        now = self._clock.seconds()
+        while (
+            lane.due
+            and lane.in_flight < lane.endpoint.concurrency
+            and lane.disabled is None
+            and self.running
+            and not self._stopping
+        ):
+            when, _, key = lane.due[0]
+            if self._when.get(key) != when:
+                heapq.heappop(lane.due)  # rescheduled or gone meanwhile
+                continue
+            if when > now:
+                break
+            heapq.heappop(lane.due)
+            del self._when[key]
+            entry = self.pending.get(key)
+            if entry is None:
+                continue
+            lane.in_flight += 1
+            self._flying.add(key)
+            attempt = Deferred.fromCoroutine(self._attempt(lane, entry))
+            self._attempts.add(attempt)
+            attempt.addBoth(self._attempt_over, attempt)
+        self._arm(lane)
+
+    def _attempt_over(self, result: object, attempt: Deferred[Any]) -> None:
+        self._attempts.discard(attempt)
+        if isinstance(result, Failure):
+            _log.failure("webhook attempt failed", result)
+
+    def _in_background(self, work: Deferred[Any]) -> None:
+        self._background.add(work)
+
+        def done(result: object) -> None:
+            self._background.discard(work)
+            if isinstance(result, Failure):
+                _log.failure("webhook outbox write failed", result)
+
+        work.addBoth(done)
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    async def _attempt(self, lane: _Lane, entry: OutboxEntry) -> None:
+        endpoint = lane.endpoint
+        try:
+            try:
+                body = await self._build(entry, endpoint)
+            except Exception:
+                _log.failure(
+                    "webhook {event_id}: the payload could not be built", event_id=entry.event_id
+                )
+                result = AttemptResult(
+                    Outcome.RETRY, None, 0.0, error="the payload could not be built"
+                )
+            else:
+                result = await self._sender.attempt(endpoint, entry.event_id, body)
+            await self._record(lane, entry, result)
+        finally:
+            self._flying.discard(entry.key)
+            lane.in_flight -= 1
+            self._pump(lane)
+
+    def _outcome(self, entry: OutboxEntry, result: AttemptResult) -> tuple[OutboxEntry, str]:
+        """The entry after ``result``, and the log line's verdict."""
+        now = self._clock.seconds()
+        endpoint = self._lanes[entry.endpoint].endpoint
+        attempts = entry.attempts + 1
+        seen: dict[str, Any] = {
+            "last_attempt": now,
+            "last_status": result.status,
+            "last_error": result.error,
+        }
+        final: dict[str, Any] = {"next_attempt": None, "finished_at": now, "attempts": attempts}
+        if result.outcome is Outcome.DELIVERED:
+            return replace(entry, state=EntryState.DONE, **seen, **final), "delivered"
+        if result.outcome is Outcome.DEAD:
+            return replace(entry, state=EntryState.DEAD, **seen, **final), "dead-lettered"
+        if result.outcome is Outcome.DISABLE:
+            return replace(entry, next_attempt=now, **seen), "endpoint disabled"
+        next_time = endpoint.retry.next_attempt(attempts, now, self._rng, result.retry_after)
+        if next_time is None:
+            verdict = f"dead-lettered after {attempts} attempts"
+            return replace(entry, state=EntryState.DEAD, **seen, **final), verdict
+        verdict = (
+            f"attempt {attempts} of {endpoint.retry.max_attempts} failed, next at "
+            f"{iso_time(next_time)}"
+        )
+        return replace(entry, next_attempt=next_time, attempts=attempts, **seen), verdict
+
+    async def _record(self, lane: _Lane, entry: OutboxEntry, result: AttemptResult) -> None:
+        new, verdict = self._outcome(entry, result)
+        try:
+            await self._store.update(new)
+        except Exception:  # the disk still has the pending entry: it is sent again later
+            _log.failure("webhook {event_id}: the outcome was not stored", event_id=new.event_id)
+        fields: dict[str, Any] = {
+            "event_id": new.event_id,
+            "endpoint": new.endpoint,
+            "type": new.type,
+            "status": result.status if result.status is not None else "no response",
+            "latency": round(result.latency, 3),
+            "verdict": verdict,
+            "error": result.error or "",
+            "attempts": new.attempts,
+            "next_attempt": new.next_attempt,
+            "state": new.state.value,
+        }
+        text = "webhook {event_id} to {endpoint}: {status} in {latency} s: {verdict}"
+        if result.error:
+            text += " ({error})"
+        if new.state is EntryState.DEAD or result.outcome is Outcome.DISABLE:
+            _log.warn(text, **fields)
+        else:
+            _log.info(text, **fields)
+        if new.state is EntryState.PENDING:
+            self.pending[new.key] = new
+            self._schedule(lane, new.key, new.next_attempt or self._clock.seconds())
+        else:
+            self.pending.pop(new.key, None)
+            if new.state is EntryState.DONE:
+                self._note_done(new.key)
+        if result.outcome is Outcome.DISABLE and lane.disabled is None:
+            await self._disable(lane, result)
+
+    async def _disable(self, lane: _Lane, result: AttemptResult) -> None:
+        state = DisabledEndpoint(
+            name=lane.endpoint.name,
+            url=lane.endpoint.url,
+            disabled_at=self._clock.seconds(),
+            reason=f"HTTP {result.status} Gone",
+        )
+        lane.disabled = state
+        if lane.timer is not None and lane.timer.active():
+            lane.timer.cancel()
+        lane.timer = None
+        _log.warn(
+            "webhook endpoint {endpoint} answered 410 Gone: disabled; its events are kept and "
+            "not sent until 'mailsrv webhooks redrive --endpoint {endpoint}' or a new URL",
+            endpoint=state.name,
+            url=state.url,
+        )
+        try:
+            await self._states.put(state)
+        except Exception:
+            _log.failure("webhook endpoint {endpoint}: could not store", endpoint=state.name)
+
+    def _note_done(self, key: str) -> None:
+        """``key`` is done: keep the newest ``done_kept`` done entries, remove older ones."""
+        self._done.append(key)
+        while len(self._done) > self._done_kept:
+            old = self._done.popleft()
+            # Only if still done: a relay outcome written again after a crash reuses its key.
+            removal = self._store.modify(old, _drop_if_done)
+            removal.addErrback(lambda f: None if f.check(NoSuchEntry) else f)
+            self._in_background(removal)
+
+
+def _drop_if_done(entry: OutboxEntry) -> OutboxEntry | None:
+    return None if entry.state is EntryState.DONE else entry

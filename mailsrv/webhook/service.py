@@ -1,0 +1,93 @@
+"""Composition of the webhooks: the outbox stores, the commit sink, the dispatcher and the
+sender, the relay outcome listener and the control-socket actions.
+
+:func:`build_webhooks` is called by the composition root (:mod:`mailsrv.tap`) with the
+reactor, before it runs: the outbox is recovered from disk here, so nothing is staged while the
+recovery removes what interrupted writes left.  Everything is built even with no endpoint
+configured, so that entries left from an earlier configuration stay visible to
+``mailsrv webhooks``; the sink then writes nothing.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from mailsrv.config import Config
+from mailsrv.threads import RunInThread
+from mailsrv.webhook.actions import OutboxActions
+from mailsrv.webhook.build import PayloadBuilder
+from mailsrv.webhook.control import Handler, handlers
+from mailsrv.webhook.dispatcher import WebhookDispatcher
+from mailsrv.webhook.endpoint_state import DisabledEndpoints
+from mailsrv.webhook.endpoints import MESSAGE_BOUNCED, MESSAGE_DEFERRED, MESSAGE_DELIVERED
+from mailsrv.webhook.outbox_store import OutboxStore
+from mailsrv.webhook.relay_events import RelayEvents
+from mailsrv.webhook.sender import WebhookSender
+from mailsrv.webhook.sink import MaildirPaths, OutboxSink
+
+ENDPOINTS_DIR = "endpoints"
+"""Where, under the outbox, disabled endpoints are remembered."""
+
+RELAY_EVENTS = frozenset({MESSAGE_DELIVERED, MESSAGE_DEFERRED, MESSAGE_BOUNCED})
+
+
+@dataclass(frozen=True)
+class Webhooks:
+    """The webhook parts that the rest of the tree refers to."""
+
+    store: OutboxStore
+    states: DisabledEndpoints
+    sink: OutboxSink
+    dispatcher: WebhookDispatcher
+    relay_events: RelayEvents | None
+    """The relay scheduler's outcome listener; None when no endpoint wants relay outcomes."""
+    actions: OutboxActions
+    control: dict[str, Handler]
+
+
+def open_stores(
+    config: Config, run_in_thread: RunInThread
+) -> tuple[OutboxStore, DisabledEndpoints]:
+    """The outbox and the disabled-endpoint store of ``config``'s data directory."""
+    store = OutboxStore(config.outbox_dir, run_in_thread)
+    return store, DisabledEndpoints(config.outbox_dir / ENDPOINTS_DIR, run_in_thread)
+
+
+def build_webhooks(
+    config: Config,
+    reactor: Any,
+    run_in_thread: RunInThread,
+    build_in_thread: RunInThread,
+    maildir_paths: MaildirPaths,
+) -> Webhooks:
+    """Every webhook part for ``config``: ``run_in_thread`` does the outbox's file work,
+    ``build_in_thread`` parses messages for payloads (a pool of its own, so that parsing never
+    takes the threads the SMTP sessions need)."""
+    endpoints = config.webhook_endpoints
+    store, states = open_stores(config, run_in_thread)
+    loaded = store.load_now()
+    disabled = states.load_now()
+    sender = WebhookSender(reactor)
+    for endpoint in endpoints:
+        sender.prepare(endpoint)
+    dispatcher = WebhookDispatcher(
+        store,
+        states,
+        endpoints,
+        sender,
+        PayloadBuilder(store, build_in_thread),
+        reactor,
+        random.SystemRandom(),
+        loaded=loaded,
+        disabled=disabled,
+        stop_grace=config.shutdown_grace,
+    )
+    sink = OutboxSink(store, endpoints, maildir_paths)
+    sink.listen(dispatcher.added)
+    relay_events = None
+    if any(endpoint.events & RELAY_EVENTS for endpoint in endpoints):
+        relay_events = RelayEvents(store, endpoints, dispatcher.added, reactor)
+    actions = OutboxActions(store, states, endpoints, reactor, dispatcher)
+    return Webhooks(store, states, sink, dispatcher, relay_events, actions, handlers(actions))
