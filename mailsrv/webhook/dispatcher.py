@@ -78,6 +78,7 @@ class _Lane:
     endpoint: Endpoint
     due: list[tuple[float, int, str]] = field(default_factory=list)
     in_flight: int = 0
+    attempts: set[Deferred[Any]] = field(default_factory=set)
     timer: IDelayedCall | None = None
     disabled: DisabledEndpoint | None = None
 
@@ -228,6 +229,26 @@ class WebhookDispatcher(Service):
             _log.info("webhook endpoint {endpoint} enabled", endpoint=name)
             self._pump(lane)
 
+    def settled(self, endpoint: str | None = None) -> Deferred[None]:
+        """Fires when no attempt (to ``endpoint``, or to any) is in flight and no write it
+        started is pending (attempts that become due meanwhile, e.g. queued behind the
+        concurrency limit, included)."""
+        return Deferred.fromCoroutine(self._settled(endpoint))
+
+    async def _settled(self, endpoint: str | None) -> None:
+        def waiting() -> list[Deferred[Any]]:
+            if endpoint is None:
+                return list(self._attempts) + list(self._background)
+            return list(self._lanes[endpoint].attempts) + list(self._background)
+
+        while pending := waiting():
+            await DeferredList(pending, consumeErrors=True)
+
+    @property
+    def in_flight(self) -> int:
+        """How many attempts are in flight now."""
+        return len(self._flying)
+
     def disabled(self) -> dict[str, DisabledEndpoint]:
         """The disabled endpoints, by name."""
         return {name: lane.disabled for name, lane in self._lanes.items() if lane.disabled}
@@ -283,11 +304,13 @@ class WebhookDispatcher(Service):
             self._flying.add(key)
             attempt = Deferred.fromCoroutine(self._attempt(lane, entry))
             self._attempts.add(attempt)
-            attempt.addBoth(self._attempt_over, attempt)
+            lane.attempts.add(attempt)
+            attempt.addBoth(self._attempt_over, attempt, lane)
         self._arm(lane)
 
-    def _attempt_over(self, result: object, attempt: Deferred[Any]) -> None:
+    def _attempt_over(self, result: object, attempt: Deferred[Any], lane: _Lane) -> None:
         self._attempts.discard(attempt)
+        lane.attempts.discard(attempt)
         if isinstance(result, Failure):
             _log.failure("webhook attempt failed", result)
 

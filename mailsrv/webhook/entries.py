@@ -121,8 +121,9 @@ class OutboxEntry:
     """One event for one endpoint and its delivery state.
 
     ``created_at`` is the event's time (the payload's ``timestamp``); ``attempts`` counts the
-    attempts made since the entry was made or redriven (while pending, all of them failed); ``last_status`` is the last HTTP
-    status (None: no response); ``finished_at`` when it became done or dead.
+    attempts made since the entry was made or redriven (while pending, all of them failed);
+    ``last_status`` is the last HTTP status (None: no response); ``finished_at`` when it
+    became done or dead.
     """
 
     event_id: str
