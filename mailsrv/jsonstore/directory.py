@@ -441,6 +441,8 @@ class RecordDirectory(Generic[R]):
         for all their contents, the renames, one directory fsync; then drop removed bodies."""
         errors: dict[str, BaseException] = {}
         removed, written = [], []
+        if any(create for _, _, create in items):
+            make_private_dirs(self.root)  # a put may be the directory's first record
         for key, record, create in items:
             try:
                 if record is None:
