@@ -166,11 +166,12 @@ class WebhookDispatcher(Service):
         now = self._clock.seconds()
         for entry in self.pending.values():
             self._schedule(self._lanes[entry.endpoint], entry.key, entry.next_attempt or now)
-        _log.info(
-            "webhook dispatcher started: {endpoints} endpoint(s), {pending} pending event(s)",
-            endpoints=len(self._lanes),
-            pending=len(self.pending),
-        )
+        if self._lanes or loaded:
+            _log.info(
+                "webhook dispatcher started: {endpoints} endpoint(s), {pending} pending event(s)",
+                endpoints=len(self._lanes),
+                pending=len(self.pending),
+            )
 
     def stopService(self) -> Deferred[None]:
         """Stop scheduling; wait up to ``stop_grace`` seconds for attempts in flight (and the
