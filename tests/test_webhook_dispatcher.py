@@ -4,6 +4,7 @@ retries driven by ``task.Clock``; outcomes checked on disk, in the receiver and 
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -428,3 +429,24 @@ async def test_only_the_newest_done_entries_are_kept(
     assert len(kept) == 3
     assert [s.webhook_id for s in receiver.receiver.seen][-3:] == [e.event_id for e in kept]
     assert sorted(os.listdir(rig.root)) == sorted([*(f"{e.key}.json" for e in kept), "endpoints"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_include_raw_sends_the_stored_message_up_to_the_cap(
+    receiver: Listening, rigs: Callable[..., OutboxRig]
+) -> None:
+    rig = rigs(
+        endpoint("raw", receiver.url("/raw"), include_raw=True),
+        endpoint("capped", receiver.url("/capped"), include_raw=True, max_raw_size=10),
+        endpoint("plain", receiver.url("/plain")),
+    )
+    rig.commit()
+    await receiver.receiver.arrived(3)
+    await rig.settle()
+    raw = check_signed(receiver.receiver.at("/raw")[0])["data"]
+    assert base64.b64decode(raw["raw"]).startswith(b"Return-Path: <sender@remote.test>\n")
+    assert raw["raw_truncated"] is False
+    capped = check_signed(receiver.receiver.at("/capped")[0])["data"]
+    assert capped["raw_truncated"] is True and "raw" not in capped
+    plain = check_signed(receiver.receiver.at("/plain")[0])["data"]
+    assert "raw" not in plain and "raw_truncated" not in plain
