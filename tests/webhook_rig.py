@@ -17,7 +17,7 @@ import standardwebhooks
 import trustme
 from twisted.internet import task, threads
 from twisted.internet.defer import Deferred, succeed
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -135,14 +135,6 @@ class Receiver(Resource):
         return b"ok" if answer.status < 300 else b"receiver says no"
 
 
-class Tracking(WrappingFactory):
-    """Wraps the Site to close the connections still open at the end."""
-
-    def buildProtocol(self, addr: Any) -> ProtocolWrapper:
-        protocol: ProtocolWrapper = super().buildProtocol(addr)
-        return protocol
-
-
 @dataclass
 class Listening:
     """A receiver on 127.0.0.1: its port (kept across stop and start) and scheme."""
@@ -151,7 +143,7 @@ class Listening:
     tls: ReloadingServerTLS | None = None
     port: int = 0
     _listening: Any = None
-    _site: Tracking | None = None
+    _site: WrappingFactory | None = None  # knows the open connections, to drop them
 
     @property
     def scheme(self) -> str:
@@ -164,7 +156,7 @@ class Listening:
         """Listen (again, on the same port if it had one)."""
         from twisted.internet import reactor
 
-        self._site = Tracking(Site(self.receiver))
+        self._site = WrappingFactory(Site(self.receiver))
         factory: Any = (
             self._site if self.tls is None else TLSMemoryBIOFactory(self.tls, False, self._site)
         )

@@ -114,6 +114,9 @@ class RelayEvents:
                         queue_id=record.queue_id,
                     )
             if ok:
-                self._added(ok)
+                try:
+                    self._added(ok)
+                except Exception:  # never fail the scheduler: the queue must record the attempt
+                    _log.failure("webhook relay events could not be scheduled")
 
         return written.addCallback(stored)
