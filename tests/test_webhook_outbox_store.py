@@ -320,3 +320,19 @@ def test_no_endpoint_means_nothing_written(tmp_path: Path) -> None:
     staged = StagedMessage(message, spool_body(tmp_path / "spool", "QNONE0001"))
     assert sink.write([staged]) == {}
     assert not store.root.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_discard_needs_no_sync_and_no_record(tmp_path: Path) -> None:
+    syncs: list[int] = []
+    store = OutboxStore(tmp_path / "outbox", threads.deferToThread, sync=lambda: syncs.append(1))
+    entry = stage(store, tmp_path, message_entry())
+    await store.update(replace(entry, attempts=1))
+    assert syncs == [1]
+    await store.discard(entry.key)
+    assert syncs == [1], "a discard has no sync of its own"
+    assert not store.record_path(entry.key).exists()
+    assert not store.body_path(entry.key).exists()
+    await store.discard(entry.key)  # already gone: no error
+    with pytest.raises(NoSuchEntry):
+        await store.remove(entry.key)

@@ -334,12 +334,19 @@ class OutboxRig:
         self.clock.advance(0)
         return message
 
-    def entries(self) -> dict[str, OutboxEntry]:
+    def on_disk(self) -> dict[str, OutboxEntry]:
         """What is on disk now, by key."""
         fresh = OutboxStore(self.root, run_now)
         found: list[OutboxEntry] = []
         fresh.records().addCallback(found.extend)
         return {entry.key: entry for entry in found}
+
+    def entries(self) -> dict[str, OutboxEntry]:
+        """What ``mailsrv webhooks list`` shows: the disk, and the done entries the running
+        dispatcher remembers (they are no longer on disk)."""
+        done = {entry.key: entry for entry in self.dispatcher.delivered()}
+        assert not done.keys() & self.on_disk().keys(), "a done entry left on disk"
+        return {**self.on_disk(), **done}
 
     async def settle(self) -> None:
         """Wait until the attempts in flight (and those they let start) are over."""

@@ -22,7 +22,9 @@ CLI, a listing) sees the old record or the new one, never a part.  Two kinds of 
   fires, the new state survives SIGKILL and power loss.  Several changes to one record in a
   batch are written once (the last wins).  One sync per batch rather than an fsync per record
   doubled the update rate with 50 concurrent writers on the development machine (about
-  1,900/s against 900-1,100/s).
+  1,900/s against 900-1,100/s).  :meth:`~RecordDirectory.discard` is a removal with no sync of
+  its own (no ``syncfs``, no directory fsync), for records whose return after a crash does no
+  harm: it becomes durable with whatever syncs the filesystem next.
 
 A record is removed record first, then body, so a crash in between leaves only an orphan body,
 which :meth:`~RecordDirectory.load` deletes; a record that no longer needs its body (see
@@ -77,6 +79,7 @@ class _Change(Generic[R]):
 
     record: R | None
     create: bool = False  # may make a record that is not on disk (put)
+    lazy: bool = False  # a removal that needs no sync of its own (discard)
     waiters: list[Deferred[None]] = field(default_factory=list)
 
 
@@ -389,6 +392,13 @@ class RecordDirectory(Generic[R]):
         """Remove the record ``key``, then its body; :meth:`missing` if it is gone."""
         return self._enqueue(self.checked(key), None)
 
+    def discard(self, key: str) -> Deferred[None]:
+        """Remove the record ``key`` and its body with no sync of their own, for a record whose
+        return after a crash would do no harm (a delivered webhook event: it is sent again,
+        with the same id).  The removal becomes durable with the next sync of the filesystem;
+        a record already gone is no error."""
+        return self._enqueue(self.checked(key), None, lazy=True)
+
     def modify(self, key: str, change: Callable[[R], R | None]) -> Deferred[R | None]:
         """Apply ``change`` to the current record and store the result (or remove the record if
         it returns None); fires with the result.  Changes to one record never overwrite each
@@ -412,13 +422,16 @@ class RecordDirectory(Generic[R]):
 
     # -- group commit ---------------------------------------------------------------------------
 
-    def _enqueue(self, key: str, record: R | None, create: bool = False) -> Deferred[None]:
+    def _enqueue(
+        self, key: str, record: R | None, create: bool = False, lazy: bool = False
+    ) -> Deferred[None]:
         done: Deferred[None] = Deferred()
         change = self._pending.get(key)
         if change is None:
-            change = self._pending[key] = _Change(record)
+            change = self._pending[key] = _Change(record, lazy=lazy)
         change.record = record
         change.create = False if record is None else (change.create or create)
+        change.lazy = change.lazy and lazy  # lazy only if every change merged here is
         change.waiters.append(done)
         self._latest[key] = record
         self._serial += 1
@@ -432,21 +445,24 @@ class RecordDirectory(Generic[R]):
             return
         batch, self._pending = self._pending, {}
         self._writing = True
-        items = [(key, change.record, change.create) for key, change in batch.items()]
+        items = [(key, change.record, change.create, change.lazy) for key, change in batch.items()]
         written: Deferred[dict[str, BaseException]] = self._run(self._write_batch, items)
         written.addBoth(self._batch_done, batch)
 
-    def _write_batch(self, items: list[tuple[str, R | None, bool]]) -> dict[str, BaseException]:
+    def _write_batch(
+        self, items: list[tuple[str, R | None, bool, bool]]
+    ) -> dict[str, BaseException]:
         """Write one batch (in a thread): every new version to its temporary file, one sync
-        for all their contents, the renames, one directory fsync; then drop removed bodies."""
+        for all their contents, the renames, one directory fsync (unless only discards
+        succeeded); then drop removed bodies."""
         errors: dict[str, BaseException] = {}
         removed, written = [], []
-        if any(create for _, _, create in items):
+        if any(create for _, _, create, _ in items):
             make_private_dirs(self.root)  # a put may be the directory's first record
-        for key, record, create in items:
+        for key, record, create, lazy in items:
             try:
                 if record is None:
-                    if not unlink_if_present(self.record_path(key)):
+                    if not unlink_if_present(self.record_path(key)) and not lazy:
                         raise self.missing(key)
                     removed.append(key)
                 else:
@@ -466,7 +482,7 @@ class RecordDirectory(Generic[R]):
                 os.replace(temporary, self.record_path(key))
             except Exception as e:
                 errors[key] = e
-        if len(errors) < len(items):
+        if any(not lazy and key not in errors for key, _, _, lazy in items):
             fsync_directory(self.root)
         for key in removed:  # after the record's removal (or change) is durable
             if key not in errors:

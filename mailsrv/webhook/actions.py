@@ -4,8 +4,9 @@
 every change so that it follows at once; the CLI uses the same class on the files when no server
 runs, so the rules are the same everywhere:
 
-* ``list``: every entry (pending, dead-lettered, done) and every endpoint, configured or still
-  named by entries, with its disabled state;
+* ``list``: every entry (pending and dead-lettered ones from the disk, and the last done ones
+  the running server remembers) and every endpoint, configured or still named by entries,
+  with its disabled state;
 * ``show ID``: the entries of an event (``evt_...``: one per endpoint) or one entry
   (``evt_....<endpoint>``);
 * ``redrive``: dead-lettered entries become pending with a fresh retry schedule: one event or
@@ -74,6 +75,9 @@ class DispatcherHooks(Protocol):
     def enabled(self, name: str) -> None:
         """The endpoint ``name`` was enabled again."""
 
+    def delivered(self) -> list[OutboxEntry]:
+        """The newest done entries, which are no longer on disk."""
+
 
 def redriven(entry: OutboxEntry, now: float) -> OutboxEntry:
     """A dead-lettered ``entry`` made pending, due at ``now``, with a fresh retry schedule."""
@@ -101,8 +105,17 @@ class OutboxActions:
     def list_entries(self) -> Deferred[OutboxView]:
         return Deferred.fromCoroutine(self._list())
 
-    async def _list(self) -> OutboxView:
+    async def _entries(self) -> list[OutboxEntry]:
+        """Every entry on disk, and the done ones the running server remembers."""
         entries = await self._store.records()
+        if self._dispatcher is not None:
+            on_disk = {entry.key for entry in entries}
+            entries += [e for e in self._dispatcher.delivered() if e.key not in on_disk]
+            entries.sort(key=self._store.sort_key)
+        return entries
+
+    async def _list(self) -> OutboxView:
+        entries = await self._entries()
         disabled = {state.name: state for state in await self._states.records()}
         names = dict.fromkeys([*self._endpoints, *(e.endpoint for e in entries)])
         views = []
@@ -127,12 +140,12 @@ class OutboxActions:
     async def _find(self, ident: str) -> list[OutboxEntry]:
         if valid_key(ident):
             entry = await self._store.get(ident)
-            if entry is None:
-                raise NoSuchEntry(ident)
-            return [entry]
-        if not valid_event_id(ident):
+            remembered = self._dispatcher.delivered() if self._dispatcher is not None else []
+            found = [entry] if entry else [e for e in remembered if e.key == ident]
+        elif valid_event_id(ident):
+            found = [e for e in await self._entries() if e.event_id == ident]
+        else:
             raise OutboxError(f"invalid webhook event id {ident!r} (expected evt_...)")
-        found = [entry for entry in await self._store.records() if entry.event_id == ident]
         if not found:
             raise NoSuchEntry(ident)
         return found

@@ -14,8 +14,10 @@ pending entries in memory, in one *lane* per endpoint:
    before anything else happens to the entry, and logged: event id, endpoint, status,
    latency, and the next attempt or the final result.
 
-   * 2xx: done.  The entry is kept, without its message link, among the last ``done_kept``
-     done entries (for ``mailsrv webhooks show``), then removed.
+   * 2xx: done.  The entry and its message link are removed, with no sync of their own (the
+     hot path costs two unlinks): should a crash undo the removal, the event is sent again
+     with the same id, which at-least-once delivery allows anyway.  The last ``done_kept``
+     done entries stay in memory, for ``mailsrv webhooks list`` and ``show``.
    * 5xx, 408, 429, 3xx, timeouts, connection errors: retried per the endpoint's schedule
      (:mod:`mailsrv.webhook.retry`, jittered, never sooner than ``Retry-After``), then
      dead-lettered when the schedule runs out.
@@ -48,14 +50,14 @@ from twisted.python.failure import Failure
 from mailsrv.webhook.endpoint_state import DisabledEndpoint, DisabledEndpoints
 from mailsrv.webhook.endpoints import Endpoint
 from mailsrv.webhook.entries import EntryState, OutboxEntry
-from mailsrv.webhook.outbox_store import NoSuchEntry, OutboxStore
+from mailsrv.webhook.outbox_store import OutboxStore
 from mailsrv.webhook.payload import iso_time
 from mailsrv.webhook.sender import AttemptResult, Outcome
 
 _log = Logger(namespace="mailsrv.webhook")
 
 DONE_KEPT = 1000
-"""How many done entries are kept (the newest) for ``mailsrv webhooks show``."""
+"""How many done entries the running server remembers (the newest) for ``mailsrv webhooks``."""
 
 BuildBody = Callable[[OutboxEntry, Endpoint], "Deferred[bytes]"]
 """Builds the request body of an entry for its endpoint (off the reactor when it parses)."""
@@ -113,11 +115,10 @@ class WebhookDispatcher(Service):
         self._loaded = list(loaded)
         self._disabled_at_start = list(disabled)
         self._stop_grace = stop_grace
-        self._done_kept = done_kept
         self.pending: dict[str, OutboxEntry] = {}
         self._when: dict[str, float] = {}
         self._flying: set[str] = set()
-        self._done: deque[str] = deque()
+        self.recent: deque[OutboxEntry] = deque(maxlen=done_kept)
         self._sequence = itertools.count()
         self._attempts: set[Deferred[Any]] = set()
         self._background: set[Deferred[Any]] = set()
@@ -160,9 +161,8 @@ class WebhookDispatcher(Service):
                 count=count,
                 endpoint=name,
             )
-        done.sort(key=lambda e: (e.finished_at or 0.0, e.key))
-        for entry in done:
-            self._note_done(entry.key)
+        for entry in done:  # left by an older mailsrv: forget them
+            self._in_background(self._store.discard(entry.key))
         now = self._clock.seconds()
         for entry in self.pending.values():
             self._schedule(self._lanes[entry.endpoint], entry.key, entry.next_attempt or now)
@@ -249,6 +249,10 @@ class WebhookDispatcher(Service):
     def in_flight(self) -> int:
         """How many attempts are in flight now."""
         return len(self._flying)
+
+    def delivered(self) -> list[OutboxEntry]:
+        """The newest done entries (no longer on disk), oldest first."""
+        return list(self.recent)
 
     def disabled(self) -> dict[str, DisabledEndpoint]:
         """The disabled endpoints, by name."""
@@ -376,10 +380,16 @@ class WebhookDispatcher(Service):
 
     async def _record(self, lane: _Lane, entry: OutboxEntry, result: AttemptResult) -> None:
         new, verdict = self._outcome(entry, result)
-        try:
-            await self._store.update(new)
-        except Exception:  # the disk still has the pending entry: it is sent again later
-            _log.failure("webhook {event_id}: the outcome was not stored", event_id=new.event_id)
+        if new.state is EntryState.DONE:
+            self.recent.append(new)
+            self._in_background(self._store.discard(new.key))
+        else:
+            try:
+                await self._store.update(new)
+            except Exception:  # the disk still has the pending entry: it is sent again later
+                _log.failure(
+                    "webhook {event_id}: the outcome was not stored", event_id=new.event_id
+                )
         fields: dict[str, Any] = {
             "event_id": new.event_id,
             "endpoint": new.endpoint,
@@ -404,8 +414,6 @@ class WebhookDispatcher(Service):
             self._schedule(lane, new.key, new.next_attempt or self._clock.seconds())
         else:
             self.pending.pop(new.key, None)
-            if new.state is EntryState.DONE:
-                self._note_done(new.key)
         if result.outcome is Outcome.DISABLE and lane.disabled is None:
             await self._disable(lane, result)
 
@@ -430,17 +438,3 @@ class WebhookDispatcher(Service):
             await self._states.put(state)
         except Exception:
             _log.failure("webhook endpoint {endpoint}: could not store", endpoint=state.name)
-
-    def _note_done(self, key: str) -> None:
-        """``key`` is done: keep the newest ``done_kept`` done entries, remove older ones."""
-        self._done.append(key)
-        while len(self._done) > self._done_kept:
-            old = self._done.popleft()
-            # Only if still done: a relay outcome written again after a crash reuses its key.
-            removal = self._store.modify(old, _drop_if_done)
-            removal.addErrback(lambda f: None if f.check(NoSuchEntry) else f)
-            self._in_background(removal)
-
-
-def _drop_if_done(entry: OutboxEntry) -> OutboxEntry | None:
-    return None if entry.state is EntryState.DONE else entry

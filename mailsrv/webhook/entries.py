@@ -7,8 +7,9 @@ Its key, ``<event id>.<endpoint name>``, names its file in the outbox
 * ``pending``: to be sent at ``next_attempt`` (kept, not sent, while its endpoint is disabled);
 * ``dead``: given up (a permanent 4xx, or the retry schedule ran out); ``mailsrv webhooks
   redrive`` makes it pending again;
-* ``done``: the receiver answered 2xx (kept a while for ``mailsrv webhooks show``, without
-  the message body).
+* ``done``: the receiver answered 2xx.  A done entry leaves the disk at once (with no sync of
+  its own: if a crash undoes that, the event is sent again with its id); the running server
+  remembers the last ones for ``mailsrv webhooks list`` and ``show``.
 
 What the payload is built from travels with the entry, so that every attempt, before and after
 a restart, sends the same event: for ``message.received`` and ``message.queued``

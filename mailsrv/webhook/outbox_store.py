@@ -3,7 +3,7 @@
 Layout of ``<data_dir>/outbox/``::
 
     <event id>.<endpoint>.json        an entry (see mailsrv.webhook.entries), readable JSON
-    <event id>.<endpoint>.eml         for a message event not yet done: a hard link of the
+    <event id>.<endpoint>.eml         for a message event: a hard link of the
                                       stored message, what its payload is built from
     <event id>.<endpoint>.json.tmp    an entry being written; left over only by a crash
     corrupt/                          broken entries moved aside at start, never deleted
@@ -16,7 +16,9 @@ durable before its 250 with no sync of their own; every later change (an attempt
 relay outcome event, a redrive) is group-committed from the reactor.  The body is a hard link
 of the spool file, so the message stays stored once however many endpoints and event types
 need it, and is independent of what a mail client later does in the Maildir or the relay
-queue does with its copy; it goes when the entry is done.  The server's hold on the queue
+queue does with its copy; it goes with the entry, when the event is delivered (then both are
+discarded with no sync of their own: a removal undone by a crash only sends the event again,
+with its id).  The server's hold on the queue
 (:mod:`mailsrv.relay.queue_lock`) keeps ``mailsrv webhooks`` from writing here while it runs.
 """
 
