@@ -161,7 +161,7 @@ class WebhookDispatcher(Service):
                 count=count,
                 endpoint=name,
             )
-        for entry in done:  # left by an older mailsrv: forget them
+        for entry in done:  # done entries are no longer kept on disk: forget any found
             self._in_background(self._store.discard(entry.key))
         now = self._clock.seconds()
         for entry in self.pending.values():
