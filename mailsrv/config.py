@@ -332,13 +332,23 @@ class Config:
         False, parse_bool, "Offer CRAM-MD5 (only accounts with a CRAM-MD5 secret can use it)"
     )
     auth_max_failures_per_ip: int = setting(
-        10, parse_int(1, 1_000_000), "Failed AUTHs per client IP per window before 421 4.7.0"
+        10, parse_int(1, 1_000_000), "Failed AUTHs per client IP (IPv6: /64) per window, then 421"
     )
     auth_max_failures_per_account: int = setting(
         20, parse_int(1, 1_000_000), "Failed AUTHs per account per window before 454 4.7.0"
     )
     auth_failure_window: float = setting(
         900.0, parse_seconds(1.0), "Window for counting failed AUTHs (s)"
+    )
+    auth_max_in_flight_per_client: int = setting(
+        3, parse_int(1, 10_000), "AUTHs in progress at once per client IP (IPv6: /64), then 454"
+    )
+    auth_hash_threads: int = setting(2, parse_int(1, 64), "Threads for password hashing")
+    auth_hash_queue: int = setting(
+        32, parse_int(0, 100_000), "AUTHs waiting for a hash thread before new ones get 454"
+    )
+    auth_throttle_max_keys: int = setting(
+        50_000, parse_int(100, 10_000_000), "Clients and accounts the AUTH throttle tracks"
     )
     argon2_time_cost: int = setting(3, parse_int(1, 100), "Argon2id iterations")
     argon2_memory_kib: int = setting(65536, parse_int(8, 4_194_304), "Argon2id memory (KiB)")
