@@ -104,6 +104,7 @@ def raise_file_limit(wanted: int) -> None:
 def build_service(config: Config, reactor: Any) -> MailService:
     """Compose the service tree for ``config`` on ``reactor`` (SystemExit on a bad setup)."""
     from mailsrv.auth.factory import make_hasher, open_user_store
+    from mailsrv.auth.identity import AccountIdentities
 
     reload_hooks: list[Any] = []
     log_stream = None
@@ -116,7 +117,12 @@ def build_service(config: Config, reactor: Any) -> MailService:
     root = MailService(config, reactor, log_stream)
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
-    hash_threads = ThreadPoolService(reactor, "mailsrv-hash", 2)
+    hash_threads = ThreadPoolService(
+        reactor,
+        "mailsrv-hash",
+        config.auth_hash_threads,
+        max_pending=config.auth_hash_threads + config.auth_hash_queue,
+    )
     hash_threads.setServiceParent(root)
     store = open_user_store(config, reactor)
     UserStoreService(store, on_failure=lambda: _stop(reactor)).setServiceParent(root)
@@ -130,7 +136,15 @@ def build_service(config: Config, reactor: Any) -> MailService:
         CertificateWatcher(tls, reactor, config.tls_reload_interval).setServiceParent(root)
         reload_hooks.append(tls.reload)
     policy = RecipientPolicy(config, store)
-    server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
+    server = SMTPServer(
+        config,
+        reactor,
+        threads.run,
+        policy=policy,
+        tls=tls,
+        portal=portal,
+        identities=AccountIdentities(store),
+    )
     server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
     server.committer.setServiceParent(root)
     stale = server.spool.prepare()

@@ -70,11 +70,13 @@ async def start_server(
     tls: Any = None,
     portal: Any = None,
     policy: Any = None,
+    identities: Any = None,
 ) -> RunningServer:
     """Start the SMTP service tree for ``config`` with ephemeral ports.
 
     ``tls`` is a :class:`mailsrv.tls.ReloadingServerTLS` (needed for STARTTLS and ``smtps``),
-    ``portal`` a cred Portal (needed for AUTH), ``policy`` a RecipientPolicy (e.g. with a store).
+    ``portal`` a cred Portal (needed for AUTH), ``policy`` a RecipientPolicy (e.g. with a store),
+    ``identities`` an AccountIdentities (the AUTH throttle's view of the store).
     """
     from twisted.internet import reactor
 
@@ -88,7 +90,9 @@ async def start_server(
     root = MailService(config)
     threads = ThreadPoolService(reactor, "test-io", config.io_threads)
     threads.setServiceParent(root)
-    server = SMTPServer(config, reactor, threads.run, policy=policy, tls=tls, portal=portal)
+    server = SMTPServer(
+        config, reactor, threads.run, policy=policy, tls=tls, portal=portal, identities=identities
+    )
     server.spool.prepare()
     server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
     server.committer.setServiceParent(root)

@@ -22,7 +22,8 @@ from twisted.logger import globalLogPublisher
 from mailsrv.auth import cram
 from mailsrv.auth.passwords import CHEAP_PROFILE, PasswordHasher
 from mailsrv.auth.portal import build_portal
-from mailsrv.auth.throttle import AuthThrottle
+from mailsrv.auth.identity import AccountIdentities
+from mailsrv.auth.throttle import ACCOUNT_THROTTLED, IP_THROTTLED, AuthAttempt, AuthThrottle
 from mailsrv.smtp import replies
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.tls import ReloadingServerTLS
@@ -110,6 +111,7 @@ async def start_auth_server(
         tls=ReloadingServerTLS(str(certs.chain), str(certs.key)),
         portal=portal,
         policy=RecipientPolicy(config, store),
+        identities=AccountIdentities(store),
     )
     return AuthServer(running, store, hasher, certs)
 
@@ -505,22 +507,34 @@ async def test_legacy_bcrypt_hash_is_rehashed_to_argon2id(auth: AuthServer) -> N
 # --- throttling -------------------------------------------------------------------------------
 
 
+def fail_once(throttle: AuthThrottle, ip: str, identity: str) -> float:
+    """One whole failed attempt: begin, the delay before the 535, finish."""
+    attempt = throttle.begin(ip, identity)
+    assert isinstance(attempt, AuthAttempt), attempt
+    delay = throttle.failure_delay(attempt)
+    throttle.finish(attempt, failed=True)
+    return delay
+
+
 def test_throttle_delays_grow_then_block_and_expire() -> None:
     clock = task.Clock()
     throttle = AuthThrottle(clock, per_ip=4, per_account=6, window=900)
-    delays = [throttle.failed("203.0.113.9", f"user{i}@example.org") for i in range(4)]
+    delays = [fail_once(throttle, "203.0.113.9", f"user{i}@example.org") for i in range(4)]
     assert delays == [0.5, 1.0, 2.0, 4.0]
     assert throttle.ip_blocked("203.0.113.9")
+    assert throttle.begin("203.0.113.9", "other@example.org") == IP_THROTTLED
     assert not throttle.ip_blocked("203.0.113.10")
     clock.advance(901)
     assert not throttle.ip_blocked("203.0.113.9")
-    for n in range(6):
-        throttle.failed(f"198.51.100.{n}", "Erin@example.org")
+    for n in range(5):
+        fail_once(throttle, f"198.51.100.{n}", "erin@example.org")
+    assert fail_once(throttle, "198.51.100.99", "erin@example.org") == 8.0  # capped
     assert throttle.account_blocked("erin@example.org")
-    assert throttle.failed("198.51.100.99", "erin@example.org") == 8.0  # capped
+    assert throttle.begin("198.51.100.100", "erin@example.org") == ACCOUNT_THROTTLED
     clock.advance(901)
     throttle.expire()
     assert not throttle.account_blocked("erin@example.org")
+    assert throttle.tracked() == (0, 0)
 
 
 @pytest_twisted.ensureDeferred

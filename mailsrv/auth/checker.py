@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.auth import cram
+from mailsrv.auth.identity import login_text
 from mailsrv.auth.mechanisms import CramMD5Response
 from mailsrv.auth.passwords import PasswordHasher
 from mailsrv.auth.store import IUserStore
@@ -47,10 +48,7 @@ class AccountChecker:
 
     @inlineCallbacks
     def requestAvatarId(self, credentials: Any) -> Any:
-        try:
-            login = credentials.username.decode("utf-8").strip().lower()
-        except UnicodeDecodeError:
-            raise UnauthorizedLogin("bad user name") from None
+        login = login_text(credentials.username)
         account = yield self._store.get_account(login) if login else None
         if isinstance(credentials, CramMD5Response):
             context = account.cram_md5 if account is not None else None

@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from mailsrv.auth.hashqueue import HashQueue
+from mailsrv.auth.identity import AccountIdentities
 from mailsrv.config import Config
 from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.maildir import MaildirStore
@@ -57,6 +59,7 @@ class SMTPServer:
         portal: Portal | None = None,
         limits: ILimits | None = None,
         committer: GroupCommitter | None = None,
+        identities: AccountIdentities | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -70,6 +73,9 @@ class SMTPServer:
         self.store = MaildirStore(config.mail_dir, self.hostname)
         self.trusted = TrustedNetworks(config.trusted_networks)
         self.limits: ILimits = limits if limits is not None else LocalLimits(config, clock)
+        # AUTH: whose failure budget an attempt uses, and its turn at the hash threads.
+        self.identities = identities if identities is not None else AccountIdentities(None)
+        self.hash_queue = HashQueue(config.auth_hash_threads, config.auth_hash_queue)
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self._counter = itertools.count()
