@@ -34,8 +34,9 @@ class ILimits(Interface):
     def allow_message(ip: str) -> Deferred[bool]:
         """Count one message (MAIL) from an untrusted ``ip``; False when over its rate."""
 
-    def auth_ip_blocked(ip: str) -> Deferred[bool]:
-        """True when the client of ``ip`` (IPv6: its /64) used up its failed AUTHs."""
+    def auth_client_refusal(ip: str) -> Deferred[str | None]:
+        """Whether the untrusted client of ``ip`` (IPv6: its /64) may start an AUTH: None, or
+        why not (it used up its failures, or has too many AUTHs in progress)."""
 
     def auth_begin(ip: str, identity: str, trusted: bool) -> Deferred[AuthAttempt | str]:
         """Admit one AUTH attempt against account ``identity``, counted as failed until
@@ -44,8 +45,8 @@ class ILimits(Interface):
     def auth_failure_delay(attempt: AuthAttempt) -> Deferred[float]:
         """The attempt failed: how long to wait before answering it."""
 
-    def auth_finished(attempt: AuthAttempt, failed: bool) -> None:
-        """The attempt was answered; unless it ``failed``, its failure is taken back."""
+    def auth_finished(attempt: AuthAttempt, outcome: str) -> None:
+        """The attempt was answered; ``outcome`` decides which of its counts stay."""
 
 
 @implementer(ILimits)
@@ -86,8 +87,8 @@ class LocalLimits:
     def allow_message(self, ip: str) -> Deferred[bool]:
         return succeed(self.message_rate.allow(ip))
 
-    def auth_ip_blocked(self, ip: str) -> Deferred[bool]:
-        return succeed(self.auth_throttle.ip_blocked(ip))
+    def auth_client_refusal(self, ip: str) -> Deferred[str | None]:
+        return succeed(self.auth_throttle.client_refusal(ip))
 
     def auth_begin(self, ip: str, identity: str, trusted: bool) -> Deferred[AuthAttempt | str]:
         return succeed(self.auth_throttle.begin(ip, identity, count_ip=not trusted))
@@ -95,8 +96,8 @@ class LocalLimits:
     def auth_failure_delay(self, attempt: AuthAttempt) -> Deferred[float]:
         return succeed(self.auth_throttle.failure_delay(attempt))
 
-    def auth_finished(self, attempt: AuthAttempt, failed: bool) -> None:
-        self.auth_throttle.finish(attempt, failed)
+    def auth_finished(self, attempt: AuthAttempt, outcome: str) -> None:
+        self.auth_throttle.finish(attempt, outcome)
 
     def expire(self) -> None:
         """Forget state that left its window (run on a timer in the main process)."""

@@ -122,6 +122,7 @@ def build_service(config: Config, reactor: Any) -> MailService:
         "mailsrv-hash",
         config.auth_hash_threads,
         max_pending=config.auth_hash_threads + config.auth_hash_queue,
+        nice=10,  # hashing takes the CPU the reactor leaves, not the reactor's share
     )
     hash_threads.setServiceParent(root)
     store = open_user_store(config, reactor)

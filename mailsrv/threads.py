@@ -1,9 +1,16 @@
 """Named thread pools: blocking work (fsync, link, rename, password hashing) runs here, never on
 the reactor.  A pool may bound the jobs it holds (running and queued): past the bound a new job
-fails at once with :class:`PoolFull` instead of waiting behind the others."""
+fails at once with :class:`PoolFull` instead of waiting behind the others.  A pool may also run
+its threads at a lower CPU priority (``nice``, Linux: per thread), so CPU-bound work such as
+Argon2 (whose lanes are threads of their own, created with the same priority) takes what the
+reactor thread leaves instead of crowding it out."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -21,20 +28,30 @@ class PoolFull(Exception):
 class ThreadPoolService(Service):
     """A named thread pool that starts and stops with the service tree.
 
-    ``max_pending`` bounds the jobs running or queued (None: unbounded).
+    ``max_pending`` bounds the jobs running or queued (None: unbounded); ``nice`` (0 to 19)
+    lowers the CPU priority of the pool's threads where the system allows it.
     """
 
     def __init__(
-        self, reactor: IReactorFromThreads, name: str, size: int, max_pending: int | None = None
+        self,
+        reactor: IReactorFromThreads,
+        name: str,
+        size: int,
+        max_pending: int | None = None,
+        nice: int = 0,
     ) -> None:
         self._reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
         self.max_pending = max_pending
+        self.nice = nice
         self.pending = 0
+        self._niced = threading.local()
         self.setName(name)
 
     def run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         """Run ``function(*args, **kwargs)`` in the pool; fires with its result (or PoolFull)."""
+        if self.nice:
+            function = functools.partial(self._nicely, function)
         if self.max_pending is None:
             return deferToThreadPool(self._reactor, self.pool, function, *args, **kwargs)
         if self.pending >= self.max_pending:
@@ -42,6 +59,17 @@ class ThreadPoolService(Service):
         self.pending += 1
         done = deferToThreadPool(self._reactor, self.pool, function, *args, **kwargs)
         return done.addBoth(self._finished)
+
+    def _nicely(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """In a pool thread: lower this thread's priority once, then run ``function``."""
+        if not getattr(self._niced, "done", False):
+            self._niced.done = True
+            with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed
+                tid = threading.get_native_id()
+                os.setpriority(
+                    os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice
+                )
+        return function(*args, **kwargs)
 
     def _finished(self, result: object) -> object:
         self.pending -= 1

@@ -25,7 +25,13 @@ from mailsrv.auth.identity import AccountIdentities
 from mailsrv.auth.migrations import lookup_key
 from mailsrv.auth.passwords import CHEAP_PROFILE, PasswordHasher
 from mailsrv.auth.portal import build_portal
-from mailsrv.auth.throttle import ACCOUNT_THROTTLED, IP_THROTTLED, AuthAttempt, AuthThrottle
+from mailsrv.auth.throttle import (
+    ACCOUNT_THROTTLED,
+    IP_THROTTLED,
+    REJECTED,
+    AuthAttempt,
+    AuthThrottle,
+)
 from mailsrv.smtp import replies
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.tls import ReloadingServerTLS
@@ -520,7 +526,7 @@ def fail_once(throttle: AuthThrottle, ip: str, identity: str) -> float:
     attempt = throttle.begin(ip, identity)
     assert isinstance(attempt, AuthAttempt), attempt
     delay = throttle.failure_delay(attempt)
-    throttle.finish(attempt, failed=True)
+    throttle.finish(attempt, REJECTED)
     return delay
 
 
@@ -728,7 +734,7 @@ async def test_failures_under_every_spelling_use_one_budget(user_store: Any) -> 
         identity = await identities.resolve(spelling.strip())
         attempt = throttle.begin(f"203.0.113.{n}", identity)
         assert isinstance(attempt, AuthAttempt), spelling
-        throttle.finish(attempt, failed=True)
+        throttle.finish(attempt, REJECTED)
     assert throttle.account_blocked("erin@example.org")
     assert throttle.tracked() == (len(erin), 1)
 

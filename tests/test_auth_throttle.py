@@ -6,6 +6,7 @@ thread pool bound runs real threads.  End-to-end behaviour over sockets is in te
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -17,15 +18,19 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv6Address
 from twisted.internet.testing import StringTransport
 
-from mailsrv.auth.hashqueue import HashQueue
+from mailsrv.auth.hashqueue import NO_ACCOUNT_RANK, HashQueue, priority
 from mailsrv.auth.identity import MAX_LOGIN_OCTETS, AccountIdentities, login_text
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import (
     ACCOUNT_THROTTLED,
+    BACKEND_ERROR,
     CLIENT_BUSY,
     IP_THROTTLED,
     MAX_KEY_OCTETS,
+    NOT_CHECKED,
+    REJECTED,
     STATE_FULL,
+    SUCCEEDED,
     AuthAttempt,
     AuthThrottle,
     client_key,
@@ -76,7 +81,7 @@ def test_ipv6_failures_count_per_slash_64() -> None:
     clock = task.Clock()
     throttle = make_throttle(clock, per_ip=3, max_in_flight=10)
     for host in ("2001:db8:1:2::a", "2001:db8:1:2::b", "2001:db8:1:2:8000::1"):
-        throttle.finish(admitted(throttle.begin(host, f"user-{host}")), failed=True)
+        throttle.finish(admitted(throttle.begin(host, f"user-{host}")), REJECTED)
     # every address of that /64 is blocked, whatever address it uses next
     assert throttle.ip_blocked("2001:db8:1:2::c")
     assert throttle.begin("2001:db8:1:2:ffff::9", "someone") == IP_THROTTLED
@@ -154,7 +159,7 @@ def test_sessions_from_one_slash_64_share_auth_failures_not_connection_caps(v6: 
     harness, connect = v6
     throttle = harness.server.limits.auth_throttle
     for _ in range(2):
-        throttle.finish(admitted(throttle.begin("2001:db8:1:2::a", "x")), failed=True)
+        throttle.finish(admitted(throttle.begin("2001:db8:1:2::a", "x")), REJECTED)
     first = connect("2001:db8:1:2::a")
     second = connect("2001:db8:1:2::b")  # another address of that /64: admitted (per address)
     other = connect("2001:db8:1:3::a")
@@ -176,7 +181,7 @@ def test_attempts_count_as_failures_from_their_start() -> None:
     # three hashes still running: the fourth is refused although none has failed yet
     assert throttle.begin("203.0.113.9", "u3") == IP_THROTTLED
     for attempt in running:
-        throttle.finish(attempt, failed=False)  # all three were right after all
+        throttle.finish(attempt, SUCCEEDED)  # all three were right after all
     assert throttle.tracked() == (0, 0)
     admitted(throttle.begin("203.0.113.9", "u3"))
 
@@ -205,11 +210,45 @@ def test_in_flight_limit_per_client_until_the_reply() -> None:
     first = admitted(throttle.begin("203.0.113.9", "a"))
     admitted(throttle.begin("203.0.113.9", "b"))
     assert throttle.begin("203.0.113.9", "c") == CLIENT_BUSY
+    assert throttle.client_refusal("203.0.113.9") == CLIENT_BUSY  # asked before the exchange
     assert throttle.in_flight("203.0.113.9") == 2
+    assert throttle.client_refusal("203.0.113.10") is None
     admitted(throttle.begin("203.0.113.10", "c"))  # another client is not affected
     admitted(throttle.begin("203.0.113.9", "c", count_ip=False))  # trusted: no such limit
-    throttle.finish(first, failed=True)
+    throttle.finish(first, REJECTED)
     admitted(throttle.begin("203.0.113.9", "c"))
+
+
+def test_asking_past_the_in_flight_limit_counts_against_the_client() -> None:
+    throttle = make_throttle(task.Clock(), per_ip=4, max_in_flight=1)
+    admitted(throttle.begin("203.0.113.9", "a"))
+    assert throttle.begin("203.0.113.9", "a") == CLIENT_BUSY
+    assert throttle.client_refusal("203.0.113.9") == CLIENT_BUSY
+    assert throttle.begin("203.0.113.9", "a") == CLIENT_BUSY
+    # one attempt in flight and three refused: the client's four failures are used up
+    assert throttle.client_refusal("203.0.113.9") == IP_THROTTLED
+    assert not throttle.account_blocked("a")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "client_counts", "account_counts"),
+    [
+        (SUCCEEDED, 0, 0),
+        (REJECTED, 1, 1),
+        (NOT_CHECKED, 1, 0),  # refused by the hash queue, or the client left while waiting
+        (BACKEND_ERROR, 0, 0),
+    ],
+)
+def test_how_an_attempt_ends_decides_what_stays_counted(
+    outcome: str, client_counts: int, account_counts: int
+) -> None:
+    throttle = make_throttle(task.Clock(), per_ip=1, per_account=1)
+    attempt = admitted(throttle.begin("203.0.113.9", "erin@example.org"))
+    assert throttle.ip_blocked("203.0.113.9") and throttle.account_blocked("erin@example.org")
+    throttle.finish(attempt, outcome)
+    assert throttle.in_flight("203.0.113.9") == 0
+    assert throttle.ip_blocked("203.0.113.9") is bool(client_counts)
+    assert throttle.account_blocked("erin@example.org") is bool(account_counts)
 
 
 # --- bounded state -----------------------------------------------------------------------------
@@ -219,7 +258,7 @@ def test_client_key_cap_refuses_new_clients_until_old_ones_expire() -> None:
     clock = task.Clock()
     throttle = make_throttle(clock, per_ip=5, per_account=100, max_in_flight=5, max_keys=3)
     for n in range(3):
-        throttle.finish(admitted(throttle.begin(f"203.0.113.{n}", "a")), failed=True)
+        throttle.finish(admitted(throttle.begin(f"203.0.113.{n}", "a")), REJECTED)
     assert throttle.begin("203.0.113.50", "a") == STATE_FULL
     assert throttle.tracked() == (3, 1)
     still_running = admitted(throttle.begin("203.0.113.1", "a"))  # a known client goes on
@@ -227,15 +266,15 @@ def test_client_key_cap_refuses_new_clients_until_old_ones_expire() -> None:
     throttle.expire()
     assert throttle.tracked() == (0, 0)
     admitted(throttle.begin("203.0.113.50", "a"))
-    throttle.finish(still_running, failed=False)  # its failure already expired: nothing to undo
+    throttle.finish(still_running, SUCCEEDED)  # its failure already expired: nothing to undo
     assert throttle.tracked() == (1, 1)
 
 
 def test_account_key_cap_refuses_new_accounts() -> None:
     clock = task.Clock()
     throttle = make_throttle(clock, per_ip=100, max_in_flight=100, max_keys=2)
-    throttle.finish(admitted(throttle.begin("203.0.113.1", "a", count_ip=False)), failed=True)
-    throttle.finish(admitted(throttle.begin("203.0.113.1", "b", count_ip=False)), failed=True)
+    throttle.finish(admitted(throttle.begin("203.0.113.1", "a", count_ip=False)), REJECTED)
+    throttle.finish(admitted(throttle.begin("203.0.113.1", "b", count_ip=False)), REJECTED)
     assert throttle.begin("203.0.113.1", "c", count_ip=False) == STATE_FULL
     admitted(throttle.begin("203.0.113.1", "a", count_ip=False))
     assert throttle.tracked() == (0, 2)
@@ -364,6 +403,42 @@ def test_hash_queue_runs_best_priority_first_and_refuses_when_full() -> None:
     assert queue.running == 0 and queue.waiting == 0
 
 
+def test_names_without_an_account_rank_after_every_check_that_can_succeed() -> None:
+    identities = AccountIdentities(None)
+    unknown = identities.resolve("guess@example.org").result
+    assert not identities.is_account(unknown)
+    assert identities.is_account("erin@example.org")
+    ranks = [priority(0, is_account=False), priority(50, is_account=True), priority(0, True)]
+    assert sorted(ranks) == [0, 50, NO_ACCOUNT_RANK]
+    works = Works()
+    queue = HashQueue(concurrency=1, size=3)
+    outcome(queue.submit(0, works.check("running")))
+    outcome(queue.submit(priority(0, False), works.check("guess")))
+    outcome(queue.submit(priority(7, True), works.check("account")))
+    for name in ("running", "account"):
+        works.finish(name)
+    assert works.started == ["running", "account", "guess"]
+
+
+def test_one_hash_thread_is_kept_for_clean_records() -> None:
+    works = Works()
+    queue = HashQueue(concurrency=2, size=4)
+    outcome(queue.submit(3, works.check("guess1")))
+    outcome(queue.submit(1, works.check("guess2")))  # a failure on record: waits
+    assert works.started == ["guess1"] and queue.waiting == 1
+    clean = outcome(queue.submit(0, works.check("clean")))  # starts at once on the kept thread
+    assert works.started == ["guess1", "clean"]
+    outcome(queue.submit(0, works.check("clean2")))  # both threads busy: waits, first in line
+    works.finish("clean")
+    assert clean == ["clean"]
+    assert works.started == ["guess1", "clean", "clean2"]
+    works.finish("guess1")
+    assert works.started[-1] == "guess2"
+    works.finish("clean2")
+    works.finish("guess2")
+    assert queue.running == 0 and queue.waiting == 0
+
+
 def test_hash_queue_of_size_zero_only_runs() -> None:
     works = Works()
     queue = HashQueue(concurrency=2, size=0)
@@ -423,3 +498,26 @@ async def test_thread_pool_bound_refuses_at_once() -> None:
     finally:
         gate.set()
         pool.stopService()
+
+
+def _own_priority() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest_twisted.ensureDeferred
+async def test_thread_pool_can_run_at_a_lower_cpu_priority() -> None:
+    from twisted.internet import reactor
+
+    base = _own_priority()
+    niced = ThreadPoolService(reactor, "test-niced", 1, nice=5)
+    plain = ThreadPoolService(reactor, "test-plain", 1)
+    for pool in (niced, plain):
+        pool.startService()
+    try:
+        assert await niced.run(_own_priority) == min(19, base + 5)
+        assert await niced.run(_own_priority) == min(19, base + 5)  # once per thread, not per job
+        assert await plain.run(_own_priority) == base
+        assert _own_priority() == base  # the reactor thread keeps its priority
+    finally:
+        for pool in (niced, plain):
+            pool.stopService()

@@ -2,8 +2,11 @@
 
 At most ``concurrency`` credential checks run at once (one per hash thread) and at most
 ``size`` wait.  Waiting checks start best ``priority`` first (fewest recent failures of their
-client and account, see :class:`mailsrv.auth.throttle.AuthAttempt`), in arrival order among
-equals, so a client with a clean record is not stuck behind a storm of guessers.  When the queue
+client and account, see :class:`mailsrv.auth.throttle.AuthAttempt`; a name that matches no
+account, which cannot succeed, ranks after every check that can: :func:`priority`), in arrival
+order among equals, so a client with a clean record is not stuck behind a storm of guessers.
+With two or more threads, one is kept for checks with a clean record (priority 0: no recent
+failure of their client or account), so guessers never hold every thread.  When the queue
 is full a new check is refused at once with :class:`~mailsrv.threads.PoolFull` (the session
 answers ``454 4.7.0``), unless it ranks better than the worst waiting one, which is refused
 instead.  A waiting check whose session has gone is dropped without running.
@@ -19,6 +22,14 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 
 from mailsrv.threads import PoolFull
+
+# Added to the rank of a check for a name that matches no account.
+NO_ACCOUNT_RANK = 1_000_000
+
+
+def priority(failures: int, is_account: bool) -> int:
+    """The queue rank of a check: recent failures, and names with no account last."""
+    return failures if is_account else failures + NO_ACCOUNT_RANK
 
 
 def _always() -> bool:
@@ -45,6 +56,8 @@ class HashQueue:
         self.concurrency = concurrency
         self.size = size
         self.running = 0
+        self._running_marked = 0  # of which checks with failures on record
+        self._marked_slots = concurrency - 1 if concurrency > 1 else concurrency
         self._waiting: list[_Entry] = []
         self._seq = itertools.count()
 
@@ -65,7 +78,7 @@ class HashQueue:
         fails with CancelledError).
         """
         entry = _Entry(priority, next(self._seq), work, wanted)
-        if self.running < self.concurrency and not self._waiting:
+        if self._startable(entry):  # nothing waiting could start, so nothing better waits
             self._run(entry)
             return entry.result
         if len(self._waiting) >= self.size:
@@ -77,12 +90,20 @@ class HashQueue:
         self._waiting.append(entry)
         return entry.result
 
+    def _startable(self, entry: _Entry) -> bool:
+        if self.running >= self.concurrency:
+            return False
+        return entry.priority == 0 or self._running_marked < self._marked_slots
+
     def _run(self, entry: _Entry) -> None:
+        marked = entry.priority != 0
         self.running += 1
+        self._running_marked += marked
         running = maybeDeferred(entry.work)
 
         def done(result: object) -> object:
             self.running -= 1
+            self._running_marked -= marked
             self._next()
             return result
 
@@ -90,8 +111,10 @@ class HashQueue:
         running.chainDeferred(entry.result)
 
     def _next(self) -> None:
-        while self.running < self.concurrency and self._waiting:
+        while self._waiting:
             entry = min(self._waiting, key=lambda e: e.rank)
+            if entry.wanted() and not self._startable(entry):
+                return  # the best waiting cannot start yet, so neither can the rest
             self._waiting.remove(entry)
             if not entry.wanted():
                 entry.result.errback(CancelledError("the session went away while waiting"))

@@ -27,6 +27,7 @@ from mailsrv.auth.store import IUserStore
 MAX_LOGIN_OCTETS = 255
 
 UNKNOWN_BUCKETS = 1024
+_BUCKET_PREFIX = "unknown#"
 
 
 def login_text(username: bytes) -> str | None:
@@ -65,4 +66,9 @@ class AccountIdentities:
         digest = hashlib.blake2b(
             name.encode("utf-8", "surrogatepass"), key=self._secret, digest_size=8
         ).digest()
-        return f"unknown#{int.from_bytes(digest, 'big') % self._buckets}"
+        return f"{_BUCKET_PREFIX}{int.from_bytes(digest, 'big') % self._buckets}"
+
+    @staticmethod
+    def is_account(identity: str) -> bool:
+        """True when ``identity`` is an account's login, False for a bucket of unknown names."""
+        return not identity.startswith(_BUCKET_PREFIX)

@@ -12,11 +12,14 @@ per address.  *Who is one account*: the identity :mod:`mailsrv.auth.identity` re
 spelling of a login and every alias share one budget.
 
 An attempt is counted as a failure when it *starts* (:meth:`AuthThrottle.begin`), so attempts
-running at once cannot all slip past a limit while their hashes are computed; a success or an
-attempt that never reached the password check takes its count back
-(:meth:`AuthThrottle.finish`).  A client has at most ``max_in_flight`` attempts between start
-and reply, and the state holds at most ``max_keys`` clients and ``max_keys`` accounts: a new one
-past that is refused (fail closed) until old ones expire.
+running at once cannot all slip past a limit while their hashes are computed.  How it ends
+(:meth:`AuthThrottle.finish`) decides what stays counted: a success takes both counts back; a
+wrong password keeps both; an attempt refused for room at the hash threads, or dropped because
+its client left, keeps the client's count (a storm of them is the client's doing) but gives the
+account its count back (no password was judged); a backend error takes both back.  A client
+has at most ``max_in_flight`` attempts between start and reply; one more is refused and counted
+against the client.  The state holds at most ``max_keys`` clients and ``max_keys`` accounts: a
+new one past that is refused (fail closed) until old ones expire.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ IP_THROTTLED = "auth-ip-throttled"
 ACCOUNT_THROTTLED = "auth-account-throttled"
 CLIENT_BUSY = "auth-client-busy"
 STATE_FULL = "auth-throttle-full"
+
+# How an admitted attempt ended (:meth:`AuthThrottle.finish`).
+SUCCEEDED = "succeeded"
+REJECTED = "rejected"  # the password (or CRAM-MD5 answer) was wrong
+NOT_CHECKED = "not-checked"  # refused by the hash queue, or the client left while it waited
+BACKEND_ERROR = "backend-error"
 
 
 def client_key(ip: str) -> str:
@@ -90,6 +99,20 @@ class AuthThrottle:
         """True when the client of ``ip`` has used up its failures."""
         return self._by_ip.count(client_key(ip)) >= self._by_ip.limit
 
+    def client_refusal(self, ip: str) -> str | None:
+        """Whether an untrusted client may start an AUTH exchange: None, or why not.
+
+        Asked before the exchange, so a client over its limits costs no look-up; a client with
+        too many attempts in flight is counted a failure for asking.
+        """
+        client = client_key(ip)
+        if self._by_ip.count(client) >= self._by_ip.limit:
+            return IP_THROTTLED
+        if self._in_flight.get(client, 0) >= self.max_in_flight:
+            self._by_ip.record(client)
+            return CLIENT_BUSY
+        return None
+
     def account_blocked(self, identity: str) -> bool:
         """True when ``identity`` has used up its failures (whoever tried)."""
         return self._by_account.count(identity) >= self._by_account.limit
@@ -112,6 +135,7 @@ class AuthThrottle:
         if self._by_account.count(identity) >= self._by_account.limit:
             return ACCOUNT_THROTTLED
         if count_ip and self._in_flight.get(client, 0) >= self.max_in_flight:
+            self._by_ip.record(client)
             return CLIENT_BUSY
         client_new = count_ip and not self._by_ip.knows(client)
         if (client_new and self._by_ip.full()) or (
@@ -137,17 +161,17 @@ class AuthThrottle:
         delay: float = min(_MAX_DELAY, _BASE_DELAY * 2.0 ** max(0, failures - 1))
         return delay
 
-    def finish(self, attempt: AuthAttempt, failed: bool) -> None:
-        """The attempt was answered; unless it ``failed``, take its failure back."""
+    def finish(self, attempt: AuthAttempt, outcome: str) -> None:
+        """The attempt was answered; ``outcome`` (SUCCEEDED, ...) decides what stays counted."""
         if attempt.client_mark is not None:
             left = self._in_flight.get(attempt.client, 0) - 1
             if left > 0:
                 self._in_flight[attempt.client] = left
             else:
                 self._in_flight.pop(attempt.client, None)
-        if not failed:
-            if attempt.client_mark is not None:
+            if outcome in (SUCCEEDED, BACKEND_ERROR):
                 self._by_ip.withdraw(attempt.client, attempt.client_mark)
+        if outcome != REJECTED:
             self._by_account.withdraw(attempt.identity, attempt.identity_mark)
 
     def expire(self) -> None:

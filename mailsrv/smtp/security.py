@@ -22,10 +22,19 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsrv.auth.hashqueue import priority
 from mailsrv.auth.identity import login_text
 from mailsrv.auth.mechanisms import MECHANISMS, Exchange, MalformedResponse
 from mailsrv.auth.realm import ANONYMOUS_SENDER, ISender, Sender
-from mailsrv.auth.throttle import ACCOUNT_THROTTLED, IP_THROTTLED, AuthAttempt
+from mailsrv.auth.throttle import (
+    ACCOUNT_THROTTLED,
+    BACKEND_ERROR,
+    IP_THROTTLED,
+    NOT_CHECKED,
+    REJECTED,
+    SUCCEEDED,
+    AuthAttempt,
+)
 from mailsrv.smtp import replies
 from mailsrv.smtp.replies import Reply, Response
 from mailsrv.threads import PoolFull
@@ -142,18 +151,20 @@ class SecurityCommands:
             if initial is None:
                 return replies.AUTH_MALFORMED
         if self.trusted:
-            return self._start_auth(False, mechanism, initial)
-        blocked: Deferred[Any] = self.server.limits.auth_ip_blocked(self.peer_ip)
-        started: Deferred[Response] = blocked.addCallback(self._start_auth, mechanism, initial)
+            return self._start_auth(None, mechanism, initial)
+        refusal: Deferred[Any] = self.server.limits.auth_client_refusal(self.peer_ip)
+        started: Deferred[Response] = refusal.addCallback(self._start_auth, mechanism, initial)
         return started
 
     def _start_auth(
-        self, ip_blocked: bool, mechanism: str, initial: bytes | None
+        self, refusal: str | None, mechanism: str, initial: bytes | None
     ) -> Response | Deferred[Response]:
-        if ip_blocked:
-            self.server.security_event("auth-ip-throttled", self.peer_ip)
-            self._close(replies.AUTH_IP_THROTTLED)
-            return None
+        if refusal is not None:
+            self.server.security_event(refusal, self.peer_ip)
+            if refusal == IP_THROTTLED:
+                self._close(replies.AUTH_IP_THROTTLED)
+                return None
+            return replies.AUTH_BUSY
         self._auth_mechanism = mechanism
         self._auth_exchange = MECHANISMS[mechanism](initial, self.server.hostname)
         return self._auth_step(None)
@@ -231,7 +242,7 @@ class SecurityCommands:
         portal = self.server.portal
         assert portal is not None
         result: Deferred[Any] = self.server.hash_queue.submit(
-            attempt.priority,
+            priority(attempt.priority, self.server.identities.is_account(attempt.identity)),
             lambda: portal.login(credentials, None, ISender),
             wanted=lambda: not self._closing,
         )
@@ -243,7 +254,7 @@ class SecurityCommands:
         )
 
     def _auth_succeeded(self, avatar: tuple[Any, Sender, Any], attempt: AuthAttempt) -> Response:
-        self.server.limits.auth_finished(attempt, failed=False)
+        self.server.limits.auth_finished(attempt, SUCCEEDED)
         _interface, sender, _logout = avatar
         self.sender = sender
         _log.info(
@@ -258,13 +269,14 @@ class SecurityCommands:
     def _auth_failed(
         self, failure: Failure, attempt: AuthAttempt, name: str
     ) -> Response | Deferred[Response]:
-        if not failure.check(UnauthorizedLogin):
-            self.server.limits.auth_finished(attempt, failed=False)  # no password was judged
-            if failure.check(PoolFull):
-                self.server.security_event("auth-hash-queue-full", self.peer_ip, login=name)
-                return replies.AUTH_BUSY
+        if failure.check(PoolFull, CancelledError):
+            self.server.limits.auth_finished(attempt, NOT_CHECKED)
             if failure.check(CancelledError):
-                return None  # the session is gone
+                return None  # the session went away while it waited
+            self.server.security_event("auth-hash-queue-full", self.peer_ip, login=name)
+            return replies.AUTH_BUSY
+        if not failure.check(UnauthorizedLogin):
+            self.server.limits.auth_finished(attempt, BACKEND_ERROR)
             _log.failure("authentication backend error", failure)
             return replies.AUTH_TEMPORARY_FAILURE
         self.server.security_event(
@@ -277,5 +289,5 @@ class SecurityCommands:
 
     def _answer_failure(self, attempt: AuthAttempt) -> Response:
         # The attempt stays in flight (and counted) until this late answer.
-        self.server.limits.auth_finished(attempt, failed=True)
+        self.server.limits.auth_finished(attempt, REJECTED)
         return replies.AUTH_FAILED
