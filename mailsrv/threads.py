@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +65,10 @@ class ThreadPoolService(Service):
         """In a pool thread: lower this thread's priority once, then run ``function``."""
         if not getattr(self._niced, "done", False):
             self._niced.done = True
-            with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed
+            # Only Linux takes a thread id here; elsewhere it could name another process.
+            if not sys.platform.startswith("linux"):
+                return function(*args, **kwargs)
+            with contextlib.suppress(OSError):
                 tid = threading.get_native_id()
                 os.setpriority(
                     os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice

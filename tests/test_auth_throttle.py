@@ -7,6 +7,7 @@ thread pool bound runs real threads.  End-to-end behaviour over sockets is in te
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -504,6 +505,7 @@ def _own_priority() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 @pytest_twisted.ensureDeferred
 async def test_thread_pool_can_run_at_a_lower_cpu_priority() -> None:
     from twisted.internet import reactor
