@@ -20,7 +20,12 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from mailsrv.identity import InvalidAddress, canonical_address, canonical_domain
+
+if TYPE_CHECKING:
+    from mailsrv.webhook.endpoints import Endpoint
 
 ENV_PREFIX = "SMTP_"
 CONFIG_FILE_ENV = "SMTP_CONFIG"
@@ -149,42 +154,36 @@ def _items(raw: object) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
 
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-
-
 def _domain(text: str) -> str:
-    name = text.strip().lower().rstrip(".")
     try:
-        ascii_name = name.encode("idna").decode("ascii") if not name.isascii() else name
-    except UnicodeError:
-        raise ValueError(f"invalid domain {text!r}") from None
-    if len(ascii_name) > 253 or not all(_LABEL.fullmatch(x) for x in ascii_name.split(".")):
-        raise ValueError(f"invalid domain {text!r}")
-    return name
+        return canonical_domain(text)
+    except InvalidAddress as error:
+        raise ValueError(f"invalid domain {text!r}" + _why(error)) from None
+
+
+def _why(error: InvalidAddress) -> str:
+    return f" ({error.reason})" if error.reason else ""
 
 
 def parse_domains(raw: object) -> tuple[str, ...]:
-    """Comma-separated domain names (lower-cased)."""
+    """Comma-separated domain names (canonical: lower-case, IDNs as A-labels)."""
     return tuple(dict.fromkeys(_domain(item) for item in _items(raw)))
 
 
-_MAILBOX_LOCAL = re.compile(r"[a-z0-9!#$&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$&'*+/=?^_`{|}~-]+)*")
-
-
 def _mailbox(text: str) -> str:
-    local, sep, domain = text.strip().lower().rpartition("@")
-    if not sep or not local or not _MAILBOX_LOCAL.fullmatch(local) or "/" in local:
-        raise ValueError(f"invalid mailbox address {text!r}")
-    return f"{local}@{_domain(domain)}"
+    try:
+        return canonical_address(text)
+    except InvalidAddress as error:
+        raise ValueError(f"invalid mailbox address {text!r}" + _why(error)) from None
 
 
 def parse_mailbox(raw: object) -> str:
-    """One mailbox address (local-part@domain), lower-cased; ValueError if invalid."""
+    """One mailbox address in canonical form (``mailsrv.identity``); ValueError if invalid."""
     return _mailbox(_as_text(raw))
 
 
 def parse_mailboxes(raw: object) -> tuple[str, ...]:
-    """Comma-separated mailbox addresses (local-part@domain, lower-cased)."""
+    """Comma-separated mailbox addresses (canonical form, ``mailsrv.identity``)."""
     return tuple(dict.fromkeys(_mailbox(item) for item in _items(raw)))
 
 
@@ -202,6 +201,13 @@ def parse_aliases(raw: object) -> tuple[tuple[str, str], ...]:
                 raise ValueError(f"expected alias=target, got {item!r}")
             pairs.append((alias, target))
     return tuple(dict.fromkeys((_mailbox(a), _mailbox(t)) for a, t in pairs))
+
+
+def parse_webhook_tables(raw: object) -> tuple[Endpoint, ...]:
+    """``[[webhooks]]`` tables (see ``mailsrv.webhook.endpoints``); not from the environment."""
+    from mailsrv.webhook.endpoints import parse_tables
+
+    return parse_tables(raw)
 
 
 def parse_networks(raw: object) -> tuple[Network, ...]:
@@ -240,12 +246,72 @@ def parse_path(raw: object) -> str:
     return os.path.expanduser(text) if text else ""
 
 
+def split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"``, ``"host"`` -> ``(host, port)``; ValueError if bad."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [address]:port, got {text!r}")
+        port_text = rest[1:]
+    elif text.count(":") > 1:  # a bare IPv6 address
+        host, port_text = text, ""
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError(f"expected host:port, got {text!r}")
+    if not _is_ip(host):
+        host = _domain(host)
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_relay_host(raw: object) -> str:
+    """``host:port`` of a smarthost (port 25 if omitted); empty = none (deliver by MX)."""
+    text = _as_text(raw)
+    return _join_host_port(*split_host_port(text, 25)) if text else ""
+
+
+def parse_dns_servers(raw: object) -> tuple[str, ...]:
+    """Comma-separated ``address:port`` DNS servers (port 53 if omitted); empty = resolv.conf."""
+    servers = [split_host_port(item, 53) for item in _items(raw)]
+    for host, _port in servers:
+        if not _is_ip(host):
+            raise ValueError(f"a DNS server must be an IP address, got {host!r}")
+    return tuple(_join_host_port(host, port) for host, port in servers)
+
+
+def display_path(path: str) -> str:
+    """``path`` for a message: bytes that are not UTF-8 (surrogates here) shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 # --- the settings ------------------------------------------------------------------------------
 
 
-def setting(default: Any, parse: Callable[[object], Any], doc: str) -> Any:
-    """Declare one setting: its default, its parser and a one-line description."""
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+def setting(default: Any, parse: Callable[[object], Any], doc: str, secret: bool = False) -> Any:
+    """Declare one setting: its default, its parser and a one-line description.
+
+    A ``secret`` setting is left out of the Config's repr and masked by :func:`describe`.
+    """
+    return field(
+        default=default, repr=not secret, metadata={"parse": parse, "doc": doc, "secret": secret}
+    )
 
 
 @dataclass(frozen=True)
@@ -301,6 +367,15 @@ class Config:
         12288, parse_int(512, 65536), "Longest AUTH line (RFC 4954: 12288 octets)"
     )
     idle_timeout: float = setting(300.0, parse_seconds(1.0), "Idle time allowed between commands")
+    command_timeout: float = setting(
+        300.0, parse_seconds(1.0), "Time for a whole command line, from when the server is ready"
+    )
+    stress_threshold: int = setting(
+        80, parse_int(1, 100), "Percent of max_connections in use at which stress timeouts apply"
+    )
+    stress_timeout: float = setting(
+        10.0, parse_seconds(1.0), "Idle and command timeout under stress (Postfix: 10 s)"
+    )
     data_timeout: float = setting(600.0, parse_seconds(1.0), "Total time allowed for one DATA")
     bare_line_endings: str = setting(
         "reject",
@@ -357,12 +432,78 @@ class Config:
     db_url: str = setting(
         "", parse_str, "PostgreSQL DSN (postgresql://user@host/db); empty = SQLite at db_path"
     )
+    relay_host: str = setting(
+        "", parse_relay_host, "Smarthost host:port for all outbound mail; empty = direct MX"
+    )
+    relay_user: str = setting("", parse_str, "User name for AUTH at the smarthost; empty = none")
+    relay_password: str = setting(
+        "", parse_str, "Password for AUTH at the smarthost (sent only over TLS)", secret=True
+    )
+    relay_tls: str = setting(
+        "starttls",
+        parse_choice("starttls", "implicit", "none"),
+        "TLS to the smarthost: starttls (verified), implicit (verified), none",
+    )
+    relay_ca_file: str = setting(
+        "", parse_path, "PEM CA file for verified relay TLS; empty = the system CAs"
+    )
+    relay_mx_tls: str = setting(
+        "may",
+        parse_choice("may", "encrypt", "verify"),
+        "STARTTLS to MX hosts: may (opportunistic), encrypt (required), verify (verified)",
+    )
+    relay_mx_port: int = setting(25, parse_int(1, 65535), "Port of MX hosts (25; tests change it)")
+    dns_servers: tuple[str, ...] = setting(
+        (), parse_dns_servers, "DNS servers as address:port list; empty = /etc/resolv.conf"
+    )
+    relay_dns_timeout: float = setting(
+        60.0, parse_seconds(1.0), "Time one next-hop DNS lookup may take before it is deferred"
+    )
+    relay_min_backoff: float = setting(
+        300.0, parse_seconds(1.0), "First retry delay of a deferred recipient (s), then doubled"
+    )
+    relay_max_backoff: float = setting(4000.0, parse_seconds(1.0), "Longest retry delay (s)")
+    relay_queue_lifetime: float = setting(
+        432000.0, parse_seconds(0.0), "Time a message may stay queued before it bounces (s)"
+    )
+    relay_recipients_per_transaction: int = setting(
+        50, parse_int(1, 100_000), "Recipients per outbound transaction (more: another one)"
+    )
+    relay_connect_timeout: float = setting(30.0, parse_seconds(1.0), "Outbound TCP connect (s)")
+    relay_greeting_timeout: float = setting(300.0, parse_seconds(1.0), "Wait for the 220 (s)")
+    relay_command_timeout: float = setting(
+        300.0, parse_seconds(1.0), "Wait for EHLO/STARTTLS/AUTH/RSET/QUIT replies (s)"
+    )
+    relay_mail_timeout: float = setting(300.0, parse_seconds(1.0), "Wait for the MAIL reply (s)")
+    relay_rcpt_timeout: float = setting(300.0, parse_seconds(1.0), "Wait for a RCPT reply (s)")
+    relay_data_timeout: float = setting(120.0, parse_seconds(1.0), "Wait for the DATA 354 (s)")
+    relay_data_block_timeout: float = setting(
+        180.0, parse_seconds(1.0), "Longest stall while sending the body (s)"
+    )
+    relay_data_done_timeout: float = setting(
+        600.0, parse_seconds(1.0), "Wait for the reply to the final dot (s)"
+    )
+    relay_connection_idle: float = setting(
+        5.0, parse_seconds(0.0), "Keep an unused outbound connection open this long (s)"
+    )
+    relay_bounce_size_limit: int = setting(
+        50000, parse_size(0), "Largest original returned whole in a DSN (RET=FULL; bytes)"
+    )
     log_level: str = setting(
         "info", parse_choice("debug", "info", "warn", "error", "critical"), "Lowest level logged"
     )
     log_format: str = setting("text", parse_choice("text", "json"), "Log output: text or json")
     log_file: str = setting(
         "", parse_path, "Log to this file, reopened on SIGHUP (logrotate); empty = standard output"
+    )
+    webhook_url: str = setting(
+        "", parse_str, "URL of the 'default' webhook endpoint; empty = none ([[webhooks]] too)"
+    )
+    webhook_secret: str = setting(
+        "", parse_str, "whsec_ secret(s) signing the default endpoint's requests", secret=True
+    )
+    webhooks: tuple[Endpoint, ...] = setting(
+        (), parse_webhook_tables, "Webhook endpoints: [[webhooks]] tables in the config file"
     )
 
     @property
@@ -384,6 +525,13 @@ class Config:
     def sqlite_path(self) -> Path:
         """The SQLite user database."""
         return Path(self.db_path) if self.db_path else Path(self.data_dir) / "mailsrv.db"
+
+    @property
+    def webhook_endpoints(self) -> tuple[Endpoint, ...]:
+        """Every webhook endpoint: the default one (webhook_url), then the [[webhooks]] ones."""
+        from mailsrv.webhook.endpoints import combine, env_endpoint
+
+        return combine(env_endpoint(self.webhook_url, self.webhook_secret), self.webhooks)
 
 
 SETTINGS = {f.name: f for f in fields(Config)}
@@ -484,6 +632,14 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
     def where(key: str) -> str:
         return (sources or {}).get(key, key)
 
+    if not config.local_domains:
+        raise ConfigError(f"{where('local_domains')}: empty: at least one local domain is needed")
+    if config.argon2_memory_kib < 8 * config.argon2_parallelism:
+        raise ConfigError(
+            f"{where('argon2_memory_kib')}: must be at least 8 KiB per lane"
+            f" ({8 * config.argon2_parallelism} for argon2_parallelism"
+            f" {config.argon2_parallelism}), got {config.argon2_memory_kib}"
+        )
     if not config.port and not config.submission_port:
         raise ConfigError("port and submission_port are both 0: nothing to listen on")
     if config.enable_tls and not (config.tls_cert and config.tls_key):
@@ -509,10 +665,21 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(f"{where('aliases')}: {alias} is not in a local domain {local}")
         if target not in mailboxes and not target.startswith("postmaster@"):
             raise ConfigError(f"{where('aliases')}: target {target} of {alias} is not in mailboxes")
+    if config.webhook_url or config.webhook_secret:
+        from mailsrv.webhook.endpoints import EndpointError, combine, env_endpoint
+
+        try:
+            url, secret = config.webhook_url, config.webhook_secret
+            names = [(sources or {}).get(k, env_name(k)) for k in ("webhook_url", "webhook_secret")]
+            env = env_endpoint(url, secret, *names)
+            combine(env, config.webhooks)
+        except EndpointError as e:
+            raise ConfigError(str(e)) from None
     return config
 
 
 def describe(config: Config) -> Iterable[tuple[str, str, object]]:
     """``(key, env name, value)`` for every setting, for ``mailsrv check-config``."""
-    for key in SETTINGS:
-        yield key, env_name(key), getattr(config, key)
+    for key, spec in SETTINGS.items():
+        value = getattr(config, key)
+        yield key, env_name(key), "********" if spec.metadata["secret"] and value else value

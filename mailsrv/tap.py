@@ -6,9 +6,11 @@ reactor (as clock, thread runner, TCP listener) and the :class:`~mailsrv.config.
 
 from __future__ import annotations
 
+import atexit
 import os
 import resource
 import signal
+import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -18,14 +20,28 @@ from twisted.python import usage
 
 from mailsrv import __version__
 from mailsrv.auth.portal import UserStoreService, build_portal
-from mailsrv.config import SETTINGS, Config, ConfigError, env_name, flag_name, load
-from mailsrv.delivery.committer import GroupCommitter, filesystem_syncer
+from mailsrv.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    display_path,
+    env_name,
+    flag_name,
+    load,
+)
+from mailsrv.delivery.committer import GroupCommitter
+from mailsrv.delivery.fssync import filesystem_syncer
+from mailsrv.delivery.maildir import MaildirSink, MaildirStore
+from mailsrv.delivery.sinks import ICommitSink
+from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import ReopenableLogFile, make_observer
+from mailsrv.preflight import Checked, PreflightError, check
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
+from mailsrv.startup import StartupSummary
 from mailsrv.threads import ThreadPoolService
-from mailsrv.tls import CertificateWatcher, ReloadingServerTLS, TLSConfigError
+from mailsrv.tls import CertificateWatcher
 
 _log = Logger(namespace="mailsrv")
 
@@ -70,7 +86,19 @@ class MailService(MultiService):
         self.config = config
         self._reactor = reactor
         self._log_stream = log_stream
+        self.failed = False
         self.setName("mailsrv")
+
+    def fail(self) -> None:
+        """Stop, and make the process exit with status 1 (see :func:`exit_status_hook`)."""
+        self.failed = True
+        if self._reactor is not None and self._reactor.running:
+            self._reactor.stop()
+
+    def flush_logs(self) -> None:
+        """Flush the log stream (before an exit that skips Python's own flushing)."""
+        if self._log_stream is not None:
+            self._log_stream.flush()
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd asks the application for its log observer after makeService; give it ours.
@@ -101,9 +129,13 @@ def raise_file_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def build_service(config: Config, reactor: Any) -> MailService:
-    """Compose the service tree for ``config`` on ``reactor`` (SystemExit on a bad setup)."""
-    from mailsrv.auth.factory import make_hasher, open_user_store
+def build_service(config: Config, reactor: Any, checked: Checked) -> MailService:
+    """Compose the service tree for ``config`` on ``reactor`` (SystemExit on a bad setup).
+
+    ``checked`` comes from :func:`mailsrv.preflight.check`: the TLS pair and the hasher it
+    built, and what it found in the user store.
+    """
+    from mailsrv.auth.factory import open_user_store, store_location
     from mailsrv.auth.identity import AccountIdentities
 
     reload_hooks: list[Any] = []
@@ -126,44 +158,71 @@ def build_service(config: Config, reactor: Any) -> MailService:
     )
     hash_threads.setServiceParent(root)
     store = open_user_store(config, reactor)
-    UserStoreService(store, on_failure=lambda: _stop(reactor)).setServiceParent(root)
-    portal = build_portal(store, make_hasher(config), hash_threads.run, reactor)
-    tls = None
-    if config.enable_tls:
-        try:
-            tls = ReloadingServerTLS(config.tls_cert, config.tls_key)
-        except TLSConfigError as e:
-            raise SystemExit(f"mailsrv: {e}") from None
+    store_service = UserStoreService(store, root.fail, store_location(config))
+    store_service.setServiceParent(root)
+    portal = build_portal(store, checked.hasher, hash_threads.run, reactor)
+    tls = checked.tls
+    if tls is not None:
         CertificateWatcher(tls, reactor, config.tls_reload_interval).setServiceParent(root)
         reload_hooks.append(tls.reload)
     policy = RecipientPolicy(config, store)
+    sinks: list[ICommitSink] = [MaildirSink(MaildirStore(config.mail_dir, config.server_name))]
+    sync = filesystem_syncer(config.spool_dir, config.mail_dir)
+    committer = GroupCommitter(reactor, sinks, sync)
+    committer.setServiceParent(root)
     server = SMTPServer(
         config,
         reactor,
         threads.run,
+        committer,
         policy=policy,
         tls=tls,
         portal=portal,
         identities=AccountIdentities(store),
     )
-    server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
-    server.committer.setServiceParent(root)
-    stale = server.spool.prepare()
+    warn_loose_modes(config)
+    try:
+        stale = server.spool.prepare()
+    except OSError as e:
+        raise SystemExit(f"mailsrv: data_dir: {describe_os_error(e)}") from None
     if stale:
         _log.warn("removed {count} unacknowledged spool file(s)", count=stale)
     wanted = {"mx": config.port, "submission": config.submission_port}
     if tls is not None:
         wanted["smtps"] = config.smtps_port
     ports = {name: port for name, port in wanted.items() if port}
-    SMTPListenerService(reactor, server, ports).setServiceParent(root)
+    smtp = SMTPListenerService(reactor, server, ports)
+    smtp.setServiceParent(root)
+    StartupSummary(config, checked.store, store_service, smtp).setServiceParent(root)
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
 
 
-def _stop(reactor: Any) -> None:
-    if reactor.running:
-        reactor.stop()
+def describe_os_error(error: OSError) -> str:
+    """``path: strerror`` for an OSError, paths shown as :func:`display_path` shows them."""
+    where = f"{display_path(str(error.filename))}: " if error.filename else ""
+    return f"{where}{error.strerror or error}"
+
+
+def exit_status_hook(root: MailService) -> None:
+    """At exit, turn a failed run into exit status 1.
+
+    twistd returns normally once the reactor has stopped, whatever stopped it, so a store that
+    cannot be opened would otherwise end with status 0 and a supervisor would not restart us.
+    Registered with ``atexit`` when the tree is built, so it runs after twistd has removed its
+    pid file and after the handlers registered later; the streams are flushed first.
+    """
+    if not root.failed:
+        return
+    root.flush_logs()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(1)
 
 
 def install_reload_signal(hooks: list[Any], reactor: Any) -> None:
@@ -188,7 +247,10 @@ def makeService(options: Options) -> MailService:
 
     try:
         config = load(options["config"], os.environ, options.flags())
-    except ConfigError as e:
+        checked = check(config)
+    except (ConfigError, PreflightError) as e:
         raise SystemExit(f"mailsrv: {e}") from None
     raise_file_limit(config.max_connections * 2 + 256)
-    return build_service(config, reactor)
+    root = build_service(config, reactor, checked)
+    atexit.register(exit_status_hook, root)
+    return root

@@ -1,9 +1,15 @@
-"""Named thread pools: blocking work (fsync, link, rename, password hashing) runs here, never on
-the reactor.  A pool may bound the jobs it holds (running and queued): past the bound a new job
-fails at once with :class:`PoolFull` instead of waiting behind the others.  A pool may also run
-its threads at a lower CPU priority (``nice``, Linux: per thread), so CPU-bound work such as
-Argon2 (whose lanes are threads of their own, created with the same priority) takes what the
-reactor thread leaves instead of crowding it out."""
+"""Threads for blocking work (disk, hashing): never on the reactor.
+
+:data:`RunInThread` is how a component asks for that without knowing the pool: a callable
+that runs ``function(*args, **kwargs)`` elsewhere and returns a Deferred of its result
+(:meth:`ThreadPoolService.run` is one; tests pass a synchronous stand-in).
+
+A pool may bound the jobs it holds (running and queued): past the bound a new job fails at once
+with :class:`PoolFull` instead of waiting behind the others.  A pool may also run its threads at
+a lower CPU priority (``nice``, Linux: per thread), so CPU-bound work such as Argon2 (whose
+lanes are threads of their own, created with the same priority) takes what the reactor thread
+leaves instead of crowding it out.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+
+RunInThread = Callable[..., "Deferred[Any]"]
 
 
 class PoolFull(Exception):

@@ -80,7 +80,9 @@ async def start_server(
     """
     from twisted.internet import reactor
 
-    from mailsrv.delivery.committer import GroupCommitter, filesystem_syncer
+    from mailsrv.delivery.committer import GroupCommitter
+    from mailsrv.delivery.fssync import filesystem_syncer
+    from mailsrv.delivery.maildir import MaildirSink, MaildirStore
     from mailsrv.smtp.listeners import SMTPListenerService
     from mailsrv.smtp.server import SMTPServer
     from mailsrv.tap import MailService
@@ -90,12 +92,20 @@ async def start_server(
     root = MailService(config)
     threads = ThreadPoolService(reactor, "test-io", config.io_threads)
     threads.setServiceParent(root)
+    sinks = [MaildirSink(MaildirStore(config.mail_dir, config.server_name))]
+    committer = GroupCommitter(reactor, sinks, filesystem_syncer(config.spool_dir, config.mail_dir))
+    committer.setServiceParent(root)
     server = SMTPServer(
-        config, reactor, threads.run, policy=policy, tls=tls, portal=portal, identities=identities
+        config,
+        reactor,
+        threads.run,
+        committer,
+        policy=policy,
+        tls=tls,
+        portal=portal,
+        identities=identities,
     )
     server.spool.prepare()
-    server.committer = GroupCommitter(reactor, server.store, filesystem_syncer(config.spool_dir))
-    server.committer.setServiceParent(root)
     service = SMTPListenerService(reactor, server, dict.fromkeys(listeners, 0))
     service.setServiceParent(root)
     root.startService()

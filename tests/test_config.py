@@ -596,6 +596,36 @@ BROKEN: list[tuple[str, dict[str, str], str | None, dict[str, object], str]] = [
         "environment SMTP_DATA_TIMEOUT: expected a number of seconds, got 'ten'",
     ),
     (
+        "local-domains-empty",
+        {"SMTP_LOCAL_DOMAINS": ""},
+        None,
+        {},
+        "environment SMTP_LOCAL_DOMAINS: empty: at least one local domain is needed",
+    ),
+    (
+        "local-domains-empty-file",
+        {},
+        "local_domains = []\n",
+        {},
+        "config file {path}: local_domains: empty: at least one local domain is needed",
+    ),
+    (
+        "argon2-memory-per-lane",
+        {"SMTP_ARGON2_MEMORY_KIB": "31"},
+        None,
+        {},
+        "environment SMTP_ARGON2_MEMORY_KIB: must be at least 8 KiB per lane"
+        " (32 for argon2_parallelism 4), got 31",
+    ),
+    (
+        "argon2-lanes-flag",
+        {"SMTP_ARGON2_MEMORY_KIB": "256"},
+        None,
+        {"argon2_parallelism": "64"},
+        "environment SMTP_ARGON2_MEMORY_KIB: must be at least 8 KiB per lane"
+        " (512 for argon2_parallelism 64), got 256",
+    ),
+    (
         "mail-line-shorter-than-line",
         {"SMTP_MAX_LINE_LENGTH": "4096"},
         None,

@@ -107,6 +107,16 @@ def test_unique_name_format(store: MaildirStore) -> None:
     assert "/" not in name and ":" not in name
 
 
+def test_names_sort_in_arrival_order(store: MaildirStore) -> None:
+    """Zero-padded microseconds: ``ls`` lists mail in the order it arrived."""
+    times = [1_700_000_000.000005, 1_700_000_000.00005, 1_700_000_000.25, 1_700_000_000.999999]
+    times += [1_700_000_001.0, 1_700_000_001.1]
+    names = [store.unique_name(when, 10) for when in times]
+    assert sorted(names) == names
+    assert names[0].startswith("1700000000.M000005P")
+    assert names[4].startswith("1700000001.M000000P")
+
+
 def test_hostname_slash_and_colon_are_escaped(tmp_path: Path) -> None:
     name = MaildirStore(tmp_path, "odd/host:name").unique_name(NOW, 1)
     assert ".odd\\057host\\072name,S=1" in name
@@ -161,12 +171,29 @@ def other_filesystem(tmp_path: Path) -> Iterator[Path]:
 def test_delivery_across_filesystems_copies(store: MaildirStore, other_filesystem: Path) -> None:
     content = b"Subject: far\n\n" + os.urandom(100_000)
     spool_file = make_spool_file(other_filesystem, "QFAR", content)
-    delivered = store.deliver(spool_file, ["alice@example.org", "bob@example.org"], NOW)
+    old_umask = os.umask(0o022)  # the usual default: copies must not follow it
+    try:
+        delivered = store.deliver(spool_file, ["alice@example.org", "bob@example.org"], NOW)
+    finally:
+        os.umask(old_umask)
     assert [p.read_bytes() for p in delivered] == [content, content]
     assert all(p.name.endswith(f",S={len(content)}") for p in delivered)
     assert not spool_file.exists()
     for path in delivered:
         assert list((path.parent.parent / "tmp").iterdir()) == []
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_copy_that_fails_leaves_nothing(store: MaildirStore, other_filesystem: Path) -> None:
+    """Across filesystems a failed mailbox removes the copies made before it; tmp/ stays empty."""
+    broken = store.maildir("bob@example.org")
+    broken.mkdir(parents=True)
+    (broken / "new").write_bytes(b"not a directory")
+    spool_file = make_spool_file(other_filesystem, "QFAR2", b"far\n")
+    with pytest.raises(NotADirectoryError):
+        store.link(spool_file, ["alice@example.org", "bob@example.org"], NOW)
+    alice = store.maildir("alice@example.org")
+    assert list((alice / "new").iterdir()) == list((alice / "tmp").iterdir()) == []
 
 
 def skip_unless_permissions_apply(tmp_path: Path) -> None:
@@ -224,6 +251,42 @@ def test_delivery_where_new_is_not_a_directory_raises(store: MaildirStore, spool
     with pytest.raises(NotADirectoryError):
         store.deliver(spool_file, ["bob@example.org", "alice@example.org"], NOW)
     assert spool_file.exists()  # the caller answers 451 and the client retries
+    # All or nothing: bob's copy, linked before alice's failed, is gone again.
+    assert list((store.maildir("bob@example.org") / "new").iterdir()) == []
+    assert spool_file.stat().st_nlink == 1
+
+
+def test_a_failed_mailbox_removes_the_links_already_made(
+    store: MaildirStore, spool_dir: Path
+) -> None:
+    """``link`` (the committer's form) is all or nothing too, whatever the mailbox order."""
+    broken = store.maildir("carol@example.net")
+    broken.mkdir(parents=True)
+    (broken / "new").write_bytes(b"not a directory")
+    spool_file = make_spool_file(spool_dir, "QALL", b"x\n")
+    mailboxes = ["alice@example.org", "bob@example.org", "carol@example.net"]
+    with pytest.raises(NotADirectoryError):
+        store.link(spool_file, mailboxes, NOW)
+    for mailbox in mailboxes[:2]:
+        assert list((store.maildir(mailbox) / "new").iterdir()) == []
+    assert spool_file.stat().st_nlink == 1
+    (broken / "new").unlink()
+    delivered = store.link(spool_file, mailboxes, NOW)  # the retry: one copy each
+    assert [len(list(p.parent.iterdir())) for p in delivered] == [1, 1, 1]
+
+
+def test_a_removed_maildir_is_made_again(store: MaildirStore, spool_dir: Path) -> None:
+    first = make_spool_file(spool_dir, "QONE", b"one\n")
+    store.deliver(first, ["alice@example.org"], NOW)
+    shutil.rmtree(store.maildir("alice@example.org"))
+    second = make_spool_file(spool_dir, "QTWO", b"two\n")
+    [again] = store.deliver(second, ["alice@example.org"], NOW)
+    assert again.read_bytes() == b"two\n"
+    assert {p.name for p in store.maildir("alice@example.org").iterdir()} == {"tmp", "new", "cur"}
+    shutil.rmtree(store.maildir("alice@example.org") / "new")  # only new/ gone
+    third = make_spool_file(spool_dir, "QTHREE", b"three\n")
+    [last] = store.deliver(third, ["alice@example.org"], NOW)
+    assert last.read_bytes() == b"three\n"
 
 
 # --- Spool and SpoolFile -----------------------------------------------------------------------

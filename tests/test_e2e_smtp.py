@@ -158,7 +158,7 @@ async def test_smtplib_several_recipients_alias_refusals_and_second_message(
     # alice is named directly and through info@: one copy only.
     assert len(alice) == 1 and len(carol) == 1
     assert len(bob) == 2  # through info@, then the second message
-    assert alice[0] == carol[0] == bob[0]
+    assert alice[0] == carol[0] in bob  # the same message, wherever it sorts among bob's
     assert b"Subject: several recipients\n" in alice[0]
     assert b"\nfirst message\n" in alice[0]
     assert b"Received: from client.example.test ([127.0.0.1])" in alice[0]

@@ -17,6 +17,7 @@ import re
 import signal
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from mailsrv import __version__
 from mailsrv.config import SETTINGS, flag_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +88,7 @@ class Server:
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    command_prefix: list[str] = field(default_factory=list)  # e.g. setpriv to change user
 
     @property
     def stdout_path(self) -> Path:
@@ -121,7 +124,7 @@ class Server:
             self.runs += 1
             with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
                 process = self.process = subprocess.Popen(
-                    [TWISTD, "-n", "--pidfile=", "mailsrv"],
+                    [*self.command_prefix, TWISTD, "-n", "--pidfile=", "mailsrv"],
                     env=self.env(),
                     cwd=self.workdir,
                     stdout=out,
@@ -638,3 +641,245 @@ def test_unwritable_log_file_stops_the_start(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert "mailsrv: log_file: " in output and "No such file or directory" in output
     assert "Traceback" not in output
+
+
+# --- client data in the logs: escaped, never raw ----------------------------------------------
+
+# (name, character, how the log shows it); CR, LF and NUL can only arrive inside AUTH (base64).
+CLIENT_CONTROLS = [
+    ("NUL", "\x00", "\\x00"),
+    ("LF", "\n", "\\n"),
+    ("CR", "\r", "\\r"),
+    ("TAB", "\t", "\\t"),
+    ("BEL", "\x07", "\\x07"),
+    ("ESC", "\x1b", "\\x1b"),
+    ("DEL", "\x7f", "\\x7f"),
+    ("C1-NEL", "\x85", "\\x85"),
+    ("C1-CSI", "\x9b", "\\x9b"),
+    ("LINE-SEPARATOR", "\u2028", "\\u2028"),
+    ("PARAGRAPH-SEPARATOR", "\u2029", "\\u2029"),
+    ("BIDI-OVERRIDE", "\u202e", "\\u202e"),
+]
+RAW_CONTROLS = [char for _, char, _ in CLIENT_CONTROLS]
+
+
+def _reply(client: socket.socket, buffer: list[bytes]) -> bytes:
+    """One whole reply (its last line) from ``client``."""
+    data = buffer[0]
+    while True:
+        while b"\r\n" not in data:
+            chunk = client.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed after {data!r}")
+            data += chunk
+        line, _, data = data.partition(b"\r\n")
+        if line[3:4] != b"-":
+            buffer[0] = data
+            return line
+
+
+def _hostile_session(port: int, char: str) -> dict[str, bool]:
+    """One session carrying ``char`` in every field it can reach; which fields got through."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    buffer = [b""]
+
+    def command(text: str) -> bytes:
+        sock.sendall(text.encode("utf-8") + b"\r\n")
+        return _reply(sock, buffer)
+
+    accepted: dict[str, bool] = {}
+    line_safe = char not in "\r\n\x00"
+    try:
+        assert _reply(sock, buffer).startswith(b"220 ")
+        helo = command(f"EHLO h{char}x.test") if line_safe else b""
+        accepted["helo"] = helo.startswith(b"250")
+        if not accepted["helo"]:
+            assert command("EHLO client.test").startswith(b"250")
+        login = base64.b64encode(f"u{char}ser@example.org".encode()).decode()
+        assert command(f"AUTH LOGIN {login}").startswith(b"334 ")
+        accepted["login"] = command(base64.b64encode(b"wrong").decode()).startswith(b"535 ")
+        accepted["command"] = line_safe and command(f"X{char}Y").startswith(b"500 ")
+        mail = command(f"MAIL FROM:<s{char}nd@remote.test> SMTPUTF8") if line_safe else b""
+        accepted["sender"] = accepted["recipient"] = False
+        if mail.startswith(b"250"):
+            relay = command(f"RCPT TO:<r{char}cpt@elsewhere.test>")
+            accepted["recipient"] = relay.startswith(b"554")
+            assert command("RCPT TO:<alice@example.org>").startswith(b"250")
+            assert command("DATA").startswith(b"354")
+            accepted["sender"] = command("Subject: x\r\n\r\nbody\r\n.").startswith(b"250")
+        command("QUIT")
+    finally:
+        sock.close()
+    return accepted
+
+
+def _where_each_field_shows(shown: str) -> dict[str, str]:
+    return {
+        "helo": f"helo=h{shown}x.test",
+        "login": f"security auth-failure from 127.0.0.1 login=u{shown}ser@example.org"
+        " mechanism=LOGIN",
+        "command": f"unknown command X{shown}Y from 127.0.0.1",
+        "sender": f"from 127.0.0.1 <s{shown}nd@remote.test> to ['alice@example.org']",
+        "recipient": f"security relay-denied from 127.0.0.1 recipient=r{shown}cpt@elsewhere.test",
+    }
+
+
+def _run_hostile_sessions(server: Server) -> dict[str, dict[str, bool]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server.start()
+    with ThreadPoolExecutor(6) as pool:  # each failed AUTH waits 0.5 s: run them side by side
+        results = pool.map(lambda case: _hostile_session(server.port, case[1]), CLIENT_CONTROLS)
+        accepted = {
+            name: fields for (name, _, _), fields in zip(CLIENT_CONTROLS, results, strict=True)
+        }
+    assert server.stop() in (-signal.SIGTERM, 128 + signal.SIGTERM), server.output()
+    # Not vacuous: every class reached the log through at least the AUTH login.
+    assert all(fields["login"] for fields in accepted.values()), accepted
+    return accepted
+
+
+HOSTILE_ENV = {
+    "SMTP_LOG_LEVEL": "debug",
+    "SMTP_ENABLE_AUTH": "true",
+    "SMTP_ALLOW_PLAINTEXT_AUTH": "true",
+}
+
+
+def test_client_fields_are_escaped_in_text_logs(make_server: Callable[..., Server]) -> None:
+    server: Server = make_server(**HOSTILE_ENV)
+    accepted = _run_hostile_sessions(server)
+    log = server.log()
+    lines = log.splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT", line) for line in lines), "a line was forged"
+    raw = {repr(c) for c in RAW_CONTROLS if c in log.replace("\n", "")}
+    assert not raw, f"raw {raw} in the log"
+    for name, _, shown in CLIENT_CONTROLS:
+        for where, text in _where_each_field_shows(shown).items():
+            if accepted[name][where]:
+                assert text in log, (name, where, text)
+
+
+def _walk_strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _walk_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk_strings(item)
+
+
+def test_client_fields_are_escaped_in_json_logs(make_server: Callable[..., Server]) -> None:
+    server: Server = make_server(SMTP_LOG_FORMAT="json", **HOSTILE_ENV)
+    accepted = _run_hostile_sessions(server)
+    events = [json.loads(line) for line in server.log().splitlines()]
+    for event in events:
+        for text in _walk_strings(event):
+            raw = [c for c in RAW_CONTROLS if c in text]
+            assert not raw, (raw, text, event.get("log_format"))
+
+    def fields(fmt_start: str, key: str) -> set[str]:
+        return {
+            str(e.get(key))
+            for e in events
+            if str(e.get("log_format", "")).startswith(fmt_start) and key in e
+        }
+
+    for name, _, shown in CLIENT_CONTROLS:
+        got = accepted[name]
+        assert got["login"] and f"u{shown}ser@example.org" in fields("security ", "login")
+        if got["helo"]:
+            assert f"h{shown}x.test" in fields("session closed", "helo")
+        if got["command"]:
+            assert f"X{shown}Y" in fields("unknown command", "verb")
+        if got["sender"]:
+            assert f"s{shown}nd@remote.test" in fields("message ", "sender")
+        if got["recipient"]:
+            assert f"r{shown}cpt@elsewhere.test" in fields("security ", "recipient")
+
+
+# --- the start-up log -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_start_up_log_says_where_mail_goes(
+    make_server: Callable[..., Server], tmp_path: Path, tls: bool
+) -> None:
+    from tests.test_tls import CertFiles
+
+    env = {"SMTP_MAILBOXES": "alice@example.org,carol@example.org"}
+    if tls:
+        certs = CertFiles(tmp_path / "tls")
+        env.update(
+            SMTP_ENABLE_TLS="true",
+            SMTP_TLS_CERT=str(certs.chain),
+            SMTP_TLS_KEY=str(certs.key),
+            SMTP_SMTPS_PORT=str(free_port()),
+            SMTP_ENABLE_AUTH="true",
+            SMTP_ARGON2_TIME_COST="1",
+            SMTP_ARGON2_MEMORY_KIB="8",
+            SMTP_ARGON2_PARALLELISM="1",
+        )
+    server: Server = make_server(**env)
+    if tls:  # an account in the store before the start
+        added = subprocess.run(
+            [
+                *(os.path.join(os.path.dirname(sys.executable), "mailsrv"), "users", "add"),
+                *("bob@example.org", "--password-stdin"),
+            ],
+            input="a password\n",
+            env=server.env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert added.returncode == 0, added.stderr
+    server.start()
+    wait_for(lambda: " ready: " in server.log(), READY_TIMEOUT, "the start-up summary")
+    assert server.stop() in (-signal.SIGTERM, 128 + signal.SIGTERM), server.output()
+    log = server.log()
+    listening = f"mx [127.0.0.1]:{server.port}, submission [127.0.0.1]:{server.submission_port}"
+    if tls:
+        listening += f", smtps [127.0.0.1]:{env['SMTP_SMTPS_PORT']}"
+    summary = (
+        f"[mailsrv#info] mailsrv {__version__} ready: mail for example.org in {server.data_dir};"
+        f" 2 mailbox(es) configured, {1 if tls else 0} account(s) in"
+        f" {server.data_dir}/mailsrv.db; TLS {'on' if tls else 'off'},"
+        f" AUTH {'on' if tls else 'off'}; listening: {listening}"
+    )
+    assert [line.split(" ", 1)[1] for line in log.splitlines() if " ready: " in line] == [summary]
+    # Each listener is announced once: not again by Twisted's port, nor by the listener.
+    assert " starting on " not in log
+    assert "listening for " not in log
+    assert "Traceback" not in server.output()
+
+
+def test_a_store_that_cannot_be_opened_exits_non_zero(
+    make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The start-up checks pass (the file is a good database) but opening it for writing
+    fails: the server logs one critical line and exits 1, so a supervisor sees a failure."""
+    server: Server = make_server()
+    db = server.data_dir / "mailsrv.db"
+    server.data_dir.mkdir()
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode=WAL")
+        holder.execute("CREATE TABLE unrelated (x)")
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held past the store's busy timeout
+        server.start()
+        status = server.wait()
+    finally:
+        holder.close()
+    output = server.output()
+    assert status == 1, output
+    assert (
+        f"[mailsrv.auth#critical] cannot open the user store {db}: database error:"
+        " database is locked"
+    ) in server.log()
+    assert " ready: " not in output and "Traceback" not in output
+    assert "mailsrv stopped" in server.log()

@@ -1,8 +1,8 @@
 """In-memory protocol tests of :class:`mailsrv.smtp.session.SMTPSession`.
 
 Every test drives a real session over a ``StringTransport`` with a ``task.Clock``; the disk work
-(spool, Maildir delivery) runs for real under ``tmp_path``, synchronously, so a reply is on the
-"wire" as soon as ``dataReceived`` returns.
+(spool, the committer's batch, Maildir delivery) runs for real under ``tmp_path``, synchronously
+(``GroupCommitter.inline``), so a reply is on the "wire" as soon as ``dataReceived`` returns.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.python import failure
 
+from mailsrv.delivery.committer import GroupCommitter
+from mailsrv.delivery.fssync import filesystem_syncer
+from mailsrv.delivery.maildir import MaildirSink, MaildirStore
 from mailsrv.smtp import replies
 from mailsrv.smtp.replies import Reply
 from mailsrv.smtp.server import SMTPServer
@@ -139,7 +142,11 @@ class Harness:
     def __init__(self, tmp_path: Path, **overrides: Any) -> None:
         self.config = make_config(tmp_path, **overrides)
         self.clock = task.Clock()
-        self.server = SMTPServer(self.config, self.clock, run_now)
+        store = MaildirStore(self.config.mail_dir, self.config.server_name)
+        sync = filesystem_syncer(self.config.spool_dir, self.config.mail_dir)
+        self.committer = GroupCommitter.inline([MaildirSink(store)], sync)
+        self.committer.startService()
+        self.server = SMTPServer(self.config, self.clock, run_now, self.committer)
         self.server.spool.prepare()
         self.clients: list[Client] = []
         self._port = 40000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import smtplib
 import socket
@@ -16,7 +17,12 @@ import trustme
 from twisted.internet import task
 
 from mailsrv.smtp import replies
-from mailsrv.tls import CertificateWatcher, ReloadingServerTLS, TLSConfigError
+from mailsrv.tls import (
+    INTERMEDIATE_TLS12_CIPHERS,
+    CertificateWatcher,
+    ReloadingServerTLS,
+    TLSConfigError,
+)
 from tests.conftest import RawClient, RunningServer, make_config, run_client, start_server
 
 HOSTNAME = "mx.example.org"
@@ -25,18 +31,19 @@ HOSTNAME = "mx.example.org"
 class CertFiles:
     """A CA and a server certificate for mx.example.org/127.0.0.1 written as PEM files."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, key_type: trustme.KeyType = trustme.KeyType.ECDSA) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.chain = folder / "chain.pem"
         self.key = folder / "key.pem"
         self.ca_file = folder / "ca.pem"
-        self.issue(trustme.CA())
+        self.key_type = key_type
+        self.issue(trustme.CA(key_type=key_type))
 
     def issue(self, ca: trustme.CA) -> None:
         """(Re)write the server files with a certificate from ``ca``."""
         self.ca = ca
-        cert = ca.issue_cert(HOSTNAME, "127.0.0.1", "localhost")
+        cert = ca.issue_cert(HOSTNAME, "127.0.0.1", "localhost", key_type=self.key_type)
         self.chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
         self.key.write_bytes(cert.private_key_pem.bytes())
         self.ca_file.write_bytes(ca.cert_pem.bytes())
@@ -356,9 +363,15 @@ def test_watcher_reloads_when_files_change(certs: CertFiles) -> None:
     [
         ("missing-cert", "tls_cert: {chain}: no such file"),
         ("missing-key", "tls_key: {key}: no such file"),
+        ("cert-is-a-directory", "tls_cert: {chain}: is a directory"),
         ("garbage-cert", "tls_cert: {chain}: not a PEM certificate chain"),
         ("garbage-key", "tls_key: {key}: not a PEM private key"),
+        ("key-is-the-certificate", "tls_key: {key}: not a PEM private key"),
         ("other-key", "tls_key: {key}: does not match the certificate"),
+        (
+            "passphrase",
+            "tls_key: {key}: the key is protected by a passphrase, which mailsrv cannot ask for;",
+        ),
     ],
 )
 def test_bad_certificate_or_key_is_one_clear_line(
@@ -368,10 +381,17 @@ def test_bad_certificate_or_key_is_one_clear_line(
         certs.chain.unlink()
     elif damage == "missing-key":
         certs.key.unlink()
+    elif damage == "cert-is-a-directory":
+        certs.chain.unlink()
+        certs.chain.mkdir()
     elif damage == "garbage-cert":
         certs.chain.write_text("garbage\n")
     elif damage == "garbage-key":
         certs.key.write_text("garbage\n")
+    elif damage == "key-is-the-certificate":
+        certs.key.write_bytes(certs.chain.read_bytes())
+    elif damage == "passphrase":
+        encrypt_key(certs.key)
     else:
         other = trustme.CA().issue_cert(HOSTNAME)
         certs.key.write_bytes(other.private_key_pem.bytes())
@@ -380,3 +400,115 @@ def test_bad_certificate_or_key_is_one_clear_line(
     text = str(caught.value)
     assert text.startswith(message.format(chain=certs.chain, key=certs.key))
     assert "\n" not in text
+
+
+def encrypt_key(path: Path, passphrase: bytes = b"correct horse battery staple") -> None:
+    """Rewrite the PEM key at ``path`` encrypted with ``passphrase`` (PKCS#8)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase),
+        )
+    )
+
+
+def test_undecodable_file_names_load_and_show_escaped(tmp_path: Path) -> None:
+    """SMTP_TLS_CERT can name a file whose bytes are not UTF-8 (Python gives surrogates)."""
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/certs-\xff\xfe"))
+    certs = CertFiles(folder)
+    assert "\udcff" in str(certs.chain)
+    ReloadingServerTLS(str(certs.chain), str(certs.key))  # loads
+    missing = str(folder / "missing.pem")
+    with pytest.raises(TLSConfigError) as caught:
+        ReloadingServerTLS(missing, str(certs.key))
+    assert str(caught.value) == f"tls_cert: {tmp_path}/certs-\\xff\\xfe/missing.pem: no such file"
+
+
+# --- the TLS profile ----------------------------------------------------------------------------
+
+
+def test_context_offers_the_intermediate_suites_and_openssls_tls13(certs: CertFiles) -> None:
+    connection = ReloadingServerTLS(str(certs.chain), str(certs.key)).serverConnectionForTLS(None)
+    offered = connection.get_cipher_list()
+    assert [c for c in offered if not c.startswith("TLS_")] == list(INTERMEDIATE_TLS12_CIPHERS)
+    default = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).get_ciphers()
+    tls13 = {c["name"] for c in default if c["protocol"] == "TLSv1.3"}
+    assert {c for c in offered if c.startswith("TLS_")} == tls13
+
+
+# TLS 1.2 suites a client may offer that the profile refuses: RSA key exchange (no forward
+# secrecy), CBC or CCM modes (not AEAD, or not in the profile), other ciphers, no encryption.
+REFUSED_TLS12 = [
+    "AES128-SHA",
+    "AES256-SHA256",
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-CCM",
+    "ECDHE-RSA-AES128-SHA",
+    "ECDHE-RSA-AES256-SHA384",
+    "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-ECDSA-AES256-SHA384",
+    "ECDHE-ECDSA-AES128-CCM",
+    "DHE-RSA-AES128-SHA",
+    "DHE-RSA-AES256-SHA256",
+    "ECDHE-ARIA128-GCM-SHA256",
+    "ECDHE-RSA-NULL-SHA",
+]
+ACCEPTED_TLS12 = {
+    trustme.KeyType.RSA: [c for c in INTERMEDIATE_TLS12_CIPHERS if "-RSA-" in c],
+    trustme.KeyType.ECDSA: [c for c in INTERMEDIATE_TLS12_CIPHERS if "-ECDSA-" in c],
+}
+
+
+def _handshake(port: int, context: ssl.SSLContext) -> tuple[str, str] | str:
+    """(version, cipher) and a greeting over implicit TLS, or the handshake error."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        try:
+            sock = context.wrap_socket(raw, server_hostname=HOSTNAME)
+        except (ssl.SSLError, ConnectionError) as e:
+            return f"refused: {e}"
+        with sock:
+            assert sock.recv(4) == b"220 "
+            version, cipher = sock.version(), sock.cipher()
+            assert version is not None and cipher is not None
+            return version, cipher[0]
+    finally:
+        raw.close()
+
+
+def _tls12_client(certs: CertFiles, cipher: str) -> ssl.SSLContext:
+    context = certs.client_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(f"{cipher}:@SECLEVEL=0")  # let the client offer even weak suites
+    assert cipher in {c["name"] for c in context.get_ciphers()}, f"client cannot offer {cipher}"
+    return context
+
+
+@pytest.mark.parametrize("key_type", [trustme.KeyType.RSA, trustme.KeyType.ECDSA], ids=str)
+@pytest_twisted.ensureDeferred
+async def test_tls_profile_with_a_real_client(tmp_path: Path, key_type: trustme.KeyType) -> None:
+    certs = CertFiles(tmp_path / "tls", key_type)
+    config = make_config(
+        tmp_path, enable_tls=True, tls_cert=str(certs.chain), tls_key=str(certs.key)
+    )
+    tls = ReloadingServerTLS(str(certs.chain), str(certs.key))
+    running = await start_server(config, listeners=("smtps",), tls=tls)
+    port = running.ports["smtps"]
+    try:
+        for cipher in ACCEPTED_TLS12[key_type]:
+            result = await run_client(_handshake, port, _tls12_client(certs, cipher))
+            assert result == ("TLSv1.2", cipher), cipher
+        for cipher in REFUSED_TLS12:
+            result = await run_client(_handshake, port, _tls12_client(certs, cipher))
+            assert isinstance(result, str) and result.startswith("refused: "), (cipher, result)
+        tls13 = certs.client_context()
+        tls13.minimum_version = ssl.TLSVersion.TLSv1_3
+        result = await run_client(_handshake, port, tls13)
+        assert isinstance(result, tuple) and result[0] == "TLSv1.3", result
+    finally:
+        await running.service.stopService()

@@ -16,7 +16,7 @@ from importlib import resources
 from typing import Any
 
 from mailsrv.auth.store import Account, DuplicateAccount, StoreError, UnknownAccount
-from mailsrv.config import parse_mailbox
+from mailsrv.identity import InvalidAddress, canonical_address
 
 DIALECTS = ("sqlite", "postgresql")
 _FILE_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
@@ -102,18 +102,18 @@ SELECT_ACCOUNTS = (
 
 
 def new_address(text: str) -> str:
-    """A login or alias about to be created: validated ``local@domain``, lower-cased."""
+    """A login or alias about to be created, in canonical form (``mailsrv.identity``)."""
     try:
-        return parse_mailbox(text)
-    except ValueError:
-        raise StoreError(f"invalid address {text!r}") from None
+        return canonical_address(text)
+    except InvalidAddress as error:
+        raise StoreError(str(error)) from None
 
 
 def lookup_key(text: str) -> str | None:
-    """The stored form of an address to look up; None when it cannot exist (invalid)."""
+    """The stored (canonical) form of an address to look up; None when it cannot exist."""
     try:
-        return parse_mailbox(text)
-    except ValueError:
+        return canonical_address(text)
+    except InvalidAddress:
         return None
 
 

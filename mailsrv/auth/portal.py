@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailsrv.auth.checker import AccountChecker
+from mailsrv.auth.factory import describe_error
 from mailsrv.auth.passwords import PasswordHasher
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.store import IUserStore
@@ -31,19 +32,28 @@ def build_portal(
 class UserStoreService(Service):
     """Opens the user store (applying migrations) on start and closes it on stop."""
 
-    def __init__(self, store: IUserStore, on_failure: Any) -> None:
+    def __init__(self, store: IUserStore, on_failure: Any, where: str = "") -> None:
         self.store = store
         self._on_failure = on_failure
+        self._where = where
         self.ready: Deferred[None] | None = None
+        self.opened = False
         self.setName("user-store")
 
     def startService(self) -> None:
         super().startService()
         self.ready = maybeDeferred(self.store.open)
-        self.ready.addErrback(self._failed)
+        self.ready.addCallbacks(self._opened, self._failed)
+
+    def _opened(self, _: object) -> None:
+        self.opened = True
 
     def _failed(self, failure: Any) -> None:
-        _log.critical("cannot open the user store: {error}", error=failure.getErrorMessage())
+        _log.critical(
+            "cannot open the user store {store}: {error}",
+            store=self._where,
+            error=describe_error(failure.value),
+        )
         self._on_failure()
 
     def stopService(self) -> Deferred[None]:

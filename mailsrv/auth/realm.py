@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
 from mailsrv.auth.store import IUserStore
+from mailsrv.identity import InvalidAddress, canonical_address
 
 
 class ISender(Interface):
@@ -42,10 +43,16 @@ class Sender:
         return self.login is not None
 
     def may_send_as(self, address: str | None) -> bool:
-        """Anonymous clients and send-as-any accounts may use any sender; others their own."""
+        """Anonymous clients and send-as-any accounts may use any sender; others their own.
+
+        ``address`` is compared in canonical form (``mailsrv.identity``), as the store keeps it.
+        """
         if self.login is None or self.send_as_any or address is None:
             return True
-        return address.lower() in self.addresses
+        try:
+            return canonical_address(address) in self.addresses
+        except InvalidAddress:
+            return False
 
 
 ANONYMOUS_SENDER = Sender(None)

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from mailsrv.auth import migrations as m
 from mailsrv.auth.store import Account, IUserStore, StoreError
+from mailsrv.filemodes import create_private_file, make_private_dirs
 
 T = TypeVar("T")
 
@@ -101,7 +102,8 @@ class SQLiteUserStore:
         return d
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.path.parent)
+        create_private_file(self.path)  # 0600; SQLite gives -wal and -shm the same mode
         conn = sqlite3.connect(
             str(self.path),
             timeout=BUSY_TIMEOUT_MS / 1000,

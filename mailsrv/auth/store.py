@@ -1,8 +1,8 @@
 """The user store contract: accounts and aliases, the same behaviour on SQLite and PostgreSQL.
 
 Every method returns a Deferred and never blocks the reactor.  Addresses and logins are stored
-lower-cased.  An alias maps one address to one account; an account also receives mail for its
-own login address.
+in canonical form (``mailsrv.identity``: NFC, lower-cased, IDN domains as A-labels).  An alias
+maps one address to one account; an account also receives mail for its own login address.
 """
 
 from __future__ import annotations

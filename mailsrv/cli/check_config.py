@@ -1,4 +1,9 @@
-"""``mailsrv check-config``: load the configuration as the server would and print it."""
+"""``mailsrv check-config``: load and check the configuration as the server would, and print it.
+
+The checks are the server's own (:func:`mailsrv.preflight.check`: data directory, user
+database, TLS pair, Argon2 cost), so a configuration that passes here starts, and a broken one
+gives the same line here as from ``twistd mailsrv``.  Nothing is created or migrated.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ import os
 import sys
 from typing import Any
 
-from mailsrv.config import ConfigError, describe, load
-from mailsrv.tls import ReloadingServerTLS, TLSConfigError
+from mailsrv.config import ConfigError, describe, display_path, load
+from mailsrv.preflight import PreflightError, check
 
 
 def register(commands: Any) -> None:
@@ -28,17 +33,16 @@ def _show(value: object) -> str:
         )
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return display_path(str(value))  # a path from the environment may not be UTF-8
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate (settings, and the TLS pair if TLS is on); print ``KEY=value`` lines; exit 2
+    """Validate the settings and run the start-up checks; print ``KEY=value`` lines; exit 2
     with one line on a bad configuration."""
     try:
         config = load(args.config, os.environ)
-        if config.enable_tls:
-            ReloadingServerTLS(config.tls_cert, config.tls_key)  # the same check as at start
-    except (ConfigError, TLSConfigError) as e:
+        check(config)
+    except (ConfigError, PreflightError) as e:
         print(f"mailsrv: {e}", file=sys.stderr)
         return 2
     if not args.quiet:

@@ -7,6 +7,7 @@ error prints one line to standard error and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry_point() -> None:
     """Console-script wrapper."""
+    if isinstance(sys.stdout, io.TextIOWrapper):  # addresses may be UTF-8: never a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         sys.exit(main())
     except BrokenPipeError:

@@ -18,15 +18,15 @@ import argparse
 import getpass
 import os
 import signal
-import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
-from mailsrv.config import Config, ConfigError, load, parse_mailbox
+from mailsrv.auth.factory import describe_error, store_location
+from mailsrv.config import Config, ConfigError, load
+from mailsrv.identity import InvalidAddress, canonical_address, display_address
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -184,50 +184,15 @@ async def _execute(reactor: Any, args: argparse.Namespace, config: Config) -> in
             _error(f"closing the user store: {describe_error(e)}")
 
 
-def describe_error(error: BaseException) -> str:
-    """One line for ``error``: the store's own message, or the database's first line."""
-    from mailsrv.auth.store import StoreError
-
-    if isinstance(error, StoreError | CommandError):
-        return str(error)
-    text = " ".join(str(error).split("\n", 1)[0].split()) or type(error).__name__
-    if isinstance(error, OSError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror}"
-    if isinstance(error, sqlite3.Error):
-        return f"database error: {text}"
-    try:
-        import psycopg2
-        from txpostgres.reconnection import ConnectionDead
-    except ImportError:  # pragma: no cover - both are dependencies
-        return f"error: {text}"
-    if isinstance(error, psycopg2.Error):
-        return f"database error: {text}"
-    if isinstance(error, ConnectionDead):
-        return "database error: the connection to PostgreSQL is lost"
-    return f"unexpected error: {type(error).__name__}: {text}"
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def store_location(config: Config) -> str:
-    """Where the accounts live, for messages: the SQLite path or the URL without password."""
-    if not config.db_url:
-        return str(config.sqlite_path)
-    url = urlsplit(config.db_url)
-    if url.password is not None:
-        netloc = url.netloc.rpartition("@")
-        url = url._replace(netloc=f"{url.username or ''}:***@{netloc[2]}")
-    return urlunsplit(url._replace(query=""))
-
-
 def address(text: str) -> str:
-    """A validated, lower-cased address, or CommandError."""
+    """The address in canonical form (``mailsrv.identity``), or CommandError."""
     try:
-        return parse_mailbox(text)
-    except ValueError:
-        raise CommandError(f"invalid address {text!r}") from None
+        return canonical_address(text)
+    except InvalidAddress as error:
+        raise CommandError(str(error)) from None
 
 
 async def existing(ctx: Context, login: str) -> Any:
@@ -339,7 +304,10 @@ async def _list(ctx: Context) -> None:
 
 async def _show(ctx: Context) -> None:
     account = await existing(ctx, ctx.args.login)
-    ctx.say(f"login:       {account.login}")
+    readable = display_address(account.login)
+    ctx.say(
+        f"login:       {account.login}" + (f" ({readable})" if readable != account.login else "")
+    )
     ctx.say(f"enabled:     {_yes(account.enabled)}")
     ctx.say(f"send-as-any: {_yes(account.send_as_any)}")
     ctx.say(f"cram-md5:    {_yes(account.cram_md5 is not None)}")

@@ -1,4 +1,4 @@
-"""Group commit: make many messages durable with a few filesystem syncs, in one thread.
+"""Group commit: make many accepted messages durable with a few filesystem syncs, in one thread.
 
 Committing each message on its own (fsync the file, link it into ``new/``, fsync the directory)
 costs two journal commits and a round of thread hand-offs per message; profiles of workload (b)
@@ -7,86 +7,77 @@ Python.  The committer instead takes every message waiting at that moment as one
 own thread:
 
 1. finish each spool file (write the rest, close; no fsync);
-2. one sync of the spool's filesystem: every body is now on disk;
-3. hard-link each body into its recipients' ``new/`` (the Maildir "tmp then new" step);
-4. one sync again: every new name is on disk;
-5. drop the spool names and fire every message's Deferred in one call into the reactor.
+2. one sync: every body is now on disk;
+3. every sink (:mod:`mailsrv.delivery.sinks`) writes its part of the batch, in order: Maildir
+   links for local recipients, queue records for remote ones, outbox entries; a sink only sees
+   the messages every sink before it accepted;
+4. all or nothing: a message that any sink failed is rolled back in every sink that wrote it;
+5. one sync again: every link, record and removal is on disk;
+6. drop the spool names and, in one call into the reactor, fire every message's Deferred (the
+   250 or the 451), then give each sink the committed messages (``committed``).
 
-A batch waits only for the one before it, so the batch size grows with the load.  The sync is
-``syncfs(2)`` on the filesystem holding the data directory where the platform has it, else
-``sync(2)``.  Mail only counts as accepted after step 4, so a crash at any point leaves either
-no copy in ``new/`` or a whole one, as before.
+A batch waits only for the one before it, so the batch size grows with the load.  The sync
+(:func:`~mailsrv.delivery.fssync.filesystem_syncer`) covers each filesystem holding the spool,
+the Maildirs or a sink's records, so a mail directory mounted elsewhere is durable before the
+250 too.  Mail only counts as accepted after step 5, so a crash at any point leaves either
+nothing or a whole message in every sink.  When the second sync fails, every message of the
+batch is rolled back (best effort) before its 451.
+
+:meth:`GroupCommitter.inline` runs the same steps without the thread, one message per batch,
+at once in the caller's thread: for in-memory protocol tests whose I/O is synchronous too.  Its
+``commit`` returns a Deferred that has already fired, so there the ``committed`` hooks run
+before the caller's callbacks (the reply) rather than after them.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailsrv.delivery.maildir import MaildirStore
+from mailsrv.delivery.envelope import AcceptedMessage
+from mailsrv.delivery.sinks import ICommitSink, StagedMessage
 from mailsrv.delivery.spool import SpoolFile
 
 _log = Logger(namespace="mailsrv.delivery")
 
 
-def filesystem_syncer(directory: Path) -> Callable[[], None]:
-    """A function that makes everything written under ``directory``'s filesystem durable."""
-    libc_name = ctypes.util.find_library("c")
-    syncfs = getattr(ctypes.CDLL(libc_name, use_errno=True), "syncfs", None) if libc_name else None
-    if syncfs is None:
-        return os.sync
-
-    def sync() -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if syncfs(fd) != 0:
-                error = ctypes.get_errno()
-                raise OSError(error, os.strerror(error))
-        finally:
-            os.close(fd)
-
-    return sync
-
-
 @dataclass
 class _Job:
+    message: AcceptedMessage
     spool_file: SpoolFile
     rest: bytes
-    mailboxes: tuple[str, ...]
-    now: float
-    result: Deferred[list[Path]]
-    delivered: list[Path] = field(default_factory=list)
+    result: Deferred[AcceptedMessage]
+    written: list[ICommitSink] = field(default_factory=list)  # sinks holding its part
     error: BaseException | None = None
+
+    @property
+    def staged(self) -> StagedMessage:
+        return StagedMessage(self.message, self.spool_file.path)
 
 
 _STOP = object()
 
 
 class GroupCommitter(Service):
-    """Commits messages in batches (see the module docstring)."""
+    """Commits accepted messages in batches through its sinks (see the module docstring)."""
 
     def __init__(
         self,
-        reactor: Any,
-        store: MaildirStore,
+        reactor: IReactorFromThreads | None,
+        sinks: Sequence[ICommitSink],
         sync: Callable[[], None],
     ) -> None:
-        self._reactor: IReactorFromThreads = reactor
-        self._clock: IReactorTime = reactor
-        self._store = store
+        self._reactor = reactor
+        self.sinks = tuple(sinks)
         self._sync = sync
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -94,37 +85,52 @@ class GroupCommitter(Service):
         self.messages = 0
         self.setName("committer")
 
-    def commit(self, spool_file: SpoolFile, mailboxes: tuple[str, ...]) -> Deferred[list[Path]]:
-        """Make ``spool_file`` durable and deliver it; fires with the delivered paths."""
-        result: Deferred[list[Path]] = Deferred()
-        now = self._clock.seconds()
+    @classmethod
+    def inline(cls, sinks: Sequence[ICommitSink], sync: Callable[[], None]) -> GroupCommitter:
+        """A committer without a thread: each message is its own batch, run in ``commit``."""
+        return cls(None, sinks, sync)
+
+    def commit(self, message: AcceptedMessage, spool_file: SpoolFile) -> Deferred[AcceptedMessage]:
+        """Make ``message`` (its body in ``spool_file``) durable in every sink.
+
+        Fires with ``message`` once it is committed (reply 250), or fails with the first error
+        (reply 451): then nothing of it is left in any sink and the caller discards the spool
+        file.
+        """
+        result: Deferred[AcceptedMessage] = Deferred()
 
         def enqueue(rest: bytes) -> None:
-            if self._thread is None:
+            if not self.running:
                 result.errback(Failure(RuntimeError("the committer is not running")))
-                return
-            self._queue.put(_Job(spool_file, rest, mailboxes, now, result))
+            elif self._reactor is None:
+                job = _Job(message, spool_file, rest, result)
+                self._commit_batch([job])
+                self._fire([job])
+            else:
+                self._queue.put(_Job(message, spool_file, rest, result))
 
         spool_file.detach().addCallbacks(enqueue, result.errback)
         return result
 
     def startService(self) -> None:
         super().startService()
-        self._thread = threading.Thread(target=self._run, name="mailsrv-committer", daemon=True)
-        self._thread.start()
+        if self._reactor is not None:
+            self._thread = threading.Thread(target=self._run, name="mailsrv-committer", daemon=True)
+            self._thread.start()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         thread, self._thread = self._thread, None
-        self._queue.put(_STOP)
         done: Deferred[None] = Deferred()
-        if thread is None:
+        if thread is None or self._reactor is None:
             done.callback(None)
             return done
+        self._queue.put(_STOP)
+        reactor = self._reactor
 
         def join() -> None:
             thread.join()
-            self._reactor.callFromThread(done.callback, None)
+            reactor.callFromThread(done.callback, None)
 
         threading.Thread(target=join, name="mailsrv-committer-join", daemon=True).start()
         return done
@@ -132,6 +138,7 @@ class GroupCommitter(Service):
     # -- the committer thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        assert self._reactor is not None
         while True:
             batch = [self._queue.get()]
             while True:
@@ -142,6 +149,7 @@ class GroupCommitter(Service):
             jobs = [job for job in batch if job is not _STOP]
             if jobs:
                 self._commit_batch(jobs)
+                self._reactor.callFromThread(self._fire, jobs)
             if len(jobs) != len(batch):
                 return
 
@@ -153,20 +161,26 @@ class GroupCommitter(Service):
                 live.append(job)
             except BaseException as e:
                 job.error = e
-        try:
-            if live:
+        if live:
+            try:
                 self._sync()
+            except BaseException as e:
                 for job in live:
-                    try:
-                        job.delivered = self._store.link(
-                            job.spool_file.path, job.mailboxes, job.now
-                        )
-                    except BaseException as e:
-                        job.error = e
-                self._sync()
-        except BaseException as e:
+                    job.error = e
+                live = []
+        if live:
+            for sink in self.sinks:
+                self._write(sink, [job for job in live if job.error is None])
             for job in live:
-                job.error = job.error or e
+                if job.error is not None:
+                    self._roll_back(job)
+            try:
+                self._sync()
+            except BaseException as e:
+                for job in live:
+                    if job.error is None:
+                        job.error = e
+                        self._roll_back(job)  # no 250 goes out, so nothing may stay
         for job in live:
             if job.error is None:
                 try:
@@ -175,12 +189,52 @@ class GroupCommitter(Service):
                     _log.failure("could not remove spool file {path}", path=job.spool_file.path)
         self.batches += 1
         self.messages += len(jobs)
-        self._reactor.callFromThread(_fire, jobs)
 
+    def _write(self, sink: ICommitSink, jobs: list[_Job]) -> None:
+        """``sink`` writes its part of ``jobs``; note who failed and who holds a part."""
+        if not jobs:
+            return
+        try:
+            failures = sink.write([job.staged for job in jobs])
+        except BaseException as e:
+            _log.failure("sink {sink} failed a batch of {count}", sink=sink.name, count=len(jobs))
+            for job in jobs:
+                job.error = e
+                job.written.append(sink)  # it may hold a part: its rollback decides
+            return
+        for job in jobs:
+            error = failures.get(job.message.queue_id)
+            if error is None:
+                job.written.append(sink)
+            else:
+                job.error = error
 
-def _fire(jobs: list[_Job]) -> None:
-    for job in jobs:
-        if job.error is None:
-            job.result.callback(job.delivered)
-        else:
-            job.result.errback(Failure(job.error))
+    def _roll_back(self, job: _Job) -> None:
+        written, job.written = job.written, []
+        for sink in reversed(written):
+            try:
+                sink.rollback(job.staged)
+            except BaseException:
+                _log.failure(
+                    "could not roll back message {queue_id} in {sink}: a copy may remain",
+                    queue_id=job.message.queue_id,
+                    sink=sink.name,
+                )
+
+    # -- back in the reactor thread -------------------------------------------------------------
+
+    def _fire(self, jobs: list[_Job]) -> None:
+        committed = []
+        for job in jobs:
+            if job.error is None:
+                committed.append(job.message)
+                job.result.callback(job.message)
+            else:
+                job.result.errback(Failure(job.error))
+        if not committed:
+            return
+        for sink in self.sinks:
+            try:
+                sink.committed(committed)
+            except Exception:
+                _log.failure("sink {sink} failed after commit", sink=sink.name)

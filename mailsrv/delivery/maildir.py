@@ -4,9 +4,10 @@ A message arrives as a spool file (see :mod:`mailsrv.delivery.spool`), already c
 fsync'd.  Delivery hard-links it into each recipient's ``new/`` under a unique name (the
 Maildir "tmp then new" step, with the spool as tmp), fsyncs every ``new/`` directory touched, and
 only then removes the spool file.  A crash at any point leaves either no copy or a whole copy in
-``new/``, never a partial one.  The server batches this work across messages
-(:mod:`mailsrv.delivery.committer`); :meth:`MaildirStore.deliver` is the one-message form.
-Everything here blocks: call it from a thread.
+``new/``, never a partial one.  The server batches this work across messages: the committer
+(:mod:`mailsrv.delivery.committer`) syncs, and :class:`MaildirSink` links;
+:meth:`MaildirStore.deliver` is the one-message form.  Everything here blocks: call it from a
+thread.
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ import errno
 import itertools
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from zope.interface import implementer
+
+from mailsrv.delivery.envelope import AcceptedMessage
+from mailsrv.delivery.sinks import Failures, ICommitSink, StagedMessage
+from mailsrv.filemodes import PRIVATE_FILE, make_private_dirs
 
 _SUBDIRS = ("tmp", "new", "cur")
 
@@ -43,7 +50,6 @@ class MaildirStore:
         self._host = _host_for_name(hostname)
         self._pid = os.getpid()
         self._counter = itertools.count(1)
-        self._ready: set[Path] = set()
 
     def maildir(self, mailbox: str) -> Path:
         """The Maildir of ``local@domain`` (which config validation made safe as a path)."""
@@ -53,29 +59,26 @@ class MaildirStore:
         return self.root / domain / local
 
     def unique_name(self, now: float, size: int) -> str:
-        """A Maildir-unique file name: time, microseconds, pid, counter, host, size."""
+        """A Maildir-unique file name: time, microseconds, pid, counter, host, size.
+
+        The microseconds are zero-padded to six digits, so names sort in arrival order.
+        """
         seconds = int(now)
         micros = int((now - seconds) * 1_000_000)
         count = next(self._counter)
-        return f"{seconds}.M{micros}P{self._pid}Q{count}.{self._host},S={size}"
+        return f"{seconds}.M{micros:06d}P{self._pid}Q{count}.{self._host},S={size}"
 
     def ensure(self, maildir: Path) -> None:
-        """Create ``tmp``, ``new`` and ``cur`` durably (once per process per Maildir)."""
-        if maildir in self._ready:
-            return
+        """Create whatever is missing of ``tmp``, ``new`` and ``cur`` (``0700``), durably.
+
+        Nothing is remembered: a Maildir removed while the server runs is made again the next
+        time a link into it fails (see :meth:`link`).
+        """
         created = []
-        for path in (*reversed(maildir.parents), maildir):
-            if path.is_relative_to(self.root.parent) and not path.exists():
-                path.mkdir(mode=0o700, exist_ok=True)
-                created.append(path)
         for sub in _SUBDIRS:
-            target = maildir / sub
-            if not target.exists():
-                target.mkdir(mode=0o700, exist_ok=True)
-                created.append(target)
+            created.extend(make_private_dirs(maildir / sub))
         for path in {p.parent for p in created}:
             fsync_directory(path)
-        self._ready.add(maildir)
 
     def deliver(self, spool_file: Path, mailboxes: Iterable[str], now: float) -> list[Path]:
         """Link ``spool_file`` into every mailbox's ``new/``, fsync, then drop the spool file.
@@ -91,29 +94,100 @@ class MaildirStore:
     def link(
         self, spool_file: Path, mailboxes: Iterable[str], now: float, size: int | None = None
     ) -> list[Path]:
-        """Link ``spool_file`` into every mailbox's ``new/`` under unique names (no syncs)."""
+        """Link ``spool_file`` into every mailbox's ``new/`` under unique names (no syncs).
+
+        All or nothing: when one mailbox fails, the links already made are removed before the
+        error is raised, so the client's retry cannot leave a second copy anywhere.
+        """
         if size is None:
             size = spool_file.stat().st_size
         delivered: list[Path] = []
-        for mailbox in dict.fromkeys(mailboxes):
-            maildir = self.maildir(mailbox)
-            self.ensure(maildir)
-            target = maildir / "new" / self.unique_name(now, size)
-            _link_or_copy(spool_file, target)
-            delivered.append(target)
+        try:
+            for mailbox in dict.fromkeys(mailboxes):
+                maildir = self.maildir(mailbox)
+                target = maildir / "new" / self.unique_name(now, size)
+                try:
+                    _link_or_copy(spool_file, target)
+                except FileNotFoundError:
+                    if not spool_file.exists():
+                        raise
+                    self.ensure(maildir)  # first delivery, or the Maildir was removed
+                    _link_or_copy(spool_file, target)
+                delivered.append(target)
+        except BaseException:
+            self.remove(delivered)
+            raise
         return delivered
+
+    def remove(self, delivered: Iterable[Path]) -> None:
+        """Remove delivered copies (undoing :meth:`link`; the caller syncs)."""
+        for path in delivered:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target``; across filesystems copy via tmp/ with fsync."""
+    """Hard-link ``source`` to ``target``; across filesystems copy via tmp/ with fsync.
+
+    A copy is ``0600``, like the spool file a link shares.
+    """
     try:
         os.link(source, target)
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        temporary = target.parent.parent / "tmp" / target.name
-        with open(source, "rb") as src, open(temporary, "xb") as dst:
+    else:
+        return
+    temporary = target.parent.parent / "tmp" / target.name
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        with open(source, "rb") as src, open(fd, "wb", closefd=False) as dst:
             shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
+        os.fsync(fd)
         os.rename(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+@implementer(ICommitSink)
+class MaildirSink:
+    """The committer's Maildir sink: links each message into its local recipients' ``new/``.
+
+    A message with no local recipient is skipped.  :meth:`rollback` removes the links the
+    last :meth:`write` made for a message (the committer calls it before its next write).
+    """
+
+    name = "maildir"
+
+    def __init__(self, store: MaildirStore) -> None:
+        self.store = store
+        self._linked: dict[str, list[Path]] = {}
+
+    def write(self, batch: Sequence[StagedMessage]) -> Failures:
+        """Link every message of ``batch``; a failed message keeps no link (see ``link``)."""
+        self._linked = {}
+        failures: dict[str, BaseException] = {}
+        for staged in batch:
+            message = staged.message
+            mailboxes = message.local_mailboxes
+            if not mailboxes:
+                continue
+            try:
+                self._linked[staged.queue_id] = self.store.link(
+                    staged.body, mailboxes, message.received_at, message.size
+                )
+            except Exception as e:
+                failures[staged.queue_id] = e
+        return failures
+
+    def rollback(self, staged: StagedMessage) -> None:
+        """Remove the links made for ``staged`` by the last write."""
+        self.store.remove(self._linked.pop(staged.queue_id, []))
+
+    def committed(self, messages: Sequence[AcceptedMessage]) -> None:
+        """Nothing to hand on: a Maildir copy is already delivered."""

@@ -3,8 +3,14 @@
 A :class:`SpoolFile` collects content in memory and hands it to the I/O thread pool in order, in
 chunks of ``_CHUNK`` bytes, so a 50 MB message never sits in memory.  When more than
 ``_HIGH_WATER`` bytes wait for the disk it asks the session to pause reading from the client, and
-resumes it when the writes have caught up.  :meth:`SpoolFile.close` writes the rest, fsyncs and
-closes; the result is a complete, durable file for :class:`~mailsrv.delivery.maildir.MaildirStore`.
+resumes it when the writes have caught up.  At the end of DATA, :meth:`SpoolFile.detach` hands
+the file to the committer (:mod:`mailsrv.delivery.committer`), which finishes it and makes it
+durable with a whole batch; :meth:`SpoolFile.close` is the one-message form (write the rest,
+fsync, close).
+
+Only bodies never acknowledged are ever left here: a committed message has its own names in
+every sink (Maildir links, queue records) before the 250, and its spool name is dropped.  So
+:meth:`Spool.prepare` empties the directory at start.
 """
 
 from __future__ import annotations
@@ -12,19 +18,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from mailsrv.delivery.maildir import fsync_directory
+from mailsrv.filemodes import make_private_dirs
+from mailsrv.threads import RunInThread
+
+__all__ = ["RunInThread", "Spool", "SpoolFile"]  # RunInThread: its old home, for importers
 
 _CHUNK = 256 * 1024
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _HIGH_WATER = 2 * 1024 * 1024
-
-T = TypeVar("T")
-RunInThread = Callable[..., "Deferred[Any]"]
 
 _log = Logger()
 
@@ -37,8 +44,9 @@ class Spool:
         self._run = run_in_thread
 
     def prepare(self) -> int:
-        """Create the directory and remove bodies never acknowledged (blocking; at start)."""
-        self.incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Create the directory (``0700``, with its parents) and remove bodies never
+        acknowledged (blocking; at start)."""
+        make_private_dirs(self.incoming)
         stale = 0
         for leftover in self.incoming.iterdir():
             leftover.unlink()
@@ -116,34 +124,33 @@ class SpoolFile:
         self._failure = failure.value
         self._written(None, size)
 
-    def close(self, then: Callable[[Path], T] | None = None) -> Deferred[Any]:
-        """Write what is left, fsync and close.
+    def close(self) -> Deferred[Path]:
+        """Write what is left, fsync and close; fires with the path of the complete file.
 
-        Fires with the path of the complete file or, given ``then``, with ``then(path)`` called
-        in the same I/O thread right after the fsync (one trip to the thread pool, not two).
+        The one-message form; the server hands files to the committer (:meth:`detach`).
         """
         rest = b"".join(self._memory)
         self._memory.clear()
         self._memory_size = 0
-        result: Deferred[Any] = Deferred()
+        result: Deferred[Path] = Deferred()
 
         def finish(_: object) -> Deferred[Any]:
             if self._failure is not None:
                 raise self._failure
-            return self._run(self._close_blocking, rest, then)
+            return self._run(self._close_blocking, rest)
 
         self._tail.addCallback(finish)
         self._tail.addCallbacks(result.callback, result.errback)
         return result
 
-    def _close_blocking(self, rest: bytes, then: Callable[[Path], T] | None) -> Any:
+    def _close_blocking(self, rest: bytes) -> Path:
         fd = self._open_blocking()
         try:
             _write_all(fd, rest)
             os.fsync(fd)
         finally:
             self._close_fd()
-        return self.path if then is None else then(self.path)
+        return self.path
 
     def detach(self) -> Deferred[bytes]:
         """Hand the file over for a group commit: fires, once the writes in flight are done,

@@ -34,6 +34,10 @@ class AddressError(ValueError):
     """The path or its parameters are not valid RFC 5321 syntax."""
 
 
+class ParameterSyntaxError(AddressError):
+    """The path is fine but the ESMTP parameters after it are not ``KEY[=value]`` words."""
+
+
 @dataclass(frozen=True)
 class Address:
     """A parsed mailbox.  ``domain`` is lower-cased; ``local`` keeps its case."""
@@ -93,11 +97,11 @@ def parse_params(text: str) -> dict[str, str | None]:
         if not word:
             continue
         if not _PARAM.fullmatch(word):
-            raise AddressError(f"bad parameter {word!r}")
+            raise ParameterSyntaxError(f"bad parameter {word[:40]!r}")
         key, sep, value = word.partition("=")
         key = key.upper()
         if key in params:
-            raise AddressError(f"duplicate parameter {key}")
+            raise ParameterSyntaxError(f"duplicate parameter {key[:40]}")
         params[key] = value if sep else None
     return params
 
@@ -121,18 +125,32 @@ def parse_path_argument(text: str, prefix: str, allow_null: bool) -> PathArgumen
     after = rest[match.end() :]
     if after and not after.startswith(" "):
         raise AddressError("junk after path")
+    return PathArgument(_address(match), parse_params(after))
+
+
+def _address(match: re.Match[str]) -> Address:
+    """The :class:`Address` of a ``_PATH`` match, with its lengths and literal checked."""
     local, domain = match.group("local"), match.group("domain")
     if len(local.encode()) > MAX_LOCAL_PART or len(domain.encode()) > MAX_DOMAIN:
         raise AddressError("address too long")
-    if match.end() > MAX_PATH + 2:
+    if match.end() - match.start() > MAX_PATH + 2:
         raise AddressError("path too long")
     if domain.startswith("["):
         try:
             _check_literal(domain)
         except ValueError:
             raise AddressError("bad address literal") from None
-    address = Address(local, domain.lower(), source_route=match.group("adl") is not None)
-    return PathArgument(address, parse_params(after))
+    return Address(local, domain.lower(), source_route=match.group("adl") is not None)
+
+
+def parse_addr_spec(text: str) -> Address:
+    """A bare ``local@domain`` (no angle brackets, no source route), as in ``AUTH=`` values."""
+    if len(text) > MAX_PATH:
+        raise AddressError("address too long")
+    match = _PATH.fullmatch(f"<{text}>")
+    if match is None or match.group("adl") is not None:
+        raise AddressError("bad mailbox")
+    return _address(match)
 
 
 _HELO_DOMAIN = re.compile(rf"{_DOMAIN}\.?|{_ADDRESS_LITERAL}")

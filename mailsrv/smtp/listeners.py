@@ -18,6 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailsrv.smtp.admission import AdmitBeforeTLSFactory
 from mailsrv.smtp.server import SMTPFactory, SMTPServer
 
 _log = Logger(namespace="mailsrv.smtp")
@@ -78,7 +79,8 @@ class SMTPListenerService(Service):
 
     ``ports`` maps listener names (``mx``, ``submission``, ``smtps``) to port numbers; 0 binds
     an ephemeral port (tests).  The caller leaves out listeners that are turned off.  ``smtps``
-    speaks TLS from the first byte (RFC 8314) with the server's certificate.
+    speaks TLS from the first byte (RFC 8314) with the server's certificate, once the
+    connection limits have admitted the client (:mod:`mailsrv.smtp.admission`).
     """
 
     def __init__(self, reactor: Any, server: SMTPServer, ports: dict[str, int]) -> None:
@@ -93,13 +95,16 @@ class SMTPListenerService(Service):
     def _listen(self) -> None:
         config = self.server.config
         for name, port in self._ports.items():
-            factory: Any = SMTPFactory(self.server, name, implicit_tls=name == "smtps")
+            factory: Any = SMTPFactory(self.server, name)
             if name == "smtps":
                 if self.server.tls is None:
                     raise SystemExit(
                         "mailsrv: the smtps listener needs enable_tls and a certificate"
                     )
-                factory = TLSMemoryBIOFactory(self.server.tls, False, factory)
+                # Admission first, TLS only for admitted clients (mailsrv.smtp.admission).
+                sessions = SMTPFactory(self.server, name, implicit_tls=True, preadmitted=True)
+                tls = TLSMemoryBIOFactory(self.server.tls, False, sessions)
+                factory = AdmitBeforeTLSFactory(self.server, name, tls)
             try:
                 listening = listen_tcp(
                     self._reactor, port, factory, config.listen_backlog, config.host
@@ -119,7 +124,7 @@ class SMTPListenerService(Service):
                 )
             self.listening[name] = listening
             address = listening.getHost()
-            _log.info(
+            _log.debug(  # the start-up summary (mailsrv.startup) names every listener
                 "listening for {listener} on [{host}]:{port}",
                 listener=name,
                 host=address.host,

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from mailsrv.auth.store import IUserStore
 from mailsrv.config import Config
+from mailsrv.identity import InvalidAddress, canonical_domain, canonical_local
 from mailsrv.smtp import replies
 from mailsrv.smtp.address import Address
 from mailsrv.smtp.replies import Reply
@@ -36,7 +37,9 @@ class RecipientPolicy:
     """Resolves RCPT TO addresses: configured mailboxes and aliases first, then user accounts.
 
     An account receives mail for its login and its aliases in the Maildir named by its login;
-    a disabled account refuses mail (``550 5.2.1``).
+    a disabled account refuses mail (``550 5.2.1``).  Addresses are compared in canonical form
+    (``mailsrv.identity``); a local part that can never be a mailbox here (compatibility
+    characters, a non-ASCII spelling of ASCII, controls) gets ``550 5.1.1`` before any lookup.
     """
 
     def __init__(self, config: Config, store: IUserStore | None = None) -> None:
@@ -49,20 +52,23 @@ class RecipientPolicy:
             self._aliases[alias].append(target)
 
     def is_local(self, domain: str) -> bool:
-        """True when ``domain`` is delivered here."""
+        """True when ``domain`` (canonical, ``mailsrv.identity``) is delivered here."""
         return domain in self.local_domains
 
     def resolve(self, address: Address) -> RecipientDecision | Deferred[RecipientDecision]:
         """Decide one recipient (RFC 5321 section 4.5.1: postmaster always exists)."""
         if address.has_routing:
             return RecipientDecision(replies.RELAY_TRICK)
-        domain = address.domain or self.primary_domain
+        try:
+            domain = canonical_domain(address.domain) if address.domain else self.primary_domain
+        except InvalidAddress:
+            domain = ""  # a domain literal, or not a valid IDNA 2008 name: never local
         if not self.is_local(domain):
             return RecipientDecision(replies.RELAY_DENIED)
-        local = address.local
-        if address.is_quoted:
-            local = local[1:-1].replace("\\", "")
-        mailbox = f"{local.lower()}@{domain}"
+        try:
+            mailbox = f"{canonical_local(address.local)}@{domain}"
+        except InvalidAddress:
+            return RecipientDecision(replies.MAILBOX_NAME_REFUSED)
         if mailbox in self._aliases:
             return RecipientDecision(replies.RECIPIENT_OK, tuple(self._aliases[mailbox]))
         if mailbox in self._mailboxes:

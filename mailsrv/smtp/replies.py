@@ -63,6 +63,7 @@ CONNECTION_RATE_EXCEEDED = Reply(421, "4.7.0", "Connection rate limit exceeded, 
 MESSAGE_RATE_EXCEEDED = Reply(451, "4.7.1", "Message rate limit exceeded, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+COMMAND_TIMEOUT = Reply(421, "4.4.2", "Command line timeout, closing connection")
 DATA_TIMEOUT = Reply(421, "4.4.2", "DATA timeout, closing connection")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 STORAGE_ERROR = Reply(452, "4.3.1", "Insufficient system storage, try again later")
@@ -111,6 +112,9 @@ UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL or RCPT parameter")
 
 # 5xx: policy and content
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
+MAILBOX_NAME_REFUSED = Reply(
+    550, "5.1.1", "No such user here: the name has characters no mailbox here may use"
+)
 MAILBOX_DISABLED = Reply(550, "5.2.1", "Mailbox disabled, not accepting messages")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
 RELAY_NOT_AVAILABLE = Reply(554, "5.7.1", "Delivery to other domains is not enabled on this server")

@@ -3,13 +3,19 @@
 One :class:`SMTPServer` serves every listener (MX and submission), so connection caps are
 global.  It also drains: :meth:`SMTPServer.drain` asks every session to finish its transaction
 and close, and aborts the stragglers when the grace period ends.
+
+**Stress.**  When the live sessions reach ``stress_threshold`` per cent of ``max_connections``,
+the server is under stress (as Postfix is when its smtpd processes run out): every session's
+idle and command timeouts shrink to ``stress_timeout``, so clients that sit idle or trickle
+bytes are shed first and the slots go to clients that talk.  Sessions already open get the
+short timeouts at once.  Stress ends when the sessions fall a tenth of the threshold below it
+(hysteresis, so a server at the threshold does not switch at every connection).
 """
 
 from __future__ import annotations
 
 import itertools
 import secrets
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.portal import Portal
@@ -22,11 +28,12 @@ from mailsrv.auth.hashqueue import HashQueue
 from mailsrv.auth.identity import AccountIdentities
 from mailsrv.config import Config
 from mailsrv.delivery.committer import GroupCommitter
-from mailsrv.delivery.maildir import MaildirStore
-from mailsrv.delivery.spool import RunInThread, Spool, SpoolFile
+from mailsrv.delivery.envelope import AcceptedMessage
+from mailsrv.delivery.spool import Spool, SpoolFile
 from mailsrv.limits import TrustedNetworks
 from mailsrv.shared_limits import ILimits, LocalLimits
 from mailsrv.smtp.policy import RecipientPolicy
+from mailsrv.threads import RunInThread
 from mailsrv.tls import ReloadingServerTLS
 
 if TYPE_CHECKING:
@@ -54,11 +61,11 @@ class SMTPServer:
         config: Config,
         clock: IReactorTime,
         run_in_thread: RunInThread,
+        committer: GroupCommitter,
         policy: RecipientPolicy | None = None,
         tls: ReloadingServerTLS | None = None,
         portal: Portal | None = None,
         limits: ILimits | None = None,
-        committer: GroupCommitter | None = None,
         identities: AccountIdentities | None = None,
     ) -> None:
         self.config = config
@@ -70,7 +77,6 @@ class SMTPServer:
         self.committer = committer
         self.portal = portal
         self.spool = Spool(config.spool_dir, run_in_thread)
-        self.store = MaildirStore(config.mail_dir, self.hostname)
         self.trusted = TrustedNetworks(config.trusted_networks)
         self.limits: ILimits = limits if limits is not None else LocalLimits(config, clock)
         # AUTH: whose failure budget an attempt uses, and its turn at the hash threads.
@@ -78,6 +84,9 @@ class SMTPServer:
         self.hash_queue = HashQueue(config.auth_hash_threads, config.auth_hash_queue)
         self.sessions: set[SMTPSession] = set()
         self.draining = False
+        self.stressed = False
+        self._stress_on = max(1, (config.max_connections * config.stress_threshold + 99) // 100)
+        self._stress_off = self._stress_on - self._stress_on // 10
         self._counter = itertools.count()
         self._id_tag = "".join(secrets.choice(_QUEUE_ID_ALPHABET) for _ in range(4))
         self._drain_waiters: list[Deferred[None]] = []
@@ -92,25 +101,26 @@ class SMTPServer:
             + _base31(next(self._counter), 3)
         )
 
-    def commit(self, spool_file: SpoolFile, mailboxes: tuple[str, ...]) -> Deferred[list[Path]]:
-        """Make ``spool_file`` durable and deliver it to local mailboxes.
+    def commit(self, message: AcceptedMessage, spool_file: SpoolFile) -> Deferred[AcceptedMessage]:
+        """Make ``message`` durable in every sink (Maildir copies, queue records) before the 250.
 
-        With a :class:`GroupCommitter` (the server's normal mode) many messages share a few
-        filesystem syncs; without one, each message is fsync'd in its own I/O job.
+        See :class:`~mailsrv.delivery.committer.GroupCommitter`: fails, leaving nothing
+        behind, when any part of the message cannot be stored.
         """
-        if self.committer is not None:
-            return self.committer.commit(spool_file, mailboxes)
-        now = self.clock.seconds()
-        delivered: Deferred[list[Path]] = spool_file.close(
-            lambda path: self.store.deliver(path, mailboxes, now)
-        )
-        return delivered
+        return self.committer.commit(message, spool_file)
 
     # -- limits ---------------------------------------------------------------------------------
 
     def security_event(self, event: str, host: str, **fields: Any) -> None:
-        """Log one structured security event (refusals, limits, auth)."""
-        _log.warn("security {event} from {client_ip}", event=event, client_ip=host, **fields)
+        """Log one structured security event (refusals, limits, auth).
+
+        The text line shows every field that has a value (``login=... mechanism=...``), not
+        only the event name; JSON lines carry them as keys either way.
+        """
+        shown = "".join(f" {key}={{{key}}}" for key, value in fields.items() if value is not None)
+        _log.warn(
+            "security {event} from {client_ip}" + shown, event=event, client_ip=host, **fields
+        )
 
     def expire_limits(self) -> None:
         """Forget rate-limit state that left its window (run on a timer)."""
@@ -120,12 +130,26 @@ class SMTPServer:
     # -- session registry and drain -------------------------------------------------------------
 
     def session_started(self, session: SMTPSession) -> None:
-        """Register a live session."""
+        """Register a live session; enter stress when there are enough (module docstring)."""
         self.sessions.add(session)
+        if not self.stressed and len(self.sessions) >= self._stress_on:
+            self.stressed = True
+            _log.warn(
+                "under stress: {sessions} sessions of {max_connections};"
+                " idle and command timeouts now {timeout} s",
+                sessions=len(self.sessions),
+                max_connections=self.config.max_connections,
+                timeout=self.config.stress_timeout,
+            )
+            for other in list(self.sessions):
+                other.timeouts_changed()
 
     def session_ended(self, session: SMTPSession) -> None:
         """Forget a session; completes a drain when it was the last."""
         self.sessions.discard(session)
+        if self.stressed and len(self.sessions) < self._stress_off:
+            self.stressed = False
+            _log.info("stress over: {sessions} sessions", sessions=len(self.sessions))
         if not self.sessions and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
@@ -156,16 +180,32 @@ class SMTPServer:
 
 
 class SMTPFactory(Factory):
-    """Builds sessions for one listener: ``mx``, ``submission`` or ``smtps`` (implicit TLS)."""
+    """Builds sessions for one listener: ``mx``, ``submission`` or ``smtps`` (implicit TLS).
+
+    ``preadmitted``: the connection limits were asked before the session was built (see
+    :mod:`mailsrv.smtp.admission`); the session only releases its slot at the end.
+    """
 
     noisy = False
 
-    def __init__(self, server: SMTPServer, listener: str, implicit_tls: bool = False) -> None:
+    def __init__(
+        self,
+        server: SMTPServer,
+        listener: str,
+        implicit_tls: bool = False,
+        preadmitted: bool = False,
+    ) -> None:
         self.server = server
         self.listener = listener
         self.implicit_tls = implicit_tls
+        self.preadmitted = preadmitted
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:
         from mailsrv.smtp.session import SMTPSession
 
-        return SMTPSession(self.server, self.listener, implicit_tls=self.implicit_tls)
+        return SMTPSession(
+            self.server,
+            self.listener,
+            implicit_tls=self.implicit_tls,
+            preadmitted=self.preadmitted,
+        )

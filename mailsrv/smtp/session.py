@@ -17,19 +17,21 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailsrv.auth.mechanisms import Exchange
 from mailsrv.auth.realm import ANONYMOUS_SENDER, Sender
+from mailsrv.delivery.envelope import AcceptedMessage, ClientFacts, LocalRoute, Recipient
 from mailsrv.delivery.spool import SpoolFile
 from mailsrv.limits import normalize_ip
 from mailsrv.shared_limits import CONNECTION_LIMIT, CONNECTION_RATE, IP_CONNECTION_LIMIT
@@ -37,10 +39,18 @@ from mailsrv.smtp import replies
 from mailsrv.smtp.address import (
     Address,
     AddressError,
+    ParameterSyntaxError,
     parse_path_argument,
     sanitize_for_header,
 )
 from mailsrv.smtp.data import BodyDecoder, BodyProblem
+from mailsrv.smtp.deadlines import IDLE, Deadlines
+from mailsrv.smtp.parameters import (
+    MAIL_PARAMETERS,
+    RCPT_PARAMETERS,
+    ParameterError,
+    parse_parameters,
+)
 from mailsrv.smtp.policy import RecipientDecision
 from mailsrv.smtp.replies import Reply, Response
 from mailsrv.smtp.security import SecurityCommands
@@ -104,7 +114,7 @@ class Transaction:
     smtputf8: bool
     started: float
     recipients: list[Address] = field(default_factory=list)
-    mailboxes: dict[str, None] = field(default_factory=dict)
+    accepted: list[Recipient] = field(default_factory=list)  # each RCPT with its route
     queue_id: str = ""
     spool_file: SpoolFile | None = None
 
@@ -114,12 +124,19 @@ class Transaction:
         return "" if self.sender is None else str(self.sender)
 
 
+@implementer(IHandshakeListener)
 class SMTPSession(SecurityCommands, Protocol):
     """One client connection.  See the module docstring for the design."""
 
     transport: Any = None  # an ITCPTransport (or TLS) that is also an IPushProducer
 
-    def __init__(self, server: SMTPServer, listener: str, implicit_tls: bool = False) -> None:
+    def __init__(
+        self,
+        server: SMTPServer,
+        listener: str,
+        implicit_tls: bool = False,
+        preadmitted: bool = False,
+    ) -> None:
         self.server = server
         self.config = server.config
         self.clock = server.clock
@@ -128,8 +145,10 @@ class SMTPSession(SecurityCommands, Protocol):
         self.trusted = False
         self.helo: str | None = None
         self.esmtp = False
+        self.offered: frozenset[str] = frozenset()  # EHLO keywords, for MAIL/RCPT parameters
         self.transaction: Transaction | None = None
         self.tls_active = implicit_tls
+        self._tls_up = False  # the TLS handshake has completed (implicit TLS or STARTTLS)
         self.sender: Sender = ANONYMOUS_SENDER
         self._auth_exchange: Exchange | None = None
         self._auth_mechanism = ""
@@ -143,8 +162,9 @@ class SMTPSession(SecurityCommands, Protocol):
         self._closing = False
         self._draining = False
         self._counted = False
+        self._preadmitted = preadmitted  # counted by mailsrv.smtp.admission before TLS
         self._pause_reasons: set[str] = set()
-        self._idle_timer: IDelayedCall | None = None
+        self._deadlines = Deadlines(self.clock, self._timeouts, self._timed_out)
         self._data_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
         self._started = 0.0
@@ -161,6 +181,9 @@ class SMTPSession(SecurityCommands, Protocol):
         self.peer_ip = normalize_ip(getattr(self.transport.getPeer(), "host", ""))
         self.trusted = self.peer_ip in self.server.trusted
         self.server.session_started(self)
+        if self._preadmitted:
+            self._admitted(None)
+            return
         if self.server.draining:
             self._close(replies.SERVICE_UNAVAILABLE)
             return
@@ -179,7 +202,7 @@ class SMTPSession(SecurityCommands, Protocol):
             return
         self._counted = True
         self._busy = False
-        self._idle_timer = self.clock.callLater(self.config.idle_timeout, self._idle_timeout)
+        self._deadlines.client_turn()
         self._send(f"220 {self.server.hostname} ESMTP mailsrv ready\r\n".encode())
         self._process()
 
@@ -189,7 +212,8 @@ class SMTPSession(SecurityCommands, Protocol):
             self._close(replies.LOCAL_ERROR)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for timer in (self._idle_timer, self._data_timer, self._abort_timer):
+        self._deadlines.stop()
+        for timer in (self._data_timer, self._abort_timer):
             _cancel(timer)
         self._closing = True
         self._abandon_transaction()
@@ -226,19 +250,54 @@ class SMTPSession(SecurityCommands, Protocol):
         if reply is not None:
             self._send(reply.format())
         self._closing = True
+        self._deadlines.stop()
         self._abandon_transaction()
         self._buffer = b""
+        if self.tls_active and not self._tls_up:
+            # The handshake never finished: nothing written can reach the client, and a TLS
+            # close would wait for it.  Free the slot now.
+            self.transport.abortConnection()
+            return
         self.transport.loseConnection()
         self._abort_timer = self.clock.callLater(_CLOSE_GRACE, self._abort)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up; what was written meanwhile is on its way."""
+        self._tls_up = True
 
     def _abort(self) -> None:
         self._abort_timer = None
         self.transport.abortConnection()
 
-    def _idle_timeout(self) -> None:
-        self._idle_timer = None
-        _log.info("idle timeout {client_ip}", client_ip=self.peer_ip)
-        self._close(replies.IDLE_TIMEOUT)
+    def _timeouts(self) -> tuple[float, float]:
+        """(idle, command) timeouts now: shorter while the server is under stress."""
+        idle, command = self.config.idle_timeout, self.config.command_timeout
+        if self.server.stressed:
+            stress = self.config.stress_timeout
+            return min(idle, stress), min(command, stress)
+        return idle, command
+
+    def timeouts_changed(self) -> None:
+        """The server entered stress: apply the shorter timeouts to this session now."""
+        self._deadlines.timeouts_changed()
+
+    def _timed_out(self, kind: str) -> None:
+        _log.info(
+            "{kind} timeout {client_ip}",
+            kind=kind,
+            client_ip=self.peer_ip,
+            stressed=self.server.stressed,
+        )
+        self._close(replies.IDLE_TIMEOUT if kind == IDLE else replies.COMMAND_TIMEOUT)
+
+    def _turn(self) -> None:
+        """After a command or a message: whose turn it is decides which deadlines run."""
+        if self._closing:
+            return
+        if self._busy:
+            self._deadlines.server_turn()
+        else:
+            self._deadlines.client_turn(command_line=self._decoder is None)
 
     def _data_timeout(self) -> None:
         self._data_timer = None
@@ -261,8 +320,7 @@ class SMTPSession(SecurityCommands, Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._idle_timer is not None:
-            self._idle_timer.reset(self.config.idle_timeout)
+        self._deadlines.input_received()
         self._buffer = self._buffer + data if self._buffer else data
         self._process()
 
@@ -285,6 +343,7 @@ class SMTPSession(SecurityCommands, Protocol):
                 if rest is not None:
                     self._buffer = rest
                     self._end_of_data()
+                    self._turn()
                 continue
             if self._discarding:
                 cut = self._buffer.find(_CRLF)
@@ -293,6 +352,7 @@ class SMTPSession(SecurityCommands, Protocol):
                     break
                 self._buffer = self._buffer[cut + 2 :]
                 self._discarding = False
+                self._turn()
                 continue
             cut = self._buffer.find(_CRLF)
             if cut < 0:
@@ -303,6 +363,7 @@ class SMTPSession(SecurityCommands, Protocol):
                 break
             line, self._buffer = self._buffer[:cut], self._buffer[cut + 2 :]
             self._command_received(line)
+            self._turn()
         if len(self._buffer) > _PIPELINE_HIGH_WATER:
             self._pause("pipeline")
         elif "pipeline" in self._pause_reasons:
@@ -336,6 +397,7 @@ class SMTPSession(SecurityCommands, Protocol):
             getattr(self, "do_" + verb, None) if verb in _COMMANDS else None
         )
         if handler is None:
+            _log.debug("unknown command {verb} from {client_ip}", verb=verb, client_ip=self.peer_ip)
             self._respond(
                 replies.NOT_IMPLEMENTED
                 if verb in _NOT_IMPLEMENTED_VERBS
@@ -363,6 +425,7 @@ class SMTPSession(SecurityCommands, Protocol):
         if self._closing:
             return
         self._respond(response)
+        self._turn()
         self._process()
 
     # -- output ---------------------------------------------------------------------------------
@@ -415,8 +478,11 @@ class SMTPSession(SecurityCommands, Protocol):
         self.esmtp = esmtp
         greeting = f"{self.server.hostname} Hello {argument} [{self.peer_ip}]"
         if not esmtp:
+            self.offered = frozenset()
             return f"250 {greeting}\r\n".encode()
-        lines = [greeting, *self._ehlo_lines()]
+        extensions = self._ehlo_lines()
+        self.offered = frozenset(line.partition(" ")[0] for line in extensions)
+        lines = [greeting, *extensions]
         return "".join(
             f"250{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)
         ).encode()
@@ -439,27 +505,20 @@ class SMTPSession(SecurityCommands, Protocol):
             return replies.AUTH_REQUIRED
         try:
             path = parse_path_argument(argument, "FROM:", allow_null=True)
+            params = parse_parameters(
+                path.params, MAIL_PARAMETERS, self._offered(), replies.MAIL_SYNTAX
+            )
         except AddressError:
             return replies.MAIL_SYNTAX
-        params = path.params
-        if params and not self.esmtp:
-            return replies.UNKNOWN_PARAMETER
-        smtputf8 = False
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit():
-                    return replies.MAIL_SYNTAX
-                if int(value) > self.config.max_message_size:
-                    return replies.MESSAGE_TOO_BIG
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.MAIL_SYNTAX
-            elif key == "SMTPUTF8":
-                if value is not None:
-                    return replies.MAIL_SYNTAX
-                smtputf8 = True
-            else:
-                return replies.UNKNOWN_PARAMETER
+        except ParameterError as e:
+            return e.reply
+        size = params.get("SIZE")
+        if isinstance(size, int) and size > self.config.max_message_size:
+            return replies.MESSAGE_TOO_BIG
+        # RFC 4954 section 5: every client is treated as not trusted to vouch for a message's
+        # submitter, so a valid AUTH= (given or not, authenticated or not) is read and dropped;
+        # a relay that authenticates to the next hop sends AUTH=<>.
+        smtputf8 = "SMTPUTF8" in params
         if path.address is not None and not path.address.is_ascii and not smtputf8:
             return replies.NON_ASCII_ADDRESS
         if self._auth_required() and not self.sender.authenticated:
@@ -477,6 +536,10 @@ class SMTPSession(SecurityCommands, Protocol):
         started: Deferred[Response] = allowed.addCallback(self._start_transaction, transaction)
         return started
 
+    def _offered(self) -> frozenset[str]:
+        """The extensions whose MAIL/RCPT parameters this session may use (none after HELO)."""
+        return self.offered if self.esmtp else frozenset()
+
     def _start_transaction(self, allowed: bool, transaction: Transaction) -> Response:
         if not allowed:
             self.server.security_event("message-rate", self.peer_ip)
@@ -491,12 +554,19 @@ class SMTPSession(SecurityCommands, Protocol):
             return replies.NEED_MAIL
         try:
             path = parse_path_argument(argument, "TO:", allow_null=False)
+            parse_parameters(path.params, RCPT_PARAMETERS, self._offered(), replies.RCPT_SYNTAX)
+        except ParameterSyntaxError:
+            return replies.RCPT_SYNTAX
         except AddressError:
             return replies.BAD_RECIPIENT_SYNTAX
-        if path.params:
-            return replies.UNKNOWN_PARAMETER
+        except ParameterError as e:
+            return e.reply
         address = path.address
         assert address is not None
+        if not address.domain and self.server.policy.primary_domain:
+            # RFC 5321 section 4.5.1: <postmaster> alone means the postmaster of this server;
+            # trace headers and logs show the address it was taken to mean.
+            address = replace(address, domain=self.server.policy.primary_domain)
         if not address.is_ascii and not transaction.smtputf8:
             return replies.NON_ASCII_ADDRESS
         if len(transaction.recipients) >= self.config.max_recipients:
@@ -516,7 +586,7 @@ class SMTPSession(SecurityCommands, Protocol):
             return replies.NEED_MAIL
         if decision.accepted:
             transaction.recipients.append(address)
-            transaction.mailboxes.update(dict.fromkeys(decision.mailboxes))
+            transaction.accepted.append(Recipient(str(address), LocalRoute(decision.mailboxes)))
         elif decision.reply in (replies.RELAY_DENIED, replies.RELAY_TRICK):
             self.server.security_event(
                 "relay-denied", self.peer_ip, recipient=str(address), login=self.sender.login
@@ -583,8 +653,8 @@ class SMTPSession(SecurityCommands, Protocol):
             return
         self._busy = True
         spool_file, transaction.spool_file = transaction.spool_file, None
-        mailboxes = tuple(transaction.mailboxes)
-        committed: Deferred[Any] = self.server.commit(spool_file, mailboxes)
+        message = self._accepted_message(transaction, spool_file.size)
+        committed: Deferred[Any] = self.server.commit(message, spool_file)
         committed.addCallbacks(
             self._message_committed,
             self._message_failed,
@@ -592,6 +662,29 @@ class SMTPSession(SecurityCommands, Protocol):
             errbackArgs=(transaction, spool_file, decoder.size),
         )
         committed.addCallback(self._async_reply)
+
+    def _accepted_message(self, transaction: Transaction, size: int) -> AcceptedMessage:
+        """The transaction as the value every commit sink reads (``size``: the stored body)."""
+        tls = describe_session(self.transport) if self.tls_active else None
+        tls_version, _, tls_cipher = (tls or "").partition(" ")
+        client = ClientFacts(
+            ip=self.peer_ip,
+            helo=self.helo or "",
+            listener=self.listener,
+            login=self.sender.login,
+            tls_version=tls_version or None,
+            tls_cipher=tls_cipher or None,
+            trusted=self.trusted,
+        )
+        return AcceptedMessage(
+            queue_id=transaction.queue_id,
+            sender=transaction.sender_text,
+            recipients=tuple(transaction.accepted),
+            client=client,
+            received_at=self.clock.seconds(),
+            size=size,
+            smtputf8=transaction.smtputf8,
+        )
 
     def _message_committed(self, _: object, transaction: Transaction, size: int) -> Response:
         self.messages_accepted += 1

@@ -1,0 +1,136 @@
+"""The commit seam: what the committer hands every sink, and what a sink promises.
+
+The committer (:mod:`mailsrv.delivery.committer`) makes each batch of accepted messages durable
+in one order, whatever the sinks are::
+
+    finish the bodies -> sync -> every sink writes its part -> roll back failed messages -> sync
+        -> fire the 250s (reactor thread) -> every sink's committed() hook (reactor thread)
+
+A sink is one destination of an accepted message: the Maildir links of its local recipients
+(:class:`~mailsrv.delivery.maildir.MaildirSink`), the relay queue records of its remote
+recipients, the webhook outbox entries.  All sinks of a batch share its two syncs, so a sink
+never fsyncs: what it writes between them is durable before any 250.
+
+All or nothing, across sinks: when one sink fails a message, every other sink that wrote its
+part of that message rolls it back before the second sync, and the client gets a 451.  Its
+retry then finds no copy, record or entry left behind anywhere.
+
+A sink that only wraps blocking store methods is a few lines; for a relay queue with
+``stage_blocking(message, body_path)`` and ``unstage_blocking(queue_id)``::
+
+    @implementer(ICommitSink)
+    class QueueSink:
+        name = "queue"
+
+        def __init__(self, queue: FileQueueStore, scheduler: Scheduler) -> None:
+            self._queue, self._scheduler = queue, scheduler
+
+        def write(self, batch: Sequence[StagedMessage]) -> Failures:
+            failures: dict[str, BaseException] = {}
+            for staged in batch:
+                if staged.message.remote_recipients:
+                    try:
+                        self._queue.stage_blocking(staged.message, staged.body)
+                    except Exception as e:
+                        failures[staged.queue_id] = e
+            return failures
+
+        def rollback(self, staged: StagedMessage) -> None:
+            if staged.message.remote_recipients:
+                self._queue.unstage_blocking(staged.queue_id)
+
+        def committed(self, messages: Sequence[AcceptedMessage]) -> None:
+            self._scheduler.add([m for m in messages if m.remote_recipients])
+
+A store that is not on this machine's disk (the PostgreSQL queue of a cluster) cannot share
+the syncs and answers with Deferreds: that is :class:`IAsyncCommitSink`, described below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from mailsrv.delivery.envelope import AcceptedMessage
+
+Failures = Mapping[str, BaseException]
+"""What a sink's ``write`` reports: the error of each message it failed, by queue id."""
+
+
+@dataclass(frozen=True)
+class StagedMessage:
+    """An accepted message whose body is on disk (synced) at ``body``, not yet committed.
+
+    ``body`` is the spool file, in the canonical stored form (LF line ends, ``Return-Path``
+    and ``Received`` first).  It is removed after the batch: a sink that keeps the body makes
+    its own name for it (a hard link: the body is stored once).
+    """
+
+    message: AcceptedMessage
+    body: Path
+
+    @property
+    def queue_id(self) -> str:
+        """The message's queue id (what :data:`Failures` is keyed by)."""
+        return self.message.queue_id
+
+
+class ICommitSink(Interface):
+    """One destination of accepted messages, written inside the committer's batch.
+
+    ``write`` and ``rollback`` block and run in the committer thread, between the batch's two
+    syncs; ``committed`` runs in the reactor thread.  None of them fsyncs.
+    """
+
+    name = Attribute("A short name for logs: 'maildir', 'queue', 'outbox'.")
+
+    def write(batch: Sequence[StagedMessage]) -> Failures:
+        """Write this sink's part of every message in ``batch`` (skipping those it has no part
+        in) and report the messages it failed.
+
+        A failed message must leave nothing of this sink's part behind.  Raising fails the
+        whole batch; the committer then calls :meth:`rollback` for each of its messages.
+        """
+
+    def rollback(staged: StagedMessage) -> None:
+        """Undo this sink's part of a message from the batch just written, because another
+        sink failed it (or the second sync failed).  Does nothing for a message this sink has
+        no part in or did not write."""
+
+    def committed(messages: Sequence[AcceptedMessage]) -> None:
+        """Reactor thread, after the 250s of a batch fired: the messages that were committed.
+
+        The place to hand new records to whoever works on them in memory (the relay
+        scheduler, the webhook dispatcher); they rebuild from disk at start.  Must not block.
+        """
+
+
+class IAsyncCommitSink(Interface):
+    """A sink answering with Deferreds, in the reactor thread (a store on another machine).
+
+    Not run by the committer yet; this is the place it takes.  After the second sync, in the
+    reactor thread, the committer calls ``write`` with the messages that every blocking
+    :class:`ICommitSink` accepted, and waits for its Deferred before any 250 of the batch
+    fires.  A message it fails gets its blocking parts rolled back (in the committer thread,
+    followed by one more sync) and its async parts rolled back, then its 451.  The committer
+    thread takes no new batch meanwhile: a blocking sink's ``rollback`` applies to the batch
+    it wrote last.  Messages with nothing for this sink are skipped by the sink, as with
+    :class:`ICommitSink`.  Its body stays on this node's disk (a blocking sink keeps it), so
+    it gets no path.
+    """
+
+    name = Attribute("A short name for logs.")
+
+    def write(messages: Sequence[AcceptedMessage]) -> Deferred[Failures]:
+        """Write this sink's part of ``messages`` (e.g. one INSERT transaction for the batch);
+        fires with the messages it failed.  A failure of the Deferred fails them all."""
+
+    def rollback(messages: Sequence[AcceptedMessage]) -> Deferred[None]:
+        """Undo this sink's part of ``messages`` (which another sink failed)."""
+
+    def committed(messages: Sequence[AcceptedMessage]) -> None:
+        """Reactor thread, after the 250s of a batch fired (as :meth:`ICommitSink.committed`)."""
