@@ -135,8 +135,8 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     ``checked`` comes from :func:`mailsrv.preflight.check`: the TLS pair and the hasher it
     built, and what it found in the user store.
     """
+    from mailsrv.auth.account_identity import AccountIdentities
     from mailsrv.auth.factory import open_user_store, store_location
-    from mailsrv.auth.identity import AccountIdentities
 
     reload_hooks: list[Any] = []
     log_stream = None

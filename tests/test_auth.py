@@ -21,7 +21,7 @@ from twisted.internet import task, threads
 from twisted.logger import globalLogPublisher
 
 from mailsrv.auth import cram
-from mailsrv.auth.identity import AccountIdentities
+from mailsrv.auth.account_identity import AccountIdentities
 from mailsrv.auth.migrations import lookup_key
 from mailsrv.auth.passwords import CHEAP_PROFILE, PasswordHasher
 from mailsrv.auth.portal import build_portal

@@ -19,8 +19,8 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv6Address
 from twisted.internet.testing import StringTransport
 
+from mailsrv.auth.account_identity import MAX_LOGIN_OCTETS, AccountIdentities, login_text
 from mailsrv.auth.hashqueue import NO_ACCOUNT_RANK, HashQueue, priority
-from mailsrv.auth.identity import MAX_LOGIN_OCTETS, AccountIdentities, login_text
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import (
     ACCOUNT_THROTTLED,

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.auth import cram
-from mailsrv.auth.identity import login_text
+from mailsrv.auth.account_identity import login_text
 from mailsrv.auth.mechanisms import CramMD5Response
 from mailsrv.auth.migrations import lookup_key
 from mailsrv.auth.passwords import PasswordHasher

@@ -8,8 +8,8 @@ so this is what keeps a password-guessing storm from starving honest sessions.
 
 *Who is one client*: an IPv4 address, or the /64 an IPv6 address is in (whoever holds one
 IPv6 address usually holds its whole /64).  Connection caps (:mod:`mailsrv.shared_limits`) stay
-per address.  *Who is one account*: the identity :mod:`mailsrv.auth.identity` resolves, so every
-spelling of a login and every alias share one budget.
+per address.  *Who is one account*: the identity :mod:`mailsrv.auth.account_identity`
+resolves, so every spelling of a login and every alias share one budget.
 
 An attempt is counted as a failure when it *starts* (:meth:`AuthThrottle.begin`), so attempts
 running at once cannot all slip past a limit while their hashes are computed.  How it ends

@@ -2,12 +2,12 @@
 
 STARTTLS throws away whatever the client pipelined after it (CVE-2011-0411 class) and resets the
 session.  AUTH runs a SASL mechanism from :mod:`mailsrv.auth.mechanisms` line by line,
-resolves the user name to its account (:mod:`mailsrv.auth.identity`, so every spelling shares
-one budget), asks the shared limits to admit the attempt, waits its turn at the hash threads
-(:mod:`mailsrv.auth.hashqueue`) and checks the credentials through the server's one cred
-Portal.  A throttled client or account, a client with too many attempts in progress and a full
-hash queue are refused without any password work; each failure is answered late (see
-:mod:`mailsrv.auth.throttle`).
+resolves the user name to its account (:mod:`mailsrv.auth.account_identity`, so every
+spelling shares one budget), asks the shared limits to admit the attempt, waits its turn at the
+hash threads (:mod:`mailsrv.auth.hashqueue`) and checks the credentials through the server's
+one cred Portal.  A throttled client or account, a client with too many attempts in progress
+and a full hash queue are refused without any password work; each failure is answered late
+(see :mod:`mailsrv.auth.throttle`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsrv.auth.account_identity import login_text
 from mailsrv.auth.hashqueue import priority
-from mailsrv.auth.identity import login_text
 from mailsrv.auth.mechanisms import MECHANISMS, Exchange, MalformedResponse
 from mailsrv.auth.realm import ANONYMOUS_SENDER, ISender, Sender
 from mailsrv.auth.throttle import (

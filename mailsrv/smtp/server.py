@@ -24,8 +24,8 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from mailsrv.auth.account_identity import AccountIdentities
 from mailsrv.auth.hashqueue import HashQueue
-from mailsrv.auth.identity import AccountIdentities
 from mailsrv.config import Config
 from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.envelope import AcceptedMessage
