@@ -387,6 +387,9 @@ class Config:
     )
     listen_backlog: int = setting(1024, parse_int(1, 65535), "TCP listen backlog per listener")
     io_threads: int = setting(16, parse_int(1, 256), "Threads for disk I/O (fsync, rename)")
+    queue_control_socket: str = setting(
+        "", parse_path, "Control socket of `mailsrv queue`; empty = <data_dir>/queue/control.sock"
+    )
     enable_tls: bool = setting(False, parse_bool, "Offer STARTTLS (needs tls_cert and tls_key)")
     smtps_port: int = setting(
         2465, parse_int(0, 65535), "Implicit-TLS submission port, RFC 8314 (465; 0 = off)"
@@ -469,6 +472,10 @@ class Config:
     relay_recipients_per_transaction: int = setting(
         50, parse_int(1, 100_000), "Recipients per outbound transaction (more: another one)"
     )
+    relay_destination_concurrency: int = setting(
+        20, parse_int(1, 10_000), "Outbound connections per destination at most"
+    )
+    relay_concurrency: int = setting(100, parse_int(1, 100_000), "Outbound connections at most")
     relay_connect_timeout: float = setting(30.0, parse_seconds(1.0), "Outbound TCP connect (s)")
     relay_greeting_timeout: float = setting(300.0, parse_seconds(1.0), "Wait for the 220 (s)")
     relay_command_timeout: float = setting(
@@ -520,6 +527,16 @@ class Config:
     def spool_dir(self) -> Path:
         """Where message bodies are written while they arrive."""
         return Path(self.data_dir) / "spool"
+
+    @property
+    def queue_dir(self) -> Path:
+        """The relay queue: one JSON record and one body per message."""
+        return Path(self.data_dir) / "queue"
+
+    @property
+    def queue_socket(self) -> Path:
+        """Where the running server listens for ``mailsrv queue``."""
+        return Path(self.queue_control_socket or self.queue_dir / "control.sock")
 
     @property
     def sqlite_path(self) -> Path:

@@ -301,9 +301,10 @@ class ReopenableLogFile:
         old.close()
 
 
-# Twisted's tcp.Port logs "<factory> starting on <port>" (a legacy log.msg) when it listens;
-# mailsrv announces its listeners itself (mailsrv.startup), so each would show twice.
-_PORT_STARTING = re.compile(r"\S.* starting on \d+")
+# Twisted's tcp.Port and unix.Port log "<factory> starting on <port or path>" (a legacy
+# log.msg) when they listen; mailsrv announces its listeners and its control socket itself
+# (mailsrv.startup, the queue control service), so each would show twice.
+_PORT_STARTING = re.compile(r"\S.* starting on (?:\d+|'[^']*')")
 
 
 @implementer(ILogFilterPredicate)

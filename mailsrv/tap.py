@@ -36,6 +36,13 @@ from mailsrv.delivery.sinks import ICommitSink
 from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import ReopenableLogFile, make_observer
 from mailsrv.preflight import Checked, PreflightError, check
+from mailsrv.relay.actions import StoreActions
+from mailsrv.relay.bounces import DsnSubmitter
+from mailsrv.relay.control import QueueControlService, socket_path_problem
+from mailsrv.relay.queue_lock import QueueBusy, QueueLock
+from mailsrv.relay.queue_store import FileQueueStore
+from mailsrv.relay.service import build_relay
+from mailsrv.relay.sink import QueueSink
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
@@ -119,6 +126,9 @@ class MailService(MultiService):
             except Exception:
                 _log.failure("error stopping {service}", service=child.name)
         _log.info("mailsrv stopped")
+        # Reactor-thread log lines are flushed at the end of a reactor turn; the shutdown may
+        # end before the next one.
+        (self._log_stream or sys.stdout).flush()
 
 
 def raise_file_limit(wanted: int) -> None:
@@ -149,6 +159,8 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     root = MailService(config, reactor, log_stream)
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
+    queue_store = FileQueueStore(config.queue_dir, threads.run)
+    queue_lock = take_queue(config)
     hash_threads = ThreadPoolService(
         reactor,
         "mailsrv-hash",
@@ -166,8 +178,12 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
         CertificateWatcher(tls, reactor, config.tls_reload_interval).setServiceParent(root)
         reload_hooks.append(tls.reload)
     policy = RecipientPolicy(config, store)
-    sinks: list[ICommitSink] = [MaildirSink(MaildirStore(config.mail_dir, config.server_name))]
-    sync = filesystem_syncer(config.spool_dir, config.mail_dir)
+    queue_sink = QueueSink(queue_store)
+    sinks: list[ICommitSink] = [
+        MaildirSink(MaildirStore(config.mail_dir, config.server_name)),
+        queue_sink,
+    ]
+    sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir)
     committer = GroupCommitter(reactor, sinks, sync)
     committer.setServiceParent(root)
     server = SMTPServer(
@@ -178,8 +194,17 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
         policy=policy,
         tls=tls,
         portal=portal,
+        relay=True,
         identities=AccountIdentities(store),
     )
+    bounces = DsnSubmitter(
+        server, queue_store.body_path, threads.run, config.relay_bounce_size_limit
+    )
+    relay = build_relay(config, reactor, threads.run, queue_store, bounces)
+    queue_sink.listen(relay.scheduler.queued)
+    relay.scheduler.setServiceParent(root)
+    actions = StoreActions(queue_store, reactor, threads.run, relay.scheduler)
+    QueueControlService(config.queue_socket, actions, reactor, queue_lock).setServiceParent(root)
     warn_loose_modes(config)
     try:
         stale = server.spool.prepare()
@@ -197,6 +222,22 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
+
+
+def take_queue(config: Config) -> QueueLock:
+    """Take the queue directory for this server (SystemExit with one line if another server
+    has it, or the control socket's path cannot be used)."""
+    problem = socket_path_problem(config.queue_socket)
+    if problem:
+        raise SystemExit(f"mailsrv: {problem}")
+    lock = QueueLock(config.queue_dir)
+    try:
+        lock.acquire()
+    except QueueBusy as e:
+        raise SystemExit(f"mailsrv: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"mailsrv: queue {config.queue_dir}: {e.strerror}") from None
+    return lock
 
 
 def describe_os_error(error: OSError) -> str:

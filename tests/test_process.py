@@ -54,6 +54,9 @@ def base_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_")}
     env["PYTHONPATH"] = str(REPO)
     env["PYTHONUNBUFFERED"] = "1"
+    # No test asks the machine's DNS servers: relayed mail without a smarthost fails on a
+    # loopback port where nothing answers.
+    env["SMTP_DNS_SERVERS"] = "127.0.0.1:9"
     env.update(overrides)
     return env
 
@@ -740,6 +743,14 @@ def _run_hostile_sessions(server: Server) -> dict[str, dict[str, bool]]:
 
 
 HOSTILE_ENV = {
+    # Loopback may not relay (so the relayed RCPT is refused and logged), and the per-IP
+    # limits it then meets stay out of the way of the sessions run side by side.
+    "SMTP_TRUSTED_NETWORKS": "",
+    "SMTP_AUTH_MAX_FAILURES_PER_IP": "1000",
+    "SMTP_AUTH_MAX_FAILURES_PER_ACCOUNT": "1000",
+    "SMTP_MAX_CONNECTIONS_PER_IP": "100",
+    "SMTP_CONNECTION_RATE_PER_IP": "1000",
+    "SMTP_MESSAGE_RATE_PER_IP": "1000",
     "SMTP_LOG_LEVEL": "debug",
     "SMTP_ENABLE_AUTH": "true",
     "SMTP_ALLOW_PLAINTEXT_AUTH": "true",
@@ -751,7 +762,8 @@ def test_client_fields_are_escaped_in_text_logs(make_server: Callable[..., Serve
     accepted = _run_hostile_sessions(server)
     log = server.log()
     lines = log.splitlines()
-    assert all(re.match(r"\d{4}-\d\d-\d\dT", line) for line in lines), "a line was forged"
+    forged = [line for line in lines if not re.match(r"\d{4}-\d\d-\d\dT", line)]
+    assert not forged, f"a line was forged: {forged[:3]}"
     raw = {repr(c) for c in RAW_CONTROLS if c in log.replace("\n", "")}
     assert not raw, f"raw {raw} in the log"
     for name, _, shown in CLIENT_CONTROLS:

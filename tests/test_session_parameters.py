@@ -187,9 +187,18 @@ BAD_MAIL_PARAMETERS = [
     # AUTH (RFC 4954) is a parameter only where AUTH is offered
     ("AUTH=<>", replies.UNKNOWN_PARAMETER),
     ("AUTH=" + "a" * LONG, replies.UNKNOWN_PARAMETER),
+    # DSN (RFC 3461): RET and ENVID
+    ("RET=" + "H" * LONG, replies.MAIL_SYNTAX),
+    ("RET=", replies.MAIL_SYNTAX),
+    ("RET=BODY", replies.MAIL_SYNTAX),
+    ("RET", replies.MAIL_SYNTAX),
+    ("ENVID=" + "x" * LONG, replies.MAIL_SYNTAX),
+    ("ENVID=" + "x" * 101, replies.MAIL_SYNTAX),
+    ("ENVID=", replies.MAIL_SYNTAX),
+    ("ENVID=a+0Db", replies.MAIL_SYNTAX),  # CR hidden in xtext
+    ("ENVID=a+C3+A9", replies.MAIL_SYNTAX),  # not printable ASCII
+    ("ENVID=a+ZZ", replies.MAIL_SYNTAX),
     # parameters the server does not know, and words that are not parameters
-    ("RET=" + "H" * LONG, replies.UNKNOWN_PARAMETER),
-    ("ENVID=" + "x" * LONG, replies.UNKNOWN_PARAMETER),
     ("X" * LONG, replies.UNKNOWN_PARAMETER),
     ("X-FOO=" + "y" * LONG, replies.UNKNOWN_PARAMETER),
     ("=" + "y" * LONG, replies.MAIL_SYNTAX),
@@ -290,9 +299,22 @@ def test_auth_parameter_needs_ehlo(make: Callable[..., Harness]) -> None:
 # --- RCPT TO parameters ---------------------------------------------------------------------------
 
 BAD_RCPT_PARAMETERS = [
-    ("NOTIFY=NEVER", replies.UNKNOWN_PARAMETER),
-    ("NOTIFY=" + "S" * LONG, replies.UNKNOWN_PARAMETER),
-    ("ORCPT=rfc822;" + "a" * LONG, replies.UNKNOWN_PARAMETER),
+    # DSN (RFC 3461): NOTIFY and ORCPT
+    ("NOTIFY=" + "S" * LONG, replies.RCPT_SYNTAX),
+    ("NOTIFY=", replies.RCPT_SYNTAX),
+    ("NOTIFY=NEVER,SUCCESS", replies.RCPT_SYNTAX),
+    ("NOTIFY=SUCCESS,SUCCESS", replies.RCPT_SYNTAX),
+    ("NOTIFY=SOMETIMES", replies.RCPT_SYNTAX),
+    ("NOTIFY=SUCCESS,", replies.RCPT_SYNTAX),
+    ("NOTIFY", replies.RCPT_SYNTAX),
+    ("ORCPT=rfc822;" + "a" * LONG, replies.RCPT_SYNTAX),
+    ("ORCPT=rfc822;" + "a" * 494, replies.RCPT_SYNTAX),  # 501 characters
+    ("ORCPT=", replies.RCPT_SYNTAX),
+    ("ORCPT=rfc822", replies.RCPT_SYNTAX),
+    ("ORCPT=;a@b.test", replies.RCPT_SYNTAX),
+    ("ORCPT=rfc 822;a@b.test", replies.RCPT_SYNTAX),
+    ("ORCPT=rfc822;a+0D+0Ab@b.test", replies.RCPT_SYNTAX),  # CR LF hidden in xtext
+    ("ORCPT=rfc822;a+FFb", replies.RCPT_SYNTAX),  # not UTF-8
     ("SIZE=10", replies.UNKNOWN_PARAMETER),  # a MAIL parameter
     ("SMTPUTF8", replies.UNKNOWN_PARAMETER),
     ("X" * LONG, replies.UNKNOWN_PARAMETER),
@@ -326,6 +348,54 @@ def test_bad_parameters_reach_the_error_limit(make: Callable[..., Harness]) -> N
         replies.MAIL_SYNTAX.format() + replies.TOO_MANY_ERRORS.format()
     )
     assert c.closing
+
+
+GOOD_DSN_PARAMETERS = [
+    (
+        "MAIL FROM:<a@b.test> RET=HDRS ENVID=QQ+2B1",
+        "RCPT TO:<bob@example.org> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Bob+40example.org",
+        ("QQ+1", "HDRS", frozenset({"SUCCESS", "DELAY"}), ("rfc822", "Bob@example.org")),
+    ),
+    (
+        "MAIL FROM:<a@b.test> ret=full",
+        "RCPT TO:<bob@example.org> notify=never",
+        (None, "FULL", frozenset({"NEVER"}), None),
+    ),
+    (
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<bob@example.org> ORCPT=UTF-8;bob+40example.org",
+        (None, None, frozenset(), ("utf-8", "bob@example.org")),
+    ),
+]
+
+
+@pytest.mark.parametrize(("mail", "rcpt", "expected"), GOOD_DSN_PARAMETERS)
+def test_dsn_parameters_are_kept_per_recipient(
+    make: Callable[..., Harness], mail: str, rcpt: str, expected: tuple[Any, ...]
+) -> None:
+    h = make()
+    c = h.connect()
+    assert b"250-DSN" in c.ehlo() or b"250 DSN" in c.ehlo()
+    assert matches(c.cmd(mail), replies.SENDER_OK)
+    assert matches(c.cmd(rcpt), replies.RECIPIENT_OK)
+    transaction = c.proto.transaction
+    assert transaction is not None
+    (recipient,) = transaction.accepted
+    envid, ret, notify, orcpt = expected
+    assert transaction.envid == envid
+    assert (transaction.ret.value if transaction.ret else None) == ret
+    assert {n.value for n in recipient.dsn.notify} == notify
+    assert recipient.dsn.orcpt == orcpt
+
+
+def test_dsn_parameters_need_ehlo(make: Callable[..., Harness]) -> None:
+    c = make().connect()
+    c.cmd("HELO client.test")
+    assert _answer(c, "MAIL FROM:<a@b.test> RET=FULL") == replies.UNKNOWN_PARAMETER.format()
+    c.cmd("MAIL FROM:<a@b.test>")
+    assert _answer(c, "RCPT TO:<bob@example.org> NOTIFY=NEVER") == (
+        replies.UNKNOWN_PARAMETER.format()
+    )
 
 
 # --- <postmaster> without a domain ----------------------------------------------------------------
@@ -389,7 +459,7 @@ async def test_bad_parameters_over_a_socket(
         replies.UNKNOWN_PARAMETER.format(),
         replies.MAIL_SYNTAX.format(),
         replies.SENDER_OK.format(),
-        replies.UNKNOWN_PARAMETER.format(),
+        replies.RCPT_SYNTAX.format(),  # NOTIFY (DSN) is known: its value is too long
         replies.RCPT_SYNTAX.format(),
         replies.RECIPIENT_OK.format(),
         replies.BYE.format(),

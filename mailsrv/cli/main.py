@@ -1,4 +1,4 @@
-"""The ``mailsrv`` admin command.  Subcommands: ``check-config``, ``users`` (more arrive later).
+"""The ``mailsrv`` admin command.  Subcommands: ``check-config``, ``users``, ``queue``.
 
 Every subcommand reads the same config file and ``SMTP_*`` environment as the server, and on
 error prints one line to standard error and exits non-zero.
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from mailsrv import __version__
-from mailsrv.cli import check_config, users
+from mailsrv.cli import check_config, queue, users
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     check_config.register(commands)
     users.register(commands)
+    queue.register(commands)
     return parser
 
 

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
+from mailsrv.delivery.envelope import Notify, Ret
 from mailsrv.smtp import replies
 from mailsrv.smtp.address import MAX_PATH, AddressError, parse_addr_spec
 from mailsrv.smtp.replies import Reply
@@ -103,6 +104,53 @@ def parse_auth(value: str) -> str | None:
         raise ValueError("AUTH needs <> or an addr-spec") from None
 
 
+def parse_ret(value: str) -> Ret:
+    """RFC 3461 section 4.3 ``RET=FULL`` or ``RET=HDRS``."""
+    try:
+        return Ret(value.upper())
+    except ValueError:
+        raise ValueError("RET must be FULL or HDRS") from None
+
+
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
+
+
+def parse_envid(value: str) -> str:
+    """RFC 3461 section 4.4 ``ENVID=``: xtext of printable ASCII, at most 100 characters."""
+    envid = decode_xtext(value)
+    if not _PRINTABLE.fullmatch(envid):
+        raise ValueError("ENVID must be printable ASCII")
+    return envid
+
+
+_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+def parse_notify(value: str) -> frozenset[Notify]:
+    """RFC 3461 section 4.1 ``NOTIFY=NEVER`` or a list of SUCCESS, FAILURE, DELAY."""
+    words = value.upper().split(",")
+    if words == ["NEVER"]:
+        return frozenset({Notify.NEVER})
+    if len(set(words)) != len(words) or not set(words) <= _NOTIFY_WORDS:
+        raise ValueError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+    return frozenset(Notify(word) for word in words)
+
+
+_ADDRESS_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_NO_CONTROLS = re.compile(r"[^\x00-\x1f\x7f]+")
+
+
+def parse_orcpt(value: str) -> tuple[str, str]:
+    """RFC 3461 section 4.2 ``ORCPT=addr-type;xtext`` as (lower-case type, decoded address)."""
+    address_type, separator, encoded = value.partition(";")
+    if not separator or not _ADDRESS_TYPE.fullmatch(address_type):
+        raise ValueError("ORCPT needs addr-type;address")
+    address = decode_xtext(encoded)
+    if not _NO_CONTROLS.fullmatch(address):
+        raise ValueError("ORCPT address must be printable")
+    return address_type.lower(), address
+
+
 MAIL_PARAMETERS: Mapping[str, Parameter] = {
     # RFC 1870 writes 1*20DIGIT; up to 32 significant digits are read so that an absurd size
     # still gets 552 (it is too big) rather than a syntax error.
@@ -111,11 +159,18 @@ MAIL_PARAMETERS: Mapping[str, Parameter] = {
     "SMTPUTF8": Parameter("SMTPUTF8", 0),
     # xtext takes up to three characters per octet of the at most MAX_PATH-octet mailbox.
     "AUTH": Parameter("AUTH", 3 * MAX_PATH, parse_auth),
+    # RFC 3461: RET is FULL or HDRS; ENVID is at most 100 characters of xtext.
+    "RET": Parameter("DSN", 4, parse_ret),
+    "ENVID": Parameter("DSN", 100, parse_envid),
 }
 """The MAIL FROM parameters mailsrv knows."""
 
-RCPT_PARAMETERS: Mapping[str, Parameter] = {}
-"""The RCPT TO parameters mailsrv knows (none yet; DSN's NOTIFY and ORCPT go here)."""
+RCPT_PARAMETERS: Mapping[str, Parameter] = {
+    "NOTIFY": Parameter("DSN", len("SUCCESS,FAILURE,DELAY"), parse_notify),
+    # RFC 3461 section 4.2: ORCPT is at most 500 characters.
+    "ORCPT": Parameter("DSN", 500, parse_orcpt),
+}
+"""The RCPT TO parameters mailsrv knows (DSN, RFC 3461)."""
 
 
 def parse_parameters(

@@ -93,3 +93,17 @@ class RecipientPolicy:
     def _lookup_failed(self, failure: Any) -> RecipientDecision:
         _log.failure("user store lookup failed", failure)
         return RecipientDecision(replies.LOOKUP_FAILED)
+
+
+def remote_domain(address: Address) -> str | None:
+    """The domain to relay ``address`` to, in its canonical (A-label) form, or None when it
+    cannot be a next hop (no domain, or one that is not a valid host name)."""
+    domain = address.domain
+    if not domain:
+        return None
+    if domain.startswith("["):
+        return domain
+    try:
+        return canonical_domain(domain)
+    except ValueError:
+        return None

@@ -66,9 +66,11 @@ class SMTPServer:
         tls: ReloadingServerTLS | None = None,
         portal: Portal | None = None,
         limits: ILimits | None = None,
+        relay: bool = False,
         identities: AccountIdentities | None = None,
     ) -> None:
         self.config = config
+        self.relay = relay  # a relay queue is among the committer's sinks
         self.clock = clock
         self.run_in_thread = run_in_thread
         self.hostname = config.server_name

@@ -31,7 +31,15 @@ from zope.interface import implementer
 
 from mailsrv.auth.mechanisms import Exchange
 from mailsrv.auth.realm import ANONYMOUS_SENDER, Sender
-from mailsrv.delivery.envelope import AcceptedMessage, ClientFacts, LocalRoute, Recipient
+from mailsrv.delivery.envelope import (
+    AcceptedMessage,
+    ClientFacts,
+    DsnRequest,
+    LocalRoute,
+    Recipient,
+    RemoteRoute,
+    Ret,
+)
 from mailsrv.delivery.spool import SpoolFile
 from mailsrv.limits import normalize_ip
 from mailsrv.shared_limits import CONNECTION_LIMIT, CONNECTION_RATE, IP_CONNECTION_LIMIT
@@ -51,7 +59,7 @@ from mailsrv.smtp.parameters import (
     ParameterError,
     parse_parameters,
 )
-from mailsrv.smtp.policy import RecipientDecision
+from mailsrv.smtp.policy import RecipientDecision, remote_domain
 from mailsrv.smtp.replies import Reply, Response
 from mailsrv.smtp.security import SecurityCommands
 from mailsrv.smtp.server import SMTPServer
@@ -115,6 +123,9 @@ class Transaction:
     started: float
     recipients: list[Address] = field(default_factory=list)
     accepted: list[Recipient] = field(default_factory=list)  # each RCPT with its route
+    body_8bit: bool = False
+    envid: str | None = None
+    ret: Ret | None = None
     queue_id: str = ""
     spool_file: SpoolFile | None = None
 
@@ -461,6 +472,7 @@ class SMTPSession(SecurityCommands, Protocol):
             f"SIZE {self.config.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            "DSN",
             "SMTPUTF8",
         ]
         if self.server.tls is not None and not self.tls_active:
@@ -530,6 +542,10 @@ class SMTPSession(SecurityCommands, Protocol):
             )
             return replies.SENDER_NOT_OWNED
         transaction = Transaction(path.address, smtputf8, self.clock.seconds())
+        transaction.body_8bit = params.get("BODY") == "8BITMIME"
+        envid, ret = params.get("ENVID"), params.get("RET")
+        transaction.envid = envid if isinstance(envid, str) else None
+        transaction.ret = ret if isinstance(ret, Ret) else None
         if self.trusted:
             return self._start_transaction(True, transaction)
         allowed: Deferred[Any] = self.server.limits.allow_message(self.peer_ip)
@@ -554,7 +570,9 @@ class SMTPSession(SecurityCommands, Protocol):
             return replies.NEED_MAIL
         try:
             path = parse_path_argument(argument, "TO:", allow_null=False)
-            parse_parameters(path.params, RCPT_PARAMETERS, self._offered(), replies.RCPT_SYNTAX)
+            params = parse_parameters(
+                path.params, RCPT_PARAMETERS, self._offered(), replies.RCPT_SYNTAX
+            )
         except ParameterSyntaxError:
             return replies.RCPT_SYNTAX
         except AddressError:
@@ -571,23 +589,44 @@ class SMTPSession(SecurityCommands, Protocol):
             return replies.NON_ASCII_ADDRESS
         if len(transaction.recipients) >= self.config.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
+        notify, orcpt = params.get("NOTIFY"), params.get("ORCPT")
+        dsn = DsnRequest(
+            notify if isinstance(notify, frozenset) else frozenset(),
+            orcpt if isinstance(orcpt, tuple) else None,
+        )
         decision = self.server.policy.resolve(address)
         if not isinstance(decision, Deferred):
-            return self._recipient_decided(decision, transaction, address)
+            return self._recipient_decided(decision, transaction, address, dsn)
         decided: Deferred[Response] = decision.addCallback(
-            self._recipient_decided, transaction, address
+            self._recipient_decided, transaction, address, dsn
         )
         return decided
 
+    def _may_relay(self) -> bool:
+        """Authenticated users and trusted networks may send to other domains (if relaying)."""
+        return self.server.relay and (self.sender.authenticated or self.trusted)
+
     def _recipient_decided(
-        self, decision: RecipientDecision, transaction: Transaction, address: Address
+        self,
+        decision: RecipientDecision,
+        transaction: Transaction,
+        address: Address,
+        dsn: DsnRequest,
     ) -> Response:
         if transaction is not self.transaction:
             return replies.NEED_MAIL
         if decision.accepted:
             transaction.recipients.append(address)
-            transaction.accepted.append(Recipient(str(address), LocalRoute(decision.mailboxes)))
-        elif decision.reply in (replies.RELAY_DENIED, replies.RELAY_TRICK):
+            route: LocalRoute | RemoteRoute = LocalRoute(decision.mailboxes)
+            transaction.accepted.append(Recipient(str(address), route, dsn))
+            return decision.reply
+        if decision.reply is replies.RELAY_DENIED and self._may_relay():
+            domain = remote_domain(address)
+            if domain is not None:
+                transaction.recipients.append(address)
+                transaction.accepted.append(Recipient(str(address), RemoteRoute(domain), dsn))
+                return replies.RECIPIENT_OK
+        if decision.reply in (replies.RELAY_DENIED, replies.RELAY_TRICK):
             self.server.security_event(
                 "relay-denied", self.peer_ip, recipient=str(address), login=self.sender.login
             )
@@ -684,6 +723,9 @@ class SMTPSession(SecurityCommands, Protocol):
             received_at=self.clock.seconds(),
             size=size,
             smtputf8=transaction.smtputf8,
+            body_8bit=transaction.body_8bit,
+            envid=transaction.envid,
+            ret=transaction.ret,
         )
 
     def _message_committed(self, _: object, transaction: Transaction, size: int) -> Response:

@@ -1,0 +1,624 @@
+"""The relay scheduler: when each queued recipient is tried, over which connection, and what then.
+
+The queue store holds the truth (one record per message, a state per recipient); the scheduler
+keeps a copy of every unfinished record in memory and a timer for the next due recipient:
+
+1. A recipient becomes due (new in the queue, its retry time came, or an operator flushed).
+   Due recipients of one message are grouped by domain, each domain is routed
+   (:class:`~mailsrv.relay.resolver.NextHop`: a smarthost, or MX with rollup) and the recipients
+   join the ready list of the route's *destination*, in chunks of at most
+   ``max_recipients`` per transaction.
+2. Each destination has at most ``per_destination`` connections and all of them together at most
+   ``total`` (Postfix's destination and process limits).  A connection carries transaction after
+   transaction while its destination has a backlog, then waits ``idle_timeout`` for more work
+   before it is closed.
+3. After each transaction the outcome of every recipient is made durable
+   (:meth:`IQueueStore.modify`) *before* the connection is used again: sent, bounced (5xx,
+   or expired), or deferred with the retry policy's next time.  That write is the only window in
+   which a recipient can be sent twice: our process dies after the remote ``250`` and before it.
+4. A destination that cannot be reached at all is suspended for a while (the dead-destination
+   cache): its backlog is deferred without a connection attempt.
+5. When no recipient of a message is left to try, the DSNs it needs are submitted (a failure
+   DSN for bounced recipients, a success DSN for ``NOTIFY=SUCCESS``; never for ``<>``) and
+   the message leaves the queue.
+
+Time is the injected clock's; randomness (jitter, restart spread) the injected ``rng``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
+
+from mailsrv.relay.destinations import DeadDestinations
+from mailsrv.relay.message import OutboundMessage, OutboundRecipient, RecipientResult
+from mailsrv.relay.queue_store import IQueueStore, NoSuchMessage
+from mailsrv.relay.records import QueueRecord, RecipientStatus, State
+from mailsrv.relay.resolver import NextHopError, Route
+from mailsrv.relay.retry import RetryPolicy
+from mailsrv.smtp.replies import Reply
+
+_log = Logger(namespace="mailsrv.relay")
+
+
+class IRelayConnection(Interface):
+    """One open connection to a next hop, able to carry several transactions in turn."""
+
+    reusable = Attribute("True while another transaction may be sent on this connection.")
+    remote_mta = Attribute("The next hop's host name (for logs).")
+    remote_address = Attribute("The next hop's address (for logs).")
+
+    def send(message: OutboundMessage) -> Deferred[list[RecipientResult]]:
+        """One transaction; fires with one result per recipient, in order (never errbacks)."""
+
+    def close() -> Deferred[None]:
+        """QUIT and close; fires when the connection is gone."""
+
+
+class IRelayConnector(Interface):
+    """Opens connections to a route's candidates (in order, the next on failure)."""
+
+    def connect(route: Route) -> Deferred[IRelayConnection]:
+        """A ready connection (greeted, EHLO'd, TLS and AUTH as configured), or a
+        :class:`NextHopError` failure saying why none of the candidates could be used."""
+
+
+SubmitDsns = Callable[[QueueRecord, Sequence[RecipientStatus]], Deferred[None]]
+"""Submits the DSNs a finished message needs (given its final recipients); the composition root
+wires it to the DSN composer and the commit path."""
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Concurrency and connection reuse (Postfix's defaults where it has one)."""
+
+    per_destination: int = 20
+    total: int = 100
+    max_recipients: int = 50
+    idle_timeout: float = 2.0
+    restart_spread: float = 30.0
+    stop_grace: float = 30.0
+
+
+@dataclass
+class _Work:
+    """Recipients of one message for one transaction to one destination."""
+
+    queue_id: str
+    addresses: tuple[str, ...]
+
+
+@dataclass
+class _Destination:
+    """A destination's ready work and its connections."""
+
+    key: str
+    route: Route
+    ready: deque[_Work] = field(default_factory=deque)
+    active: int = 0
+    idle: list[tuple[Any, IDelayedCall]] = field(default_factory=list)
+
+
+def _reply_line(reply: Reply) -> str:
+    return " ".join(part for part in (str(reply.code), reply.enhanced, reply.text) if part)
+
+
+def outbound_message(
+    record: QueueRecord, addresses: Iterable[str], body_path: Any
+) -> OutboundMessage:
+    """The client's view of ``record`` for the recipients ``addresses``."""
+    wanted = set(addresses)
+    recipients = tuple(
+        OutboundRecipient(
+            address=r.address,
+            notify=tuple(sorted(n.value for n in r.dsn.notify)),
+            orcpt=f"{r.dsn.orcpt[0]};{r.dsn.orcpt[1]}" if r.dsn.orcpt else None,
+        )
+        for r in record.recipients
+        if r.address in wanted
+    )
+    return OutboundMessage(
+        queue_id=record.queue_id,
+        sender=record.sender,
+        recipients=recipients,
+        body_path=body_path,
+        size=record.size,
+        smtputf8=record.smtputf8,
+        eight_bit=record.body_8bit,
+        envid=record.envid,
+        ret=record.ret.value if record.ret is not None else None,
+    )
+
+
+class RelayScheduler(Service):
+    """Delivers the relay queue (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: IQueueStore,
+        next_hop: Any,
+        connector: IRelayConnector,
+        retry: RetryPolicy,
+        clock: IReactorTime,
+        rng: random.Random,
+        submit_dsns: SubmitDsns,
+        settings: SchedulerSettings = SchedulerSettings(),
+        dead: DeadDestinations | None = None,
+        loaded: list[QueueRecord] | None = None,
+    ) -> None:
+        self._store = store
+        self._next_hop = next_hop
+        self._connector = connector
+        self._retry = retry
+        self._clock = clock
+        self._rng = rng
+        self._submit_dsns = submit_dsns
+        self.settings = settings
+        self.dead = dead if dead is not None else DeadDestinations(clock, retry.min_backoff)
+        self.records: dict[str, QueueRecord] = {}
+        self._in_flight: set[tuple[str, str]] = set()
+        self._destinations: dict[str, _Destination] = {}
+        self._connections = 0
+        self._due: list[tuple[float, int, str]] = []
+        self._sequence = itertools.count()
+        self._timer: IDelayedCall | None = None
+        self._running_work: set[Deferred[Any]] = set()
+        self._sending: set[Deferred[Any]] = set()
+        self._open: set[Any] = set()
+        self._queued_since_start: set[str] = set()
+        self._stopping = False
+        self._preloaded = loaded
+        self._loaded: Deferred[None] | None = None
+        self.setName("relay")
+
+    # -- service ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._loaded = Deferred.fromCoroutine(self._load())
+
+    async def _load(self) -> None:
+        if self._preloaded is not None:
+            loaded, self._preloaded = self._preloaded, None
+        else:
+            loaded = await self._store.load()
+        # Records committed while the load ran are already here, newer than what was read.
+        records = [r for r in loaded if r.queue_id not in self._queued_since_start]
+        now = self._clock.seconds()
+        due_now = 0
+        for record in records:
+            self.records[record.queue_id] = record
+            for recipient in self._waiting(record):
+                if recipient.next_attempt is None or recipient.next_attempt <= now:
+                    due_now += 1
+        # Spread what came due while the server was down over a short window, so a restart
+        # does not open every connection in the same second.
+        window = min(self.settings.restart_spread, 0.01 * due_now)
+        for record in records:
+            if record.done:
+                self._finish(record)
+                continue
+            times = [self._due_time(r, now) for r in self._waiting(record)]
+            if times:
+                first = min(times)
+                if first <= now:
+                    first = now + self._rng.uniform(0, window)
+                self._schedule(record.queue_id, first)
+        _log.info(
+            "relay queue loaded: {messages} message(s), {due} recipient(s) due",
+            messages=len(records),
+            due=due_now,
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """Stop scheduling; let transactions in flight finish for up to ``stop_grace`` seconds,
+        then drop their connections (their recipients are deferred, durably, as usual)."""
+        super().stopService()
+        self._stopping = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for destination in self._destinations.values():
+            destination.ready.clear()
+            for connection, timer in destination.idle:
+                timer.cancel()
+                connection.close()
+            destination.idle.clear()
+        # Transactions in flight are waited for (their outcome is made durable); DNS lookups
+        # and DSN submissions are not: what they were for is still in the queue.
+        waiting = list(self._sending)
+        done: Deferred[Any] = DeferredList(waiting, consumeErrors=True)
+        if not waiting:
+            return done.addCallback(lambda _: None)
+
+        def drop_connections() -> None:
+            for connection in list(self._open):
+                connection.close()
+
+        timer = self._clock.callLater(self.settings.stop_grace, drop_connections)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return done.addCallback(finished)
+
+    # -- what others call -------------------------------------------------------------------
+
+    def queued(self, records: Iterable[QueueRecord]) -> None:
+        """New records were committed (reactor thread, after their 250s): try them now."""
+        now = self._clock.seconds()
+        for record in records:
+            self._queued_since_start.add(record.queue_id)
+            self.records[record.queue_id] = record
+            self._schedule(record.queue_id, now)
+
+    def flush(self, queue_id: str | None = None) -> int:
+        """Make deferred recipients due now (all messages, or one); returns how many."""
+        now = self._clock.seconds()
+        ids = [queue_id] if queue_id is not None else list(self.records)
+        count = 0
+        for qid in ids:
+            record = self.records.get(qid)
+            if record is None:
+                continue
+            changed = [
+                replace(r, next_attempt=now)
+                for r in self._waiting(record)
+                if r.state is State.DEFERRED
+            ]
+            if changed:
+                self.records[qid] = record.with_recipients(changed)
+                count += len(changed)
+            self._schedule(qid, now)
+        if queue_id is None:
+            for key in list(self._destinations):
+                self.dead.revive(key)
+        return count
+
+    def replaced(self, record: QueueRecord | None, queue_id: str) -> None:
+        """An operator changed (or, with None, deleted) a record: follow the change."""
+        if record is None or record.done:
+            self.records.pop(queue_id, None)
+            return
+        self.records[queue_id] = record
+        self._schedule(queue_id, self._clock.seconds())
+
+    # -- the timer --------------------------------------------------------------------------
+
+    @staticmethod
+    def _waiting(record: QueueRecord) -> list[RecipientStatus]:
+        return [r for r in record.recipients if r.state in (State.PENDING, State.DEFERRED)]
+
+    @staticmethod
+    def _due_time(recipient: RecipientStatus, now: float) -> float:
+        return now if recipient.next_attempt is None else recipient.next_attempt
+
+    def _schedule(self, queue_id: str, when: float) -> None:
+        heapq.heappush(self._due, (when, next(self._sequence), queue_id))
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._stopping or not self._due:
+            return
+        when = self._due[0][0]
+        delay = max(0.0, when - self._clock.seconds())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        ready: dict[str, None] = {}
+        while self._due and self._due[0][0] <= now:
+            _, _, queue_id = heapq.heappop(self._due)
+            ready[queue_id] = None
+        for queue_id in ready:
+            self._dispatch(queue_id)
+        self._arm()
+
+    # -- from due recipients to destinations ------------------------------------------------
+
+    def _dispatch(self, queue_id: str) -> None:
+        record = self.records.get(queue_id)
+        if record is None or self._stopping:
+            return
+        now = self._clock.seconds()
+        by_domain: dict[str, list[str]] = {}
+        later: list[float] = []
+        for recipient in self._waiting(record):
+            if (queue_id, recipient.address) in self._in_flight:
+                continue
+            due = self._due_time(recipient, now)
+            if due > now:
+                later.append(due)
+                continue
+            by_domain.setdefault(recipient.domain, []).append(recipient.address)
+        if later:
+            self._schedule(queue_id, min(later))
+        for domain, addresses in by_domain.items():
+            self._in_flight.update((queue_id, a) for a in addresses)
+            self._track(Deferred.fromCoroutine(self._route(queue_id, domain, addresses)))
+
+    def _track(self, work: Deferred[Any], sending: bool = False) -> None:
+        self._running_work.add(work)
+        if sending:
+            self._sending.add(work)
+
+        def done(result: object) -> None:
+            self._running_work.discard(work)
+            self._sending.discard(work)
+            if isinstance(result, Failure):
+                _log.failure("relay work failed", result)
+
+        work.addBoth(done)
+
+    async def _route(self, queue_id: str, domain: str, addresses: list[str]) -> None:
+        try:
+            route = await self._next_hop.route(domain)
+        except NextHopError as e:
+            if self._stopping:
+                self._in_flight.difference_update((queue_id, a) for a in addresses)
+                return
+            await self._fail_all(queue_id, addresses, _reply_line(e.reply), e.permanent, "")
+            return
+        if self._stopping:
+            self._in_flight.difference_update((queue_id, a) for a in addresses)
+            return
+        suspension = self.dead.suspended(route.destination)
+        if suspension is not None:
+            reply = _reply_line(suspension.reply)
+            await self._fail_all(queue_id, addresses, reply, False, route.destination)
+            return
+        destination = self._destinations.get(route.destination)
+        if destination is None:
+            destination = _Destination(route.destination, route)
+            self._destinations[route.destination] = destination
+        destination.route = route
+        size = self.settings.max_recipients
+        for start in range(0, len(addresses), size):
+            destination.ready.append(_Work(queue_id, tuple(addresses[start : start + size])))
+        self._pump(destination)
+
+    def _pump(self, destination: _Destination) -> None:
+        while destination.ready and destination.idle:
+            connection, timer = destination.idle.pop()
+            timer.cancel()
+            if not connection.reusable:  # the peer or its idle timer closed it meanwhile
+                self._forget(connection)
+                continue
+            destination.active += 1
+            self._track(Deferred.fromCoroutine(self._work_on(destination, connection)), True)
+        while (
+            destination.ready
+            and destination.active < self.settings.per_destination
+            and self._connections < self.settings.total
+        ):
+            destination.active += 1
+            self._connections += 1
+            self._track(Deferred.fromCoroutine(self._connect_and_work(destination)), True)
+
+    async def _connect_and_work(self, destination: _Destination) -> None:
+        try:
+            connection = await self._connector.connect(destination.route)
+        except NextHopError as e:
+            destination.active -= 1
+            self._connections -= 1
+            await self._destination_failed(destination, e)
+            return
+        except Exception as e:
+            destination.active -= 1
+            self._connections -= 1
+            _log.failure(
+                "connecting to {destination} failed", Failure(e), destination=destination.key
+            )
+            await self._destination_failed(
+                destination, NextHopError(Reply(451, "4.4.0", "internal error connecting"))
+            )
+            return
+        self.dead.revive(destination.key)
+        self._open.add(connection)
+        await self._work_on(destination, connection)
+
+    async def _work_on(self, destination: _Destination, connection: Any) -> None:
+        """Send ready work over ``connection`` until none is left, then park it as idle."""
+        try:
+            while destination.ready and connection.reusable and not self._stopping:
+                work = destination.ready.popleft()
+                await self._send(destination, connection, work)
+        finally:
+            destination.active -= 1
+        if connection.reusable and not self._stopping:
+            timer = self._clock.callLater(
+                self.settings.idle_timeout, self._close_idle, destination, connection
+            )
+            destination.idle.append((connection, timer))
+            if destination.ready:
+                self._pump(destination)
+            return
+        self._forget(connection)
+        if destination.ready:
+            self._pump(destination)
+
+    def _forget(self, connection: Any) -> None:
+        """A connection leaves the pool: closed (QUIT if it can), no longer counted."""
+        self._open.discard(connection)
+        self._connections -= 1
+        connection.close()
+
+    def _close_idle(self, destination: _Destination, connection: Any) -> None:
+        destination.idle = [(c, t) for c, t in destination.idle if c is not connection]
+        self._forget(connection)
+        if not destination.ready and not destination.active and not destination.idle:
+            self._destinations.pop(destination.key, None)
+
+    async def _destination_failed(self, destination: _Destination, error: NextHopError) -> None:
+        """No candidate could be used: suspend the destination, defer (or bounce) its backlog."""
+        if not error.permanent:
+            self.dead.suspend(destination.key, error.reply)
+        backlog = list(destination.ready)
+        destination.ready.clear()
+        reply = _reply_line(error.reply)
+        for work in backlog:
+            await self._fail_all(
+                work.queue_id, list(work.addresses), reply, error.permanent, destination.key
+            )
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    async def _send(self, destination: _Destination, connection: Any, work: _Work) -> None:
+        record = self.records.get(work.queue_id)
+        addresses = tuple(
+            a
+            for a in work.addresses
+            if record is not None
+            and (found := record.find(a)) is not None
+            and found.state in (State.PENDING, State.DEFERRED)
+        )
+        if record is None or not addresses:
+            self._in_flight.difference_update((work.queue_id, a) for a in work.addresses)
+            return
+        message = outbound_message(record, addresses, self._store.body_path(work.queue_id))
+        try:
+            try:
+                results = await connection.send(message)
+            except Exception as e:
+                _log.failure("relay {queue_id}: send failed", Failure(e), queue_id=work.queue_id)
+                reply = Reply(451, "4.3.0", "local error while sending")
+                results = [
+                    RecipientResult(a, reply.code, reply.enhanced, reply.text, False)
+                    for a in addresses
+                ]
+            await self._apply(work.queue_id, results, destination.key)
+        finally:
+            self._in_flight.difference_update((work.queue_id, a) for a in work.addresses)
+
+    async def _fail_all(
+        self, queue_id: str, addresses: list[str], reply: str, permanent: bool, destination: str
+    ) -> None:
+        code, _, rest = reply.partition(" ")
+        enhanced, _, text = rest.partition(" ")
+        results = [RecipientResult(a, int(code), enhanced, text, permanent) for a in addresses]
+        await self._apply(queue_id, results, destination)
+        self._in_flight.difference_update((queue_id, a) for a in addresses)
+
+    async def _apply(
+        self, queue_id: str, results: Sequence[RecipientResult], destination: str
+    ) -> None:
+        """Make every result durable, log it, and schedule what comes next."""
+        now = self._clock.seconds()
+        by_address = {r.recipient: r for r in results}
+
+        def change(record: QueueRecord) -> QueueRecord:
+            updated = []
+            for recipient in record.recipients:
+                result = by_address.get(recipient.address)
+                if result is None or recipient.state.final:
+                    continue
+                updated.append(self._outcome(record, recipient, result, now))
+            return record.with_recipients(updated)
+
+        try:
+            record = await self._store.modify(queue_id, change)
+        except NoSuchMessage:
+            self.records.pop(queue_id, None)
+            return
+        if record is None:
+            self.records.pop(queue_id, None)
+            return
+        self.records[queue_id] = record
+        for result in results:
+            status = record.find(result.recipient)
+            if status is not None:
+                self._log_attempt(record, status, result, destination)
+        if record.done:
+            self._finish(record)
+            return
+        waiting = [r.next_attempt for r in self._waiting(record) if r.next_attempt is not None]
+        if waiting:
+            self._schedule(queue_id, min(waiting))
+
+    def _outcome(
+        self, record: QueueRecord, recipient: RecipientStatus, result: RecipientResult, now: float
+    ) -> RecipientStatus:
+        common: dict[str, Any] = {
+            "attempts": recipient.attempts + 1,
+            "last_attempt": now,
+            "last_reply": result.reply_line,
+            "remote_mta": result.remote_mta or recipient.remote_mta,
+        }
+        if result.delivered:
+            return replace(recipient, state=State.SENT, next_attempt=None, **common)
+        if result.permanent:
+            return replace(recipient, state=State.BOUNCED, next_attempt=None, **common)
+        next_time = self._retry.next_attempt(
+            recipient.attempts + 1, record.created_at, now, self._rng
+        )
+        if next_time is None:
+            common["last_reply"] = f"{result.reply_line} (gave up: queue lifetime reached)"
+            return replace(recipient, state=State.BOUNCED, next_attempt=None, **common)
+        # A recipient held while it was in flight stays held.
+        state = State.HELD if recipient.state is State.HELD else State.DEFERRED
+        return replace(recipient, state=state, next_attempt=next_time, **common)
+
+    def _log_attempt(
+        self,
+        record: QueueRecord,
+        status: RecipientStatus,
+        result: RecipientResult,
+        destination: str,
+    ) -> None:
+        _log.info(
+            "relay {queue_id} to <{recipient}> via {remote_mta} [{remote_address}]: {state}: "
+            "{reply}",
+            queue_id=record.queue_id,
+            recipient=status.address,
+            destination=destination,
+            remote_mta=result.remote_mta or "-",
+            remote_address=result.remote_address or "-",
+            tls=result.tls,
+            state=status.state.value,
+            reply=result.reply_line,
+            attempts=status.attempts,
+            next_attempt=status.next_attempt,
+        )
+
+    def _finish(self, record: QueueRecord) -> None:
+        """Every recipient is sent or bounced: DSNs, then the message leaves the queue."""
+        self.records.pop(record.queue_id, None)
+        self._track(Deferred.fromCoroutine(self._leave(record)))
+
+    async def _leave(self, record: QueueRecord) -> None:
+        if record.sender:
+            await self._submit_dsns(record, record.recipients)
+        await self._store.remove(record.queue_id)
+        sent = sum(1 for r in record.recipients if r.state is State.SENT)
+        _log.info(
+            "relay {queue_id} left the queue: {sent} sent, {bounced} bounced",
+            queue_id=record.queue_id,
+            sent=sent,
+            bounced=len(record.recipients) - sent,
+            sender=record.sender,
+            age=round(self._clock.seconds() - record.created_at, 3),
+        )
+
+
+def no_dsns(record: QueueRecord, recipients: Sequence[RecipientStatus]) -> Deferred[None]:
+    """A :data:`SubmitDsns` that sends nothing (tests of scheduling alone)."""
+    return succeed(None)

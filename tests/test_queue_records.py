@@ -1,0 +1,292 @@
+"""Queue records: made from accepted messages, JSON round trips, strict validation, and the
+operator's rules (hold, release, delete, flush) as pure functions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from mailsrv.delivery.envelope import Notify, Ret
+from mailsrv.relay import actions
+from mailsrv.relay.queue_store import QueueError
+from mailsrv.relay.records import (
+    SCHEMA_VERSION,
+    QueueRecord,
+    RecordError,
+    State,
+    decode,
+    encode,
+    from_dict,
+    to_dict,
+    valid_queue_id,
+)
+from tests.queue_helpers import CLIENT, accepted, full_message, local
+
+
+def test_record_from_message_keeps_envelope_client_and_dsn_of_remote_recipients() -> None:
+    message = full_message("7ZK2P1QHBCDF001")
+    record = QueueRecord.from_message(message)
+    assert record is not None
+    assert record.queue_id == "7ZK2P1QHBCDF001"
+    assert record.created_at == message.received_at
+    assert (record.sender, record.size, record.client) == (message.sender, message.size, CLIENT)
+    assert (record.smtputf8, record.body_8bit, record.envid, record.ret) == (
+        True,
+        True,
+        "QQ314159",
+        Ret.HDRS,
+    )
+    assert [r.address for r in record.recipients] == ["bob@example.net", "dörte@bücher.example"]
+    bob, dorte = record.recipients
+    assert bob.domain == "example.net"
+    assert bob.dsn.notify == frozenset({Notify.DELAY, Notify.FAILURE})
+    assert bob.dsn.orcpt == ("rfc822", "bob@example.net")
+    assert dorte.domain == "bücher.example"
+    assert dorte.dsn.notify == frozenset({Notify.NEVER})
+    assert all(r.state is State.PENDING and r.attempts == 0 for r in record.recipients)
+    assert all(r.next_attempt is None and r.last_reply is None for r in record.recipients)
+
+
+def test_only_local_recipients_make_no_record() -> None:
+    assert QueueRecord.from_message(accepted(recipients=(local("alice@example.org"),))) is None
+
+
+def test_json_round_trip_is_exact_and_human_readable() -> None:
+    record = QueueRecord.from_message(full_message())
+    assert record is not None
+    bob = replace(
+        record.recipients[0],
+        state=State.DEFERRED,
+        attempts=3,
+        next_attempt=1_767_229_200.5,
+        last_attempt=1_767_228_900.125,
+        last_reply="451 4.7.1 Greylisted,\nplease try again later",
+        remote_mta="mx1.example.net [192.0.2.25]",
+    )
+    record = record.with_recipients([bob])
+    data = encode(record)
+    assert decode(data) == record
+    assert decode(data, record.queue_id) == record
+    text = data.decode("utf-8")
+    assert text.endswith("}\n")
+    assert '\n  "queue_id": ' in text  # indented, one key per line
+    assert "dörte@bücher.example" in text  # UTF-8, not \u escapes
+    assert json.loads(text)["version"] == SCHEMA_VERSION
+    assert json.loads(text)["recipients"][0]["notify"] == ["DELAY", "FAILURE"]
+
+
+def test_null_sender_and_no_dsn_parameters_round_trip() -> None:
+    record = QueueRecord.from_message(accepted(sender=""))
+    assert record is not None
+    assert record.sender == "" and record.envid is None and record.ret is None
+    assert decode(encode(record)) == record
+
+
+def _good() -> dict[str, Any]:
+    record = QueueRecord.from_message(full_message("7ZK2P1QHBCDF002"))
+    assert record is not None
+    return to_dict(record)
+
+
+def _set(path: str, value: Any) -> dict[str, Any]:
+    """A good record with the field at ``path`` (dots; ``-`` deletes) set to ``value``."""
+    raw = _good()
+    *parents, key = path.split(".")
+    target: Any = raw
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    if value == "-":
+        del target[key]
+    else:
+        target[key] = value
+    return raw
+
+
+BROKEN = [
+    ("version", 2, "version 2 is not supported"),
+    ("version", "1", "version '1' is not supported"),
+    ("version", True, "version True is not supported"),
+    ("version", "-", "version None is not supported"),
+    ("queue_id", "../etc/passwd", "not a valid queue id"),
+    ("queue_id", "", "expected a non-empty string"),
+    ("created_at", "yesterday", "record.created_at: expected a number"),
+    ("created_at", -1, "record.created_at: expected a finite number"),
+    ("created_at", True, "record.created_at: expected a number"),
+    ("sender", None, "record.sender: expected a string"),
+    ("sender", "a@b\r\nRCPT TO:<x@y>", "record.sender: expected no control characters"),
+    ("size", -5, "record.size: expected a non-negative integer"),
+    ("size", 1.5, "record.size: expected a non-negative integer"),
+    ("smtputf8", "yes", "record.smtputf8: expected true or false"),
+    ("ret", "BODY", "ret: 'BODY' is not one of FULL, HDRS"),
+    ("surprise", 1, "record: unknown surprise"),
+    ("client", "-", "record: missing client"),
+    ("client", [], "client: expected an object"),
+    ("client.ip", 7, "client.ip: expected a non-empty string"),
+    ("client.trusted", 1, "client.trusted: expected true or false"),
+    ("client.extra", "x", "client: unknown extra"),
+    ("recipients", [], "recipients: expected a non-empty list"),
+    ("recipients", {}, "recipients: expected a non-empty list"),
+    ("recipients.0.state", "lost", "recipients[0].state: 'lost' is not one of pending"),
+    ("recipients.0.attempts", -1, "recipients[0].attempts: expected a non-negative integer"),
+    ("recipients.0.attempts", False, "recipients[0].attempts: expected a non-negative"),
+    ("recipients.0.next_attempt", "soon", "recipients[0].next_attempt: expected a number"),
+    ("recipients.0.address", "", "recipients[0].address: expected a non-empty string"),
+    ("recipients.1.address", "bob@example.net", "recipients: an address is listed twice"),
+    ("recipients.0.notify", "NEVER", "recipients[0].notify: expected a list of strings"),
+    ("recipients.0.notify", ["SOMETIMES"], "recipients[0].notify: 'SOMETIMES' is not one of"),
+    ("recipients.0.notify", ["NEVER", "DELAY"], "NEVER cannot be combined"),
+    ("recipients.0.orcpt", ["rfc822"], "recipients[0].orcpt: expected null or [address type"),
+    ("recipients.0.orcpt", "bob@example.net", "recipients[0].orcpt: expected null or"),
+    ("recipients.0.remote_mta", "-", "recipients[0]: missing remote_mta"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_records_are_refused_with_the_field_named(
+    path: str, value: Any, message: str
+) -> None:
+    data = json.dumps(_set(path, value)).encode()
+    with pytest.raises(RecordError) as caught:
+        decode(data)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "not JSON"),
+        (b'{"version": 1, "queue_id": "X"', "not JSON"),  # a torn write
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[1, 2]", "record: expected an object"),
+        (b'{"version": NaN}', "NaN is not a number"),
+        (b"null", "record: expected an object"),
+    ],
+)
+def test_unparseable_records_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(RecordError, match=message):
+        decode(data)
+
+
+def test_record_must_match_its_file_name() -> None:
+    data = json.dumps(_good()).encode()
+    with pytest.raises(RecordError, match="does not match the file name"):
+        decode(data, "7ZK2P1QHBCDF999")
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("7ZK2P1QHBCDF001", True),
+        ("a", True),
+        ("dsn-7ZK2_1", True),
+        ("", False),
+        ("-x", False),
+        ("a/b", False),
+        ("..", False),
+        ("a.json", False),
+        ("x" * 65, False),
+        ("a b", False),
+    ],
+)
+def test_queue_id_syntax(text: str, valid: bool) -> None:
+    assert valid_queue_id(text) is valid
+
+
+# --- the operator's rules ------------------------------------------------------------------
+
+
+def _record(*states: tuple[State, int]) -> QueueRecord:
+    """A record whose recipients r0@x.example, r1@x.example... have these (state, attempts)."""
+    base = QueueRecord.from_message(accepted("7ZK2P1QHBCDF003"))
+    assert base is not None
+    recipients = tuple(
+        replace(base.recipients[0], address=f"r{n}@x.example", state=state, attempts=attempts)
+        for n, (state, attempts) in enumerate(states)
+    )
+    return replace(base, recipients=recipients)
+
+
+def _states(record: QueueRecord | None) -> list[str]:
+    assert record is not None
+    return [r.state.value for r in record.recipients]
+
+
+def test_hold_and_release_a_whole_message() -> None:
+    record = _record((State.PENDING, 0), (State.DEFERRED, 2), (State.SENT, 1), (State.BOUNCED, 1))
+    held, line = actions.hold(record, None)
+    assert _states(held) == ["held", "held", "sent", "bounced"]
+    assert line == "7ZK2P1QHBCDF003: 2 recipients put on hold"
+    again, line = actions.hold(held, None)
+    assert again is held and line == "7ZK2P1QHBCDF003: already on hold"
+    released, line = actions.release(held, None)
+    assert _states(released) == ["pending", "deferred", "sent", "bounced"]  # by attempts made
+    assert line == "7ZK2P1QHBCDF003: 2 recipients released"
+    assert actions.release(released, None)[1] == "7ZK2P1QHBCDF003: nothing on hold"
+
+
+def test_release_keeps_the_next_attempt_and_flush_makes_deferred_due() -> None:
+    record = _record((State.DEFERRED, 2), (State.HELD, 1), (State.PENDING, 0))
+    later = replace(record.recipients[0], next_attempt=5000.0)
+    record = record.with_recipients([later])
+    flushed, count = actions.flush(record, now=1000.0)
+    assert count == 1
+    assert flushed.recipients[0].next_attempt == 1000.0
+    assert flushed.recipients[1].state is State.HELD  # flush does not release
+    released, _ = actions.release(record, "r1@x.example")
+    assert released.recipients[1].state is State.DEFERRED
+
+
+def test_one_recipient_by_address_ignoring_case() -> None:
+    record = _record((State.PENDING, 0), (State.DEFERRED, 1))
+    held, line = actions.hold(record, "R1@X.Example")
+    assert _states(held) == ["pending", "held"]
+    assert line == "7ZK2P1QHBCDF003: r1@x.example put on hold"
+
+
+def test_delete_a_recipient_then_the_last_one_deletes_the_message() -> None:
+    record = _record((State.SENT, 1), (State.DEFERRED, 1), (State.HELD, 0))
+    left, line = actions.delete(record, "r1@x.example")
+    assert left is not None and [r.address for r in left.recipients] == [
+        "r0@x.example",
+        "r2@x.example",
+    ]
+    assert line == "7ZK2P1QHBCDF003: deleted r1@x.example"
+    only = _record((State.DEFERRED, 1))
+    assert actions.delete(only, "r0@x.example") == (
+        None,
+        "7ZK2P1QHBCDF003: deleted r0@x.example, the last recipient",
+    )
+    assert actions.delete(record, None) == (None, "7ZK2P1QHBCDF003: deleted")
+
+
+REFUSED = [
+    (actions.hold, "nobody@x.example", "7ZK2P1QHBCDF003 has no recipient nobody@x.example"),
+    (actions.hold, "r0@x.example", "cannot hold r0@x.example of 7ZK2P1QHBCDF003: already sent"),
+    (actions.release, "r1@x.example", "cannot release r1@x.example of 7ZK2P1QHBCDF003: already"),
+    (actions.delete, "r0@x.example", "cannot delete r0@x.example of 7ZK2P1QHBCDF003: already"),
+    (actions.delete, "nobody@x.example", "has no recipient nobody@x.example"),
+]
+
+
+@pytest.mark.parametrize(("rule", "address", "message"), REFUSED)
+def test_refused_rules(rule: Any, address: str, message: str) -> None:
+    record = _record((State.SENT, 1), (State.BOUNCED, 3), (State.DEFERRED, 1))
+    with pytest.raises(QueueError) as caught:
+        rule(record, address)
+    assert message in str(caught.value)
+
+
+def test_a_finished_message_has_nothing_to_hold() -> None:
+    record = _record((State.SENT, 1), (State.BOUNCED, 1))
+    with pytest.raises(QueueError, match="has no recipient left to deliver"):
+        actions.hold(record, None)
+
+
+def test_from_dict_accepts_what_to_dict_makes() -> None:
+    record = QueueRecord.from_message(full_message())
+    assert record is not None
+    assert from_dict(json.loads(json.dumps(to_dict(record)))) == record
