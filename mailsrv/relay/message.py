@@ -35,7 +35,8 @@ class OutboundMessage:
 
     ``sender`` is ``""`` for the null reverse-path ``<>``.  ``body_path`` is the stored body in
     the canonical Maildir form (LF line endings, ``Return-Path`` first, then ``Received``);
-    ``size`` is its size in bytes, used for the SIZE extension.  ``smtputf8`` says that the
+    ``size`` is its size on the wire (RFC 1870: CRLF, without Return-Path), used for the SIZE
+    extension.  ``smtputf8`` says that the
     envelope or headers need SMTPUTF8 (RFC 6531); ``eight_bit`` that the body is 8BITMIME.
     ``envid`` and ``ret`` are the RFC 3461 MAIL parameters (``ret`` is ``"FULL"``, ``"HDRS"``
     or None).

@@ -134,7 +134,7 @@ def outbound_message(
         sender=record.sender,
         recipients=recipients,
         body_path=body_path,
-        size=record.size,
+        size=record.size_on_wire,
         smtputf8=record.smtputf8,
         eight_bit=record.body_8bit,
         envid=record.envid,
