@@ -61,6 +61,8 @@ class RecipientResult:
     connection failure, has the same shape); ``permanent`` is True when retrying cannot help
     (5xx).  ``remote_mta`` is the next hop's host name and ``remote_address`` its IP address
     (both empty when no connection was made); ``tls`` the TLS protocol version, or None.
+    ``dsn_passed_on`` is True when the next hop offered DSN, so the recipient's ``NOTIFY``
+    request went with it and reporting success is the next hop's job from there.
     """
 
     recipient: str
@@ -71,6 +73,7 @@ class RecipientResult:
     remote_mta: str = ""
     remote_address: str = ""
     tls: str | None = None
+    dsn_passed_on: bool = False
 
     @property
     def delivered(self) -> bool:
