@@ -12,6 +12,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import re
 import signal
 import smtplib
 import subprocess
@@ -27,6 +28,7 @@ import pytest_twisted
 from twisted.internet import task
 from twisted.names import dns
 
+from tests.conftest import RawClient
 from tests.relay_dns import start_dns
 from tests.relay_peer import Script, start_peer
 from tests.test_process import Server, free_port
@@ -445,5 +447,57 @@ async def test_delay_warning_once_and_local_success_report(
         assert record["recipients"][0]["delay_warned"] is True
         assert len(reports()) == 2, "one warning, not one per deferral"
         assert len(server.maildir_new()) == 3  # alice's copy and the two reports
+    finally:
+        await peer.stop()
+
+
+def dotted_body() -> tuple[bytes, bytes]:
+    """(the DATA a client sends, dot-stuffed, with bare CR and LF; the content it means, CRLF).
+
+    Mostly lines of a single dot, so that read chunks of the stored body (64 KiB) often start
+    with one; some lines carry a bare LF or CR, which ``normalize`` turns into line ends.
+    """
+    lines = [b"Subject: dots", b"Message-ID: <dots@example.org>", b"", b"."]
+    for n in range(60000):
+        lines.append(b"." if n % 7 else b"..%d" % n)
+        if n % 5000 == 0:
+            lines.append(b"bare\nLF and bare\rCR inside")
+    lines.append(b"end")
+    content = re.sub(rb"\r\n|\r|\n", b"\r\n", b"\r\n".join(lines) + b"\r\n")
+    data = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    return data + b".\r\n", content
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_is_accepted_arrives_byte_identical_at_the_next_hop(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    peer = start_peer()
+    try:
+        server = relay_server(tmp_path, servers, peer.number, SMTP_BARE_LINE_ENDINGS="normalize")
+        server.start()
+        data, content = dotted_body()
+        assert len(content) > 3 * 65536  # several read chunks
+        client = RawClient(server.port)
+        try:
+            assert client.read_reply().startswith(b"220 ")
+            assert client.command(b"EHLO client.test").startswith(b"250")
+            assert client.command(b"MAIL FROM:<alice@example.org>").startswith(b"250 ")
+            assert client.command(b"RCPT TO:<bob@remote.test>").startswith(b"250 ")
+            assert client.command(b"DATA").startswith(b"354 ")
+            client.send(data)
+            assert client.read_reply().startswith(b"250 ")
+            client.command(b"QUIT")
+        finally:
+            client.close()
+        await eventually(lambda: len(peer.factory.messages) == 1, "the relayed message")
+        await eventually(lambda: queued(server) == [], "an empty queue")
+        [message] = peer.factory.messages
+        assert not message.bare_line_endings
+        assert message.content.startswith(b"Received: from client.test ")
+        received, separator, rest = message.content.partition(b"\r\nSubject: dots\r\n")
+        assert separator and b"Subject: dots\r\n" + rest == content
+        # Our Received header (folded lines), and no Return-Path.
+        assert all(line.startswith(b"\t") for line in received.split(b"\r\n")[1:])
     finally:
         await peer.stop()
