@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import capturedLogs, formatEvent
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -114,6 +115,7 @@ class ScriptedPeer:
                     text,
                     code >= 500,
                     "mx.example.net",
+                    "192.0.2.1",
                     dsn_passed_on=self.offers_dsn,
                 )
             )
@@ -656,3 +658,23 @@ def test_a_next_hop_that_took_the_dsn_request_is_remembered(rig: Rig) -> None:
     rig.peer.offers_dsn = False
     rig.submit("carol@example.net")
     assert [s.dsn_passed_on for _r, (s,) in rig.dsns] == [True, False]
+
+
+def test_every_attempt_is_logged_with_next_hop_tls_reply_and_next_retry(rig: Rig) -> None:
+    rig.peer.answer = temp
+    with capturedLogs() as events:
+        record = rig.submit("bob@example.net")
+        next_try(rig, record.queue_id)
+        rig.peer.answer = ok
+        next_try(rig, record.queue_id)
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mailsrv.relay"]
+    attempts = [line for line in lines if "to <bob@example.net>" in line]
+    assert len(attempts) == 3
+    first, _second, last = attempts
+    assert first.startswith(
+        f"relay {record.queue_id} to <bob@example.net> via mx.example.net [192.0.2.1] tls=none: "
+        "deferred (attempt 1, next attempt in "
+    )
+    assert first.endswith(" s): 451 4.3.0 try later")
+    assert last.endswith("tls=none: sent (attempt 3): 250 2.0.0 queued")
+    assert f"relay {record.queue_id} left the queue: 1 sent, 0 bounced" in lines

@@ -592,7 +592,7 @@ class RelayScheduler(Service):
         for result in results:
             status = record.find(result.recipient)
             if status is not None:
-                self._log_attempt(record, status, result, destination)
+                self._log_attempt(record, status, result, destination, now)
         if warned:
             statuses = [s for a in warned if (s := record.find(a)) is not None]
             self._track(Deferred.fromCoroutine(self._warn(record, statuses)), True)
@@ -663,20 +663,26 @@ class RelayScheduler(Service):
         status: RecipientStatus,
         result: RecipientResult,
         destination: str,
+        now: float,
     ) -> None:
+        retry = ""
+        if status.next_attempt is not None:
+            retry = f", next attempt in {max(0.0, status.next_attempt - now):.0f} s"
         _log.info(
-            "relay {queue_id} to <{recipient}> via {remote_mta} [{remote_address}]: {state}: "
-            "{reply}",
+            "relay {queue_id} to <{recipient}> via {remote_mta} [{remote_address}] "
+            "tls={tls_text}: {state} (attempt {attempts}{retry}): {reply}",
             queue_id=record.queue_id,
             recipient=status.address,
             destination=destination,
             remote_mta=result.remote_mta or "-",
             remote_address=result.remote_address or "-",
             tls=result.tls,
+            tls_text=result.tls or "none",
             state=status.state.value,
             reply=result.reply_line,
             attempts=status.attempts,
             next_attempt=status.next_attempt,
+            retry=retry,
         )
 
     def _finish(self, record: QueueRecord) -> None:
