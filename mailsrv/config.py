@@ -469,6 +469,11 @@ class Config:
     relay_queue_lifetime: float = setting(
         432000.0, parse_seconds(0.0), "Time a message may stay queued before it bounces (s)"
     )
+    relay_delay_warning: float = setting(
+        0.0,
+        parse_seconds(0.0),
+        "Warn senders of mail still deferred this long after arrival (s); 0 = only NOTIFY=DELAY",
+    )
     relay_recipients_per_transaction: int = setting(
         50, parse_int(1, 100_000), "Recipients per outbound transaction (more: another one)"
     )

@@ -39,6 +39,7 @@ from mailsrv.preflight import Checked, PreflightError, check
 from mailsrv.relay.actions import StoreActions
 from mailsrv.relay.bounces import DsnSubmitter
 from mailsrv.relay.control import QueueControlService, socket_path_problem
+from mailsrv.relay.local_success import LocalSuccessSink
 from mailsrv.relay.queue_lock import QueueBusy, QueueLock
 from mailsrv.relay.queue_store import FileQueueStore
 from mailsrv.relay.service import build_relay
@@ -179,9 +180,11 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
         reload_hooks.append(tls.reload)
     policy = RecipientPolicy(config, store)
     queue_sink = QueueSink(queue_store)
+    local_success = LocalSuccessSink()
     sinks: list[ICommitSink] = [
         MaildirSink(MaildirStore(config.mail_dir, config.server_name)),
         queue_sink,
+        local_success,
     ]
     sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir)
     committer = GroupCommitter(reactor, sinks, sync)
@@ -198,8 +201,13 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
         identities=AccountIdentities(store),
     )
     bounces = DsnSubmitter(
-        server, queue_store.body_path, threads.run, config.relay_bounce_size_limit
+        server,
+        queue_store.body_path,
+        threads.run,
+        config.relay_bounce_size_limit,
+        config.relay_queue_lifetime,
     )
+    local_success.report_with(bounces.delivered)
     relay = build_relay(config, reactor, threads.run, queue_store, bounces)
     queue_sink.listen(relay.scheduler.queued)
     relay.scheduler.setServiceParent(root)

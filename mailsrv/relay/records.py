@@ -4,17 +4,23 @@ A :class:`QueueRecord` is made from an :class:`~mailsrv.delivery.envelope.Accept
 the message is committed, and holds only its remote recipients, each as a
 :class:`RecipientStatus`: its state (pending, deferred, sent, bounced, held), how many attempts
 were made, when the next one is due, the last reply and the MTA that gave it, and the DSN request
-(``NOTIFY``, ``ORCPT``) it came with.  Records are immutable; a change is a new record
+(``NOTIFY``, ``ORCPT``) it came with, whether a delay warning was sent for it and whether the
+next hop took the DSN request over.  Records are immutable; a change is a new record
 (:func:`dataclasses.replace`, :meth:`QueueRecord.with_recipients`).
 
 On disk a record is one JSON object, indented and in UTF-8 so an operator can read it::
 
-    {"version": 1, "queue_id": "...", "created_at": 1767225600.5, "sender": "...", ...,
+    {"version": 2, "queue_id": "...", "created_at": 1767225600.5, "sender": "...", ...,
      "client": {...}, "recipients": [{"address": "...", "state": "deferred", ...}]}
 
 Times are seconds since the epoch (the injected clock's time), as JSON numbers.  Loading is
 strict: a missing or unknown key, a wrong type, an unknown state or ``version`` raises
 :class:`RecordError`, whose message says which field is wrong; never a partial record.
+
+Versions: 2 added ``wire_size`` (the RFC 1870 size of the message on the wire) and, per
+recipient, ``delay_warned`` and ``dsn_passed_on``.  A version 1 record (written before the
+upgrade) still loads, with ``wire_size`` null and both flags false; it is written back as
+version 2 at its next change.
 """
 
 from __future__ import annotations
@@ -36,8 +42,11 @@ from mailsrv.delivery.envelope import (
     Ret,
 )
 
-SCHEMA_VERSION = 1
-"""The ``version`` written in every record; a record with another version is refused."""
+SCHEMA_VERSION = 2
+"""The ``version`` written in every record."""
+
+READABLE_VERSIONS = (1, 2)
+"""The versions :func:`decode` reads; a record of any other version is refused."""
 
 _QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -85,6 +94,11 @@ class RecipientStatus:
     last_reply: str | None = None
     remote_mta: str | None = None
     dsn: DsnRequest = field(default_factory=DsnRequest)
+    delay_warned: bool = False
+    """A delay DSN (``Action: delayed``) was sent for this recipient: at most one is."""
+    dsn_passed_on: bool = False
+    """The next hop that took this recipient offered DSN, so it got the ``NOTIFY`` request and
+    reports success itself: we send no ``relayed`` DSN (RFC 3464 section 2.3.3)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,9 @@ class QueueRecord:
     body_8bit: bool = False
     envid: str | None = None
     ret: Ret | None = None
+    wire_size: int | None = None
+    """The message's size on the wire (RFC 1870: CRLF line ends, no ``Return-Path``, dots not
+    doubled); None when unknown (a version 1 record), see :attr:`size_on_wire`."""
 
     @classmethod
     def from_message(cls, message: AcceptedMessage) -> QueueRecord | None:
@@ -123,7 +140,20 @@ class QueueRecord:
             body_8bit=message.body_8bit,
             envid=message.envid,
             ret=message.ret,
+            wire_size=message.wire_size,
         )
+
+    @property
+    def size_on_wire(self) -> int:
+        """What to compare with a next hop's SIZE limit and send as ``SIZE=``.
+
+        :attr:`wire_size` when known; else the stored size less our ``Return-Path`` line, a
+        lower bound (each line end is one byte short), so a message that fits is never
+        refused here, and one that does not is refused by the peer instead.
+        """
+        if self.wire_size is not None:
+            return self.wire_size
+        return max(0, self.size - len(f"Return-Path: <{self.sender}>\n".encode()))
 
     @property
     def unfinished(self) -> tuple[RecipientStatus, ...]:
@@ -170,6 +200,7 @@ def to_dict(record: QueueRecord) -> dict[str, Any]:
         "body_8bit": record.body_8bit,
         "envid": record.envid,
         "ret": record.ret.value if record.ret is not None else None,
+        "wire_size": record.wire_size,
         "client": {
             "ip": client.ip,
             "helo": client.helo,
@@ -196,6 +227,8 @@ def _recipient_dict(recipient: RecipientStatus) -> dict[str, Any]:
         "remote_mta": recipient.remote_mta,
         "notify": sorted(n.value for n in recipient.dsn.notify),
         "orcpt": list(orcpt) if orcpt is not None else None,
+        "delay_warned": recipient.delay_warned,
+        "dsn_passed_on": recipient.dsn_passed_on,
     }
 
 
@@ -228,7 +261,8 @@ def decode(data: bytes, queue_id: str | None = None) -> QueueRecord:
 
 def from_dict(raw: object) -> QueueRecord:
     """Validate a record's JSON object (see :func:`decode`)."""
-    top = _Fields(raw, "record", _RECORD_KEYS, check_version=True)
+    version = _version(raw)
+    top = _Fields(raw, "record", _RECORD_KEYS[version])
     queue_id = top.text("queue_id")
     if not valid_queue_id(queue_id):
         raise RecordError(f"queue_id {queue_id!r} is not a valid queue id")
@@ -237,7 +271,7 @@ def from_dict(raw: object) -> QueueRecord:
     if not isinstance(recipients_raw, list) or not recipients_raw:
         raise RecordError("recipients: expected a non-empty list")
     recipients = tuple(
-        _recipient(item, f"recipients[{n}]") for n, item in enumerate(recipients_raw)
+        _recipient(item, f"recipients[{n}]", version) for n, item in enumerate(recipients_raw)
     )
     if len({r.address for r in recipients}) != len(recipients):
         raise RecordError("recipients: an address is listed twice")
@@ -261,11 +295,23 @@ def from_dict(raw: object) -> QueueRecord:
         body_8bit=top.flag("body_8bit"),
         envid=top.optional_text("envid"),
         ret=_enum(Ret, ret, "ret") if ret is not None else None,
+        wire_size=top.optional_count("wire_size") if version >= 2 else None,
     )
 
 
-def _recipient(raw: object, where: str) -> RecipientStatus:
-    fields = _Fields(raw, where, _RECIPIENT_KEYS)
+def _version(raw: object) -> int:
+    if not isinstance(raw, Mapping):
+        raise RecordError("record: expected an object")
+    version = raw.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        readable = " or ".join(map(str, READABLE_VERSIONS))
+        raise RecordError(f"version {version!r} is not supported (this mailsrv reads {readable})")
+    assert isinstance(version, int)
+    return version
+
+
+def _recipient(raw: object, where: str, version: int) -> RecipientStatus:
+    fields = _Fields(raw, where, _RECIPIENT_KEYS[version])
     notify_raw = fields.value("notify")
     if not isinstance(notify_raw, list) or not all(isinstance(n, str) for n in notify_raw):
         raise RecordError(f"{where}.notify: expected a list of strings")
@@ -292,10 +338,12 @@ def _recipient(raw: object, where: str) -> RecipientStatus:
         last_reply=fields.optional_text("last_reply", allow_controls=True),
         remote_mta=fields.optional_text("remote_mta"),
         dsn=DsnRequest(notify=notify, orcpt=orcpt),
+        delay_warned=fields.flag("delay_warned") if version >= 2 else False,
+        dsn_passed_on=fields.flag("dsn_passed_on") if version >= 2 else False,
     )
 
 
-_RECORD_KEYS = frozenset(
+_RECORD_KEYS_V1 = frozenset(
     (
         "version",
         "queue_id",
@@ -313,7 +361,7 @@ _RECORD_KEYS = frozenset(
 _CLIENT_KEYS = frozenset(
     ("ip", "helo", "listener", "login", "tls_version", "tls_cipher", "trusted")
 )
-_RECIPIENT_KEYS = frozenset(
+_RECIPIENT_KEYS_V1 = frozenset(
     (
         "address",
         "domain",
@@ -327,6 +375,8 @@ _RECIPIENT_KEYS = frozenset(
         "orcpt",
     )
 )
+_RECORD_KEYS = {1: _RECORD_KEYS_V1, 2: _RECORD_KEYS_V1 | {"wire_size"}}
+_RECIPIENT_KEYS = {1: _RECIPIENT_KEYS_V1, 2: _RECIPIENT_KEYS_V1 | {"delay_warned", "dsn_passed_on"}}
 
 
 def _enum(kind: type[Any], value: str, where: str) -> Any:
@@ -340,17 +390,9 @@ def _enum(kind: type[Any], value: str, where: str) -> Any:
 class _Fields:
     """Typed access to a JSON object with exactly ``keys``; RecordError names the bad field."""
 
-    def __init__(
-        self, raw: object, where: str, keys: frozenset[str], check_version: bool = False
-    ) -> None:
+    def __init__(self, raw: object, where: str, keys: frozenset[str]) -> None:
         if not isinstance(raw, Mapping):
             raise RecordError(f"{where}: expected an object")
-        if check_version:
-            version = raw.get("version")
-            if version != SCHEMA_VERSION or isinstance(version, bool):
-                raise RecordError(
-                    f"version {version!r} is not supported (this mailsrv reads {SCHEMA_VERSION})"
-                )
         missing = keys - raw.keys()
         if missing:
             raise RecordError(f"{where}: missing {', '.join(sorted(missing))}")
@@ -395,6 +437,9 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self._bad(key, "a non-negative integer")
         return value
+
+    def optional_count(self, key: str) -> int | None:
+        return None if self._raw[key] is None else self.count(key)
 
     def flag(self, key: str) -> bool:
         value = self._raw[key]
