@@ -14,6 +14,12 @@ Modes:
 ``auth``   workload (e): ``--sessions S`` clients loop STARTTLS + AUTH PLAIN + QUIT for
            ``--duration`` seconds.
 ``noop``   one client sends NOOP every ``--interval`` seconds for ``--duration`` seconds.
+``storm``  workload (e): ``--sessions S`` clients spread over the loopback addresses
+           ``--sources FIRST-LAST`` (127.0.0.x only) loop STARTTLS + AUTH PLAIN with wrong
+           passwords (for ``--user`` and for made-up names) for ``--duration`` seconds; meanwhile
+           an unaffected client from ``--probe-source`` logs in with ``--probe-user`` and
+           ``--probe-password`` at each of ``--probe-at`` (seconds into the storm) and the time
+           from connect to ``235`` is recorded.
 """
 
 from __future__ import annotations
@@ -296,7 +302,118 @@ async def mode_noop(args: Any, stats: Stats) -> None:
     stats.sessions_done += 1
 
 
-MODES = {"send": mode_send, "idle": mode_idle, "auth": mode_auth, "noop": mode_noop}
+def loopback_range(text: str) -> list[str]:
+    """``127.0.0.10-127.0.0.109`` -> the addresses; only 127.0.0.0/8 is accepted."""
+    import ipaddress
+
+    first, _, last = text.partition("-")
+    low, high = ipaddress.IPv4Address(first), ipaddress.IPv4Address(last or first)
+    loopback = ipaddress.IPv4Network("127.0.0.0/8")
+    if low not in loopback or high not in loopback or high < low:
+        raise SystemExit(f"loadgen: --sources must be a range inside 127.0.0.0/8, got {text!r}")
+    return [str(ipaddress.IPv4Address(n)) for n in range(int(low), int(high) + 1)]
+
+
+async def tls_session(args: Any, source: str, context: ssl.SSLContext) -> Client:
+    """Connect from ``source``, EHLO, STARTTLS, EHLO; raises on any failure."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(args.host, args.port, local_addr=(source, 0), limit=1 << 20),
+        args.connect_timeout,
+    )
+    client = Client(reader, writer)
+    try:
+        code, text = await client.reply()
+        if code != 220:
+            raise SMTPReplyError(code, text)
+        await client.command(f"EHLO {args.helo}", 250)
+        await client.command("STARTTLS", 220)
+        await client.writer.start_tls(context)
+        await client.command(f"EHLO {args.helo}", 250)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+async def mode_storm(args: Any, stats: Stats) -> dict[str, Any]:
+    context = client_tls_context()
+    sources = loopback_range(args.sources)
+    deadline = time.monotonic() + args.duration
+    replies: dict[str, int] = {}
+    attempts = [0]
+
+    def token(n: int) -> str:
+        # every other guess is for the real account, the rest for made-up names
+        user = (
+            args.user if n % 2 == 0 else f"guess{n}-{id(stats) % 997}@{args.user.partition('@')[2]}"
+        )
+        return base64.b64encode(f"\0{user}\0wrong-{n}".encode()).decode()
+
+    async def attacker(index: int) -> None:
+        source = sources[index % len(sources)]
+        while time.monotonic() < deadline:
+            try:
+                client = await tls_session(args, source, context)
+            except (TimeoutError, OSError, SMTPReplyError, ConnectionError) as e:
+                key = str(e.code) if isinstance(e, SMTPReplyError) else "connect"
+                replies[key] = replies.get(key, 0) + 1
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                while time.monotonic() < deadline:
+                    attempts[0] += 1
+                    client.writer.write(f"AUTH PLAIN {token(attempts[0])}\r\n".encode())
+                    code, _ = await client.reply()
+                    replies[str(code)] = replies.get(str(code), 0) + 1
+                    if code == 421:
+                        await asyncio.sleep(1.0)  # this address is throttled: try again later
+                        break
+                    if code == 454:
+                        await asyncio.sleep(0.05)  # refused at once: no tight loop
+            except (TimeoutError, OSError, ConnectionError) as e:
+                replies["closed"] = replies.get("closed", 0) + 1
+                stats.error(f"storm: {type(e).__name__}: {e}")
+            await client.quit()
+            stats.sessions_done += 1
+
+    probes: list[dict[str, Any]] = []
+
+    async def probe(at: float) -> None:
+        await asyncio.sleep(at)
+        started = time.perf_counter()
+        entry: dict[str, Any] = {"at_s": at}
+        try:
+            client = await tls_session(args, args.probe_source, context)
+            before_auth = time.perf_counter()
+            secret = f"\0{args.probe_user}\0{args.probe_password}".encode()
+            await client.command(f"AUTH PLAIN {base64.b64encode(secret).decode()}", 235)
+            done = time.perf_counter()
+            entry.update(ok=True, total_ms=_ms(done - started), auth_ms=_ms(done - before_auth))
+            await client.quit()
+        except (TimeoutError, OSError, SMTPReplyError, ConnectionError) as e:
+            entry.update(ok=False, total_ms=_ms(time.perf_counter() - started), error=str(e))
+        probes.append(entry)
+
+    await asyncio.gather(
+        *(attacker(i) for i in range(args.sessions)),
+        *(probe(float(at)) for at in args.probe_at.split(",") if at),
+    )
+    stats.ok = replies.get("535", 0)
+    return {
+        "attempts": attempts[0],
+        "replies": dict(sorted(replies.items())),
+        "addresses": len(sources),
+        "probes": sorted(probes, key=lambda p: p["at_s"]),
+    }
+
+
+MODES = {
+    "send": mode_send,
+    "idle": mode_idle,
+    "auth": mode_auth,
+    "noop": mode_noop,
+    "storm": mode_storm,
+}
 
 
 def main() -> None:
@@ -316,6 +433,11 @@ def main() -> None:
     parser.add_argument("--user", default="")
     parser.add_argument("--password", default="")
     parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument("--sources", default="127.0.0.1", help="storm: FIRST-LAST in 127/8")
+    parser.add_argument("--probe-source", default="127.0.0.250")
+    parser.add_argument("--probe-user", default="")
+    parser.add_argument("--probe-password", default="")
+    parser.add_argument("--probe-at", default="", help="storm: seconds, comma-separated")
     parser.add_argument("--timeout", type=float, default=300.0, help="bound on the whole run")
     args = parser.parse_args()
 
@@ -327,12 +449,16 @@ def main() -> None:
     started = time.perf_counter()
     timed_out = False
 
+    extra: dict[str, Any] = {}
+
     async def run() -> None:
         nonlocal timed_out
         try:
-            await asyncio.wait_for(MODES[args.mode](args, stats), args.timeout)
+            found = await asyncio.wait_for(MODES[args.mode](args, stats), args.timeout)
         except TimeoutError:
             timed_out = True
+        else:
+            extra.update(found or {})
 
     asyncio.run(run())
     elapsed = time.perf_counter() - started
@@ -354,6 +480,7 @@ def main() -> None:
         "slow_connects": sum(1 for t in stats.connect_times if t > 0.9),
         "greeting_max_ms": _ms(max(stats.greeting_times) if stats.greeting_times else None),
         "errors": stats.errors,
+        **extra,
     }
     print(json.dumps(result), flush=True)
     sys.exit(0)

@@ -410,13 +410,23 @@ class Config:
         False, parse_bool, "Offer CRAM-MD5 (only accounts with a CRAM-MD5 secret can use it)"
     )
     auth_max_failures_per_ip: int = setting(
-        10, parse_int(1, 1_000_000), "Failed AUTHs per client IP per window before 421 4.7.0"
+        10, parse_int(1, 1_000_000), "Failed AUTHs per client IP (IPv6: /64) per window, then 421"
     )
     auth_max_failures_per_account: int = setting(
         20, parse_int(1, 1_000_000), "Failed AUTHs per account per window before 454 4.7.0"
     )
     auth_failure_window: float = setting(
         900.0, parse_seconds(1.0), "Window for counting failed AUTHs (s)"
+    )
+    auth_max_in_flight_per_client: int = setting(
+        3, parse_int(1, 10_000), "AUTHs in progress at once per client IP (IPv6: /64), then 454"
+    )
+    auth_hash_threads: int = setting(2, parse_int(1, 64), "Threads for password hashing")
+    auth_hash_queue: int = setting(
+        32, parse_int(0, 100_000), "AUTHs waiting for a hash thread before new ones get 454"
+    )
+    auth_throttle_max_keys: int = setting(
+        50_000, parse_int(100, 10_000_000), "Clients and accounts the AUTH throttle tracks"
     )
     argon2_time_cost: int = setting(3, parse_int(1, 100), "Argon2id iterations")
     argon2_memory_kib: int = setting(65536, parse_int(8, 4_194_304), "Argon2id memory (KiB)")
@@ -458,6 +468,11 @@ class Config:
     relay_max_backoff: float = setting(4000.0, parse_seconds(1.0), "Longest retry delay (s)")
     relay_queue_lifetime: float = setting(
         432000.0, parse_seconds(0.0), "Time a message may stay queued before it bounces (s)"
+    )
+    relay_delay_warning: float = setting(
+        0.0,
+        parse_seconds(0.0),
+        "Warn senders of mail still deferred this long after arrival (s); 0 = only NOTIFY=DELAY",
     )
     relay_recipients_per_transaction: int = setting(
         50, parse_int(1, 100_000), "Recipients per outbound transaction (more: another one)"

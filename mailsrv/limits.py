@@ -53,10 +53,13 @@ class TrustedNetworks:
 class RateLimiter:
     """At most ``limit`` events per key within any ``window`` seconds (a sliding log)."""
 
-    def __init__(self, clock: IReactorTime, limit: int, window: float) -> None:
+    def __init__(
+        self, clock: IReactorTime, limit: int, window: float, max_keys: int | None = None
+    ) -> None:
         self._clock = clock
         self.limit = limit
         self.window = window
+        self.max_keys = max_keys
         self._events: dict[str, deque[float]] = {}
 
     def _trim(self, events: deque[float], now: float) -> None:
@@ -69,6 +72,8 @@ class RateLimiter:
         now = self._clock.seconds()
         events = self._events.get(key)
         if events is None:
+            if self.full():
+                return False
             events = self._events[key] = deque()
         self._trim(events, now)
         if len(events) >= self.limit:
@@ -76,14 +81,38 @@ class RateLimiter:
         events.append(now)
         return True
 
-    def record(self, key: str) -> None:
-        """Record one event for ``key`` whatever the limit."""
+    def record(self, key: str) -> float | None:
+        """Record one event for ``key`` whatever the limit; returns its time (for
+        :meth:`withdraw`), or None when ``key`` is new and ``max_keys`` keys are already held."""
         now = self._clock.seconds()
         events = self._events.get(key)
         if events is None:
+            if self.full():
+                return None
             events = self._events[key] = deque()
         self._trim(events, now)
         events.append(now)
+        return now
+
+    def withdraw(self, key: str, when: float) -> None:
+        """Take back the event :meth:`record` recorded at ``when`` (if still in the window)."""
+        events = self._events.get(key)
+        if events is None:
+            return
+        try:
+            events.remove(when)
+        except ValueError:
+            pass
+        if not events:
+            del self._events[key]
+
+    def full(self) -> bool:
+        """True when ``max_keys`` keys are held, so no new key can be recorded."""
+        return self.max_keys is not None and len(self._events) >= self.max_keys
+
+    def knows(self, key: str) -> bool:
+        """True when ``key`` has state (events not yet expired)."""
+        return key in self._events
 
     def count(self, key: str) -> int:
         """Events for ``key`` within the window."""

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
-from mailsrv.auth.throttle import AuthThrottle
+from mailsrv.auth.throttle import AuthAttempt, AuthThrottle
 from mailsrv.config import Config
 from mailsrv.limits import ConnectionCounter, RateLimiter
 
@@ -34,14 +34,19 @@ class ILimits(Interface):
     def allow_message(ip: str) -> Deferred[bool]:
         """Count one message (MAIL) from an untrusted ``ip``; False when over its rate."""
 
-    def auth_ip_blocked(ip: str) -> Deferred[bool]:
-        """True when ``ip`` used up its failed AUTHs."""
+    def auth_client_refusal(ip: str) -> Deferred[str | None]:
+        """Whether the untrusted client of ``ip`` (IPv6: its /64) may start an AUTH: None, or
+        why not (it used up its failures, or has too many AUTHs in progress)."""
 
-    def auth_account_blocked(login: str) -> Deferred[bool]:
-        """True when ``login`` used up its failed AUTHs."""
+    def auth_begin(ip: str, identity: str, trusted: bool) -> Deferred[AuthAttempt | str]:
+        """Admit one AUTH attempt against account ``identity``, counted as failed until
+        :meth:`auth_finished`; or a refusal reason (see :mod:`mailsrv.auth.throttle`)."""
 
-    def auth_failed(ip: str, login: str, count_ip: bool) -> Deferred[float]:
-        """Record a failed AUTH; fires with the delay before answering it."""
+    def auth_failure_delay(attempt: AuthAttempt) -> Deferred[float]:
+        """The attempt failed: how long to wait before answering it."""
+
+    def auth_finished(attempt: AuthAttempt, outcome: str) -> None:
+        """The attempt was answered; ``outcome`` decides which of its counts stay."""
 
 
 @implementer(ILimits)
@@ -57,6 +62,8 @@ class LocalLimits:
             config.auth_max_failures_per_ip,
             config.auth_max_failures_per_account,
             config.auth_failure_window,
+            max_in_flight=config.auth_max_in_flight_per_client,
+            max_keys=config.auth_throttle_max_keys,
         )
 
     def check_admission(self, ip: str, trusted: bool) -> str | None:
@@ -80,14 +87,17 @@ class LocalLimits:
     def allow_message(self, ip: str) -> Deferred[bool]:
         return succeed(self.message_rate.allow(ip))
 
-    def auth_ip_blocked(self, ip: str) -> Deferred[bool]:
-        return succeed(self.auth_throttle.ip_blocked(ip))
+    def auth_client_refusal(self, ip: str) -> Deferred[str | None]:
+        return succeed(self.auth_throttle.client_refusal(ip))
 
-    def auth_account_blocked(self, login: str) -> Deferred[bool]:
-        return succeed(self.auth_throttle.account_blocked(login))
+    def auth_begin(self, ip: str, identity: str, trusted: bool) -> Deferred[AuthAttempt | str]:
+        return succeed(self.auth_throttle.begin(ip, identity, count_ip=not trusted))
 
-    def auth_failed(self, ip: str, login: str, count_ip: bool) -> Deferred[float]:
-        return succeed(self.auth_throttle.failed(ip, login, count_ip))
+    def auth_failure_delay(self, attempt: AuthAttempt) -> Deferred[float]:
+        return succeed(self.auth_throttle.failure_delay(attempt))
+
+    def auth_finished(self, attempt: AuthAttempt, outcome: str) -> None:
+        self.auth_throttle.finish(attempt, outcome)
 
     def expire(self) -> None:
         """Forget state that left its window (run on a timer in the main process)."""

@@ -39,6 +39,7 @@ from mailsrv.preflight import Checked, PreflightError, check
 from mailsrv.relay.actions import StoreActions
 from mailsrv.relay.bounces import DsnSubmitter
 from mailsrv.relay.control import QueueControlService, socket_path_problem
+from mailsrv.relay.local_success import LocalSuccessSink
 from mailsrv.relay.queue_lock import QueueBusy, QueueLock
 from mailsrv.relay.queue_store import FileQueueStore
 from mailsrv.relay.service import build_relay
@@ -146,6 +147,7 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     ``checked`` comes from :func:`mailsrv.preflight.check`: the TLS pair and the hasher it
     built, and what it found in the user store.
     """
+    from mailsrv.auth.account_identity import AccountIdentities
     from mailsrv.auth.factory import open_user_store, store_location
 
     reload_hooks: list[Any] = []
@@ -161,7 +163,13 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     threads.setServiceParent(root)
     queue_store = FileQueueStore(config.queue_dir, threads.run)
     queue_lock = take_queue(config)
-    hash_threads = ThreadPoolService(reactor, "mailsrv-hash", 2)
+    hash_threads = ThreadPoolService(
+        reactor,
+        "mailsrv-hash",
+        config.auth_hash_threads,
+        max_pending=config.auth_hash_threads + config.auth_hash_queue,
+        nice=10,  # hashing takes the CPU the reactor leaves, not the reactor's share
+    )
     hash_threads.setServiceParent(root)
     store = open_user_store(config, reactor)
     store_service = UserStoreService(store, root.fail, store_location(config))
@@ -174,21 +182,35 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     policy = RecipientPolicy(config, store)
     queue_sink = QueueSink(queue_store)
     maildir_sink = MaildirSink(MaildirStore(config.mail_dir, config.server_name))
+    local_success = LocalSuccessSink()
     webhook_threads = ThreadPoolService(reactor, "mailsrv-webhook", 2)
     webhook_threads.setServiceParent(root)
     webhooks = build_webhooks(
         config, reactor, threads.run, webhook_threads.run, maildir_sink.delivered
     )
-    sinks: list[ICommitSink] = [maildir_sink, queue_sink, webhooks.sink]
+    sinks: list[ICommitSink] = [maildir_sink, queue_sink, local_success, webhooks.sink]
     sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir, config.outbox_dir)
     committer = GroupCommitter(reactor, sinks, sync)
     committer.setServiceParent(root)
     server = SMTPServer(
-        config, reactor, threads.run, committer, policy=policy, tls=tls, portal=portal, relay=True
+        config,
+        reactor,
+        threads.run,
+        committer,
+        policy=policy,
+        tls=tls,
+        portal=portal,
+        relay=True,
+        identities=AccountIdentities(store),
     )
     bounces = DsnSubmitter(
-        server, queue_store.body_path, threads.run, config.relay_bounce_size_limit
+        server,
+        queue_store.body_path,
+        threads.run,
+        config.relay_bounce_size_limit,
+        config.relay_queue_lifetime,
     )
+    local_success.report_with(bounces.delivered)
     relay = build_relay(config, reactor, threads.run, queue_store, bounces)
     queue_sink.listen(relay.scheduler.queued)
     relay.scheduler.outcome_listener = webhooks.relay_events

@@ -70,11 +70,13 @@ async def start_server(
     tls: Any = None,
     portal: Any = None,
     policy: Any = None,
+    identities: Any = None,
 ) -> RunningServer:
     """Start the SMTP service tree for ``config`` with ephemeral ports.
 
     ``tls`` is a :class:`mailsrv.tls.ReloadingServerTLS` (needed for STARTTLS and ``smtps``),
-    ``portal`` a cred Portal (needed for AUTH), ``policy`` a RecipientPolicy (e.g. with a store).
+    ``portal`` a cred Portal (needed for AUTH), ``policy`` a RecipientPolicy (e.g. with a store),
+    ``identities`` an AccountIdentities (the AUTH throttle's view of the store).
     """
     from twisted.internet import reactor
 
@@ -94,7 +96,14 @@ async def start_server(
     committer = GroupCommitter(reactor, sinks, filesystem_syncer(config.spool_dir, config.mail_dir))
     committer.setServiceParent(root)
     server = SMTPServer(
-        config, reactor, threads.run, committer, policy=policy, tls=tls, portal=portal
+        config,
+        reactor,
+        threads.run,
+        committer,
+        policy=policy,
+        tls=tls,
+        portal=portal,
+        identities=identities,
     )
     server.spool.prepare()
     service = SMTPListenerService(reactor, server, dict.fromkeys(listeners, 0))

@@ -91,7 +91,7 @@ def accepted(
     )
 
 
-def full_message(queue_id: str | None = None) -> AcceptedMessage:
+def full_message(queue_id: str | None = None, **extra: object) -> AcceptedMessage:
     """A message using every field: DSN parameters, SMTPUTF8, a local recipient too."""
     return accepted(
         queue_id,
@@ -104,6 +104,7 @@ def full_message(queue_id: str | None = None) -> AcceptedMessage:
         body_8bit=True,
         envid="QQ314159",
         ret=Ret.HDRS,
+        **extra,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import select
 import smtplib
 import ssl
 from pathlib import Path
@@ -20,9 +21,17 @@ from twisted.internet import task, threads
 from twisted.logger import globalLogPublisher
 
 from mailsrv.auth import cram
+from mailsrv.auth.account_identity import AccountIdentities
+from mailsrv.auth.migrations import lookup_key
 from mailsrv.auth.passwords import CHEAP_PROFILE, PasswordHasher
 from mailsrv.auth.portal import build_portal
-from mailsrv.auth.throttle import AuthThrottle
+from mailsrv.auth.throttle import (
+    ACCOUNT_THROTTLED,
+    IP_THROTTLED,
+    REJECTED,
+    AuthAttempt,
+    AuthThrottle,
+)
 from mailsrv.smtp import replies
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.tls import ReloadingServerTLS
@@ -63,6 +72,11 @@ async def populate(store: Any, hasher: PasswordHasher) -> None:
     legacy = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$")
     await store.add_account("old@example.org", "{BLF-CRYPT}" + legacy, None, False, NOW)
     await store.add_account("utf@example.org", hasher.hash(UTF8_PASSWORD), None, False, NOW)
+    # for the Unicode case-folding spellings of the throttle tests
+    for login in ("kate@example.org", "strasse@example.org"):
+        await store.add_account(
+            login, hasher.hash(PASSWORD), cram.make_context(PASSWORD), False, NOW
+        )
 
 
 class AuthServer:
@@ -83,8 +97,9 @@ class AuthServer:
 
 
 async def start_auth_server(
-    tmp_path: Path, store: Any, certs: CertFiles, **overrides: Any
+    tmp_path: Path, store: Any, certs: CertFiles, runner: Any = None, **overrides: Any
 ) -> AuthServer:
+    """``runner`` runs the password hashing (default: Twisted's thread pool)."""
     from twisted.internet import reactor
 
     settings: dict[str, Any] = {
@@ -101,7 +116,7 @@ async def start_auth_server(
     portal = build_portal(
         store,
         hasher,
-        lambda f, *a, **kw: threads.deferToThread(f, *a, **kw),
+        runner or (lambda f, *a, **kw: threads.deferToThread(f, *a, **kw)),
         reactor,
     )
     running = await start_server(
@@ -110,6 +125,7 @@ async def start_auth_server(
         tls=ReloadingServerTLS(str(certs.chain), str(certs.key)),
         portal=portal,
         policy=RecipientPolicy(config, store),
+        identities=AccountIdentities(store),
     )
     return AuthServer(running, store, hasher, certs)
 
@@ -505,22 +521,34 @@ async def test_legacy_bcrypt_hash_is_rehashed_to_argon2id(auth: AuthServer) -> N
 # --- throttling -------------------------------------------------------------------------------
 
 
+def fail_once(throttle: AuthThrottle, ip: str, identity: str) -> float:
+    """One whole failed attempt: begin, the delay before the 535, finish."""
+    attempt = throttle.begin(ip, identity)
+    assert isinstance(attempt, AuthAttempt), attempt
+    delay = throttle.failure_delay(attempt)
+    throttle.finish(attempt, REJECTED)
+    return delay
+
+
 def test_throttle_delays_grow_then_block_and_expire() -> None:
     clock = task.Clock()
     throttle = AuthThrottle(clock, per_ip=4, per_account=6, window=900)
-    delays = [throttle.failed("203.0.113.9", f"user{i}@example.org") for i in range(4)]
+    delays = [fail_once(throttle, "203.0.113.9", f"user{i}@example.org") for i in range(4)]
     assert delays == [0.5, 1.0, 2.0, 4.0]
     assert throttle.ip_blocked("203.0.113.9")
+    assert throttle.begin("203.0.113.9", "other@example.org") == IP_THROTTLED
     assert not throttle.ip_blocked("203.0.113.10")
     clock.advance(901)
     assert not throttle.ip_blocked("203.0.113.9")
-    for n in range(6):
-        throttle.failed(f"198.51.100.{n}", "Erin@example.org")
+    for n in range(5):
+        fail_once(throttle, f"198.51.100.{n}", "erin@example.org")
+    assert fail_once(throttle, "198.51.100.99", "erin@example.org") == 8.0  # capped
     assert throttle.account_blocked("erin@example.org")
-    assert throttle.failed("198.51.100.99", "erin@example.org") == 8.0  # capped
+    assert throttle.begin("198.51.100.100", "erin@example.org") == ACCOUNT_THROTTLED
     clock.advance(901)
     throttle.expire()
     assert not throttle.account_blocked("erin@example.org")
+    assert throttle.tracked() == (0, 0)
 
 
 @pytest_twisted.ensureDeferred
@@ -557,6 +585,331 @@ async def test_failed_auth_for_one_account_gets_454(
     finally:
         await server.running.service.stopService()
     assert got == [replies.AUTH_FAILED.format(), replies.AUTH_ACCOUNT_THROTTLED.format()]
+
+
+# --- one throttle identity per account ---------------------------------------------------------
+
+# (account, spelling, names the account).  None: whether it does depends on how far the store's
+# canonical form (lookup_key / parse_mailbox) folds Unicode; the tests then ask that function.
+SPELLINGS: list[tuple[str, str, bool | None]] = [
+    ("erin@example.org", "erin@example.org", True),
+    ("erin@example.org", "ERIN@EXAMPLE.ORG", True),
+    ("erin@example.org", "Erin@Example.Org", True),
+    ("erin@example.org", "  erin@example.org\t", True),
+    ("erin@example.org", "erin@example.org.", True),
+    ("erin@example.org", "Erin@EXAMPLE.org.", True),
+    ("erin@example.org", "e.smith@example.org", True),  # an alias of the account
+    ("erin@example.org", "E.Smith@Example.org.", True),
+    ("kate@example.org", "\u212aate@example.org", None),  # KELVIN SIGN (lower-cases to k)
+    ("strasse@example.org", "STRASSE@example.org", True),
+    ("strasse@example.org", "stra\u00dfe@example.org", None),  # sharp s: folds to ss
+    ("strasse@example.org", "STRA\u1e9eE@example.org", None),  # capital sharp s
+]
+LISTENERS = ("mx", "submission", "smtps")
+MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
+def next_row(row: tuple[str, ...]) -> tuple[str, str, bool | None]:
+    """The SPELLINGS entry of a (spelling, ...) table row."""
+    return next(entry for entry in SPELLINGS if entry[1] == row[0])
+
+
+def names_account(account: str, spelling: str, expected: bool | None) -> bool:
+    if expected is not None:
+        return expected
+    return lookup_key(spelling) == account
+
+
+def open_session(port: int, context: ssl.SSLContext, implicit: bool) -> RawClient:
+    """A raw client after EHLO, over TLS: implicit (smtps) or STARTTLS."""
+    if not implicit:
+        return tls_client(port, context)
+    client = RawClient(port, timeout=10)
+    client.sock = context.wrap_socket(client.sock, server_hostname=HOSTNAME)
+    client.read_reply()
+    client.command(b"EHLO client.test")
+    return client
+
+
+def authenticate(client: RawClient, mechanism: str, login: str, password: str) -> bytes:
+    """One AUTH exchange with ``mechanism``; returns the final reply."""
+    user, secret = login.encode(), password.encode()
+    if mechanism == "PLAIN":
+        return client.command(b"AUTH PLAIN " + b64(b"\0" + user + b"\0" + secret))
+    if mechanism == "LOGIN":
+        assert client.command(b"AUTH LOGIN").startswith(b"334 ")
+        assert client.command(b64(user)).startswith(b"334 ")
+        return client.command(b64(secret))
+    challenge = client.command(b"AUTH CRAM-MD5")
+    assert challenge.startswith(b"334 ")
+    digest = hmac.new(secret, base64.b64decode(challenge[4:].strip()), "md5").hexdigest()
+    return client.command(b64(user + b" " + digest.encode()))
+
+
+def _auth_on(ports: dict[str, int], context: ssl.SSLContext, attempts: list[Any]) -> list[bytes]:
+    """Each of ``attempts`` = (listener, mechanism, login, password) in a session of its own."""
+    got = []
+    for listener, mechanism, login, password in attempts:
+        client = open_session(ports[listener], context, listener == "smtps")
+        try:
+            got.append(authenticate(client, mechanism, login, password))
+        finally:
+            client.close()
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_spelling_resolves_to_the_account(user_store: Any) -> None:
+    await populate(user_store, PasswordHasher(CHEAP_PROFILE))
+    identities = AccountIdentities(user_store)
+    for account, spelling, expected in SPELLINGS:
+        identity = await identities.resolve(spelling.strip())
+        if names_account(account, spelling, expected):
+            assert identity == account, spelling
+        else:
+            assert identity.startswith("unknown#"), spelling
+    unknown = await identities.resolve("nobody@example.org")
+    assert unknown.startswith("unknown#")
+    assert unknown == await identities.resolve("NOBODY@example.org.")
+
+
+@pytest_twisted.ensureDeferred
+async def test_spellings_that_name_an_account_log_in(auth: AuthServer) -> None:
+    """The lock test below is not vacuous: these spellings do reach the account."""
+    attempts = [("submission", "PLAIN", spelling, PASSWORD) for _, spelling, _ in SPELLINGS]
+    got = await run_client(_auth_on, auth.ports, auth.context(), attempts)
+    want = []
+    for account, spelling, expected in SPELLINGS:
+        logs_in = names_account(account, spelling, expected) and "smith" not in spelling.lower()
+        want.append((replies.AUTH_OK if logs_in else replies.AUTH_FAILED).format())
+    assert dict(zip([s for _, s, _ in SPELLINGS], got, strict=True)) == dict(
+        zip([s for _, s, _ in SPELLINGS], want, strict=True)
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_locked_account_is_locked_for_every_spelling_listener_and_mechanism(
+    tmp_path: Path, user_store: Any, certs: CertFiles
+) -> None:
+    server = await start_auth_server(tmp_path, user_store, certs, auth_max_failures_per_account=1)
+    accounts = sorted({account for account, _, _ in SPELLINGS})
+    table = [
+        (account, spelling, expected, listener, mechanism)
+        for account, spelling, expected in SPELLINGS
+        for listener in LISTENERS
+        for mechanism in MECHANISMS
+    ]
+    try:
+        locking = [("submission", "PLAIN", account, "wrong") for account in accounts]
+        assert await run_client(_auth_on, server.ports, server.context(), locking) == [
+            replies.AUTH_FAILED.format()
+        ] * len(accounts)
+        attempts = [(lst, mech, spelling, PASSWORD) for _, spelling, _, lst, mech in table]
+        got = await run_client(_auth_on, server.ports, server.context(), attempts)
+    finally:
+        await server.running.service.stopService()
+    results = {
+        (s, lst, mech): reply for (_, s, _, lst, mech), reply in zip(table, got, strict=True)
+    }
+    locked = replies.AUTH_ACCOUNT_THROTTLED.format()
+    # A spelling that cannot reach the account has nothing to lock; it fails (535, or 454 once
+    # its own unknown-name bucket has used up its failures) and never logs in.
+    others = {replies.AUTH_FAILED.format(), locked}
+    wrong = {
+        row: reply
+        for row, reply in results.items()
+        if reply not in ({locked} if names_account(*next_row(row)) else others)
+    }
+    assert wrong == {}
+    assert server.hasher.verifications.count(True) == len(accounts)  # no hash for the locked
+
+
+@pytest_twisted.ensureDeferred
+async def test_failures_under_every_spelling_use_one_budget(user_store: Any) -> None:
+    await populate(user_store, PasswordHasher(CHEAP_PROFILE))
+    identities = AccountIdentities(user_store)
+    erin = [spelling for account, spelling, _ in SPELLINGS if account == "erin@example.org"]
+    throttle = AuthThrottle(task.Clock(), per_ip=100, per_account=len(erin), window=900)
+    for n, spelling in enumerate(erin):
+        identity = await identities.resolve(spelling.strip())
+        attempt = throttle.begin(f"203.0.113.{n}", identity)
+        assert isinstance(attempt, AuthAttempt), spelling
+        throttle.finish(attempt, REJECTED)
+    assert throttle.account_blocked("erin@example.org")
+    assert throttle.tracked() == (len(erin), 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failures_under_two_spellings_lock_the_account_everywhere(
+    tmp_path: Path, user_store: Any, certs: CertFiles
+) -> None:
+    server = await start_auth_server(tmp_path, user_store, certs, auth_max_failures_per_account=2)
+    wrong = [
+        ("mx", "LOGIN", "ERIN@Example.ORG.", "wrong"),
+        ("smtps", "CRAM-MD5", "e.smith@example.org", "wrong"),
+    ]
+    right = [(lst, mech, "erin@example.org", PASSWORD) for lst in LISTENERS for mech in MECHANISMS]
+    try:
+        got = await run_client(_auth_on, server.ports, server.context(), wrong)
+        after = await run_client(_auth_on, server.ports, server.context(), right)
+    finally:
+        await server.running.service.stopService()
+    assert got == [replies.AUTH_FAILED.format()] * 2
+    assert after == [replies.AUTH_ACCOUNT_THROTTLED.format()] * len(right)
+
+
+BAD_USER_NAMES = [
+    b"erin\xff@example.org",  # not UTF-8
+    b"\xc3",  # truncated UTF-8
+    b"a" * 256,  # longer than 255 octets
+    b"a" * 200 + b"@" + b"b" * 60 + b".org",
+]
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+@pytest.mark.parametrize("user", BAD_USER_NAMES)
+@pytest_twisted.ensureDeferred
+async def test_bad_user_names_are_refused_before_any_state(
+    auth: AuthServer, mechanism: str, user: bytes
+) -> None:
+    def run(port: int, context: ssl.SSLContext) -> list[bytes]:
+        client = tls_client(port, context)
+        try:
+            if mechanism == "PLAIN":
+                first = client.command(b"AUTH PLAIN " + b64(b"\0" + user + b"\0" + b"pw"))
+            elif mechanism == "LOGIN":
+                client.command(b"AUTH LOGIN")
+                client.command(b64(user))
+                first = client.command(b64(b"pw"))
+            else:
+                client.command(b"AUTH CRAM-MD5")
+                first = client.command(b64(user + b" " + b"0" * 32))
+            return [first, client.command(b"NOOP")]
+        finally:
+            client.close()
+
+    got = await run_client(run, auth.ports["submission"], auth.context())
+    assert got == [replies.AUTH_BAD_USER_NAME.format(), replies.OK.format()]
+    assert auth.running.server.limits.auth_throttle.tracked() == (0, 0)
+    assert auth.hasher.verifications == []
+
+
+# --- attempts in flight and the hash queue -----------------------------------------------------
+
+
+class HeldHashing:
+    """The password-hash runner with a door: real threads, but only once the test opens it.
+
+    Jobs asked for while it is shut wait here; ``asked(n)`` fires when n jobs are waiting.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[tuple[Any, Any, tuple[Any, ...]]] = []
+        self._waiters: list[tuple[int, Any]] = []
+        self.open = False
+
+    def __call__(self, function: Any, *args: Any) -> Any:
+        from twisted.internet import defer
+
+        if self.open:
+            return threads.deferToThread(function, *args)
+        result: Any = defer.Deferred()
+        self._held.append((result, function, args))
+        for waiter in [w for w in self._waiters if len(self._held) >= w[0]]:
+            self._waiters.remove(waiter)
+            waiter[1].callback(None)
+        return result
+
+    def asked(self, count: int) -> Any:
+        from twisted.internet import defer
+
+        if len(self._held) >= count:
+            return defer.succeed(None)
+        waiter: Any = defer.Deferred()
+        self._waiters.append((count, waiter))
+        return waiter
+
+    def release(self) -> None:
+        self.open = True
+        held, self._held = self._held, []
+        for result, function, args in held:
+            threads.deferToThread(function, *args).chainDeferred(result)
+
+
+def _start_auth(port: int, context: ssl.SSLContext, login: str = "erin@example.org") -> RawClient:
+    """A session that has sent a good AUTH PLAIN and not read the answer yet."""
+    client = tls_client(port, context)
+    client.send(b"AUTH PLAIN " + b64(f"\0{login}\0{PASSWORD}".encode()) + b"\r\n")
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_attempts_in_flight_per_client_are_limited(
+    tmp_path: Path, user_store: Any, certs: CertFiles
+) -> None:
+    hashing = HeldHashing()
+    server = await start_auth_server(
+        tmp_path,
+        user_store,
+        certs,
+        runner=hashing,
+        trusted_networks=(),
+        auth_max_in_flight_per_client=1,
+    )
+    port = server.ports["submission"]
+    first = None
+    try:
+        first = await run_client(_start_auth, port, server.context())
+        await hashing.asked(1)  # its password is being checked
+        second = await run_client(_plain, port, server.context(), "sam@example.org", PASSWORD)
+        assert second == replies.AUTH_BUSY.format()  # at once: the hash is still held
+        hashing.release()
+        assert await run_client(first.read_reply) == replies.AUTH_OK.format()
+        after = await run_client(_plain, port, server.context(), "sam@example.org", PASSWORD)
+        assert after == replies.AUTH_OK.format()
+    finally:
+        hashing.release()
+        if first is not None:
+            first.close()
+        await server.running.service.stopService()
+
+
+def _race_for_the_queue(port: int, context: ssl.SSLContext) -> tuple[list[RawClient], bytes]:
+    """Two more sessions send AUTH; returns them (the answered one first) and its answer."""
+    waiting = [_start_auth(port, context, "sam@example.org"), _start_auth(port, context)]
+    ready, _, _ = select.select([c.sock for c in waiting], [], [], 10)
+    assert len(ready) == 1, "exactly one of the two is answered before the hash threads free up"
+    answered = next(c for c in waiting if c.sock is ready[0])
+    waiting.remove(answered)
+    return [answered, *waiting], answered.read_reply()
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_hash_queue_answers_454_at_once(
+    tmp_path: Path, user_store: Any, certs: CertFiles
+) -> None:
+    hashing = HeldHashing()
+    server = await start_auth_server(
+        tmp_path, user_store, certs, runner=hashing, auth_hash_threads=1, auth_hash_queue=1
+    )
+    port = server.ports["submission"]
+    clients: list[RawClient] = []
+    try:
+        clients.append(await run_client(_start_auth, port, server.context()))
+        await hashing.asked(1)  # the one hash thread is busy with it
+        sessions, answer = await run_client(_race_for_the_queue, port, server.context())
+        clients.extend(sessions)
+        assert answer == replies.AUTH_BUSY.format()
+        assert server.running.server.hash_queue.waiting == 1
+        hashing.release()
+        assert await run_client(clients[0].read_reply) == replies.AUTH_OK.format()
+        assert await run_client(clients[2].read_reply) == replies.AUTH_OK.format()
+        assert await run_client(clients[1].command, GOOD_PLAIN) == replies.AUTH_OK.format()
+    finally:
+        hashing.release()
+        for client in clients:
+            client.close()
+        await server.running.service.stopService()
 
 
 # --- logs -------------------------------------------------------------------------------------

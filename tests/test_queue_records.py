@@ -4,6 +4,7 @@ operator's rules (hold, release, delete, flush) as pure functions."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -106,7 +107,7 @@ def _set(path: str, value: Any) -> dict[str, Any]:
 
 
 BROKEN = [
-    ("version", 2, "version 2 is not supported"),
+    ("version", 3, "version 3 is not supported (this mailsrv reads 1 or 2)"),
     ("version", "1", "version '1' is not supported"),
     ("version", True, "version True is not supported"),
     ("version", "-", "version None is not supported"),
@@ -141,6 +142,11 @@ BROKEN = [
     ("recipients.0.orcpt", ["rfc822"], "recipients[0].orcpt: expected null or [address type"),
     ("recipients.0.orcpt", "bob@example.net", "recipients[0].orcpt: expected null or"),
     ("recipients.0.remote_mta", "-", "recipients[0]: missing remote_mta"),
+    ("wire_size", -1, "record.wire_size: expected a non-negative integer"),
+    ("wire_size", "-", "record: missing wire_size"),
+    ("recipients.0.delay_warned", None, "recipients[0].delay_warned: expected true or false"),
+    ("recipients.0.delay_warned", "-", "recipients[0]: missing delay_warned"),
+    ("recipients.1.dsn_passed_on", 0, "recipients[1].dsn_passed_on: expected true or false"),
 ]
 
 
@@ -153,6 +159,68 @@ def test_broken_records_are_refused_with_the_field_named(
         decode(data)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def _version_1(record: QueueRecord) -> dict[str, Any]:
+    """``record`` as the previous mailsrv wrote it: version 1, without the version 2 fields."""
+    raw = to_dict(record)
+    raw["version"] = 1
+    del raw["wire_size"]
+    for recipient in raw["recipients"]:
+        del recipient["delay_warned"], recipient["dsn_passed_on"]
+    return raw
+
+
+def test_a_version_1_record_loads_with_the_new_fields_unset() -> None:
+    record = QueueRecord.from_message(full_message("7ZK2P1QHBCDF003", wire_size=1234))
+    assert record is not None
+    record = record.with_recipients([replace(record.recipients[0], delay_warned=True)])
+    old = from_dict(_version_1(record))
+    assert old.wire_size is None
+    assert not any(r.delay_warned or r.dsn_passed_on for r in old.recipients)
+    assert old == replace(
+        record,
+        wire_size=None,
+        recipients=tuple(replace(r, delay_warned=False) for r in record.recipients),
+    )
+    assert json.loads(encode(old))["version"] == SCHEMA_VERSION == 2  # written back as 2
+
+
+@pytest.mark.parametrize(
+    ("field", "where"),
+    [
+        ("wire_size", "record: unknown wire_size"),
+        ("recipients.0.delay_warned", "recipients[0]: unknown delay_warned"),
+    ],
+)
+def test_a_version_1_record_may_not_carry_version_2_fields(field: str, where: str) -> None:
+    record = QueueRecord.from_message(full_message("7ZK2P1QHBCDF004"))
+    assert record is not None
+    raw = _version_1(record)
+    *parents, key = field.split(".")
+    target: Any = raw
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    target[key] = 0 if key == "wire_size" else False
+    with pytest.raises(RecordError, match=re.escape(where)):
+        from_dict(raw)
+
+
+def test_version_2_fields_round_trip() -> None:
+    record = QueueRecord.from_message(full_message("7ZK2P1QHBCDF005", wire_size=777))
+    assert record is not None
+    bob, dorte = record.recipients
+    record = record.with_recipients(
+        [replace(bob, delay_warned=True), replace(dorte, state=State.SENT, dsn_passed_on=True)]
+    )
+    assert decode(encode(record)) == record
+    assert record.wire_size == record.size_on_wire == 777
+
+
+def test_size_on_wire_without_a_count_is_the_stored_size_less_return_path() -> None:
+    record = QueueRecord.from_message(accepted("7ZK2P1QHBCDF006", sender="a@b.example"))
+    assert record is not None and record.wire_size is None
+    assert record.size_on_wire == record.size - len(b"Return-Path: <a@b.example>\n")
 
 
 @pytest.mark.parametrize(

@@ -421,7 +421,8 @@ DSN_RECIPIENT = OutboundRecipient(
 async def test_dsn_parameters_passed_on_when_offered(kit: Kit, peers: list[Peer]) -> None:
     peer = peer_with(peers, extensions=["DSN", "8BITMIME"])
     message = kit.message(recipients=(DSN_RECIPIENT,), ret="HDRS", envid="env=1", eight_bit=True)
-    await send(kit, peer, message)
+    [result] = await send(kit, peer, message)
+    assert result.delivered and result.dsn_passed_on  # success reports are the peer's now
     [received] = peer.factory.messages
     assert (
         received.mail_line == "MAIL FROM:<alice@example.org> BODY=8BITMIME RET=HDRS ENVID=env+3D1"
@@ -435,7 +436,8 @@ async def test_dsn_parameters_passed_on_when_offered(kit: Kit, peers: list[Peer]
 async def test_dsn_parameters_withheld_when_not_offered(kit: Kit, peers: list[Peer]) -> None:
     peer = peer_with(peers, extensions=["PIPELINING"])
     message = kit.message(recipients=(DSN_RECIPIENT,), ret="FULL", envid="e")
-    await send(kit, peer, message)
+    [result] = await send(kit, peer, message)
+    assert result.delivered and not result.dsn_passed_on  # we report "relayed" ourselves
     [received] = peer.factory.messages
     assert received.mail_line == "MAIL FROM:<alice@example.org>"
     assert received.rcpt_lines == ["RCPT TO:<bob@example.net>"]

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import capturedLogs, formatEvent
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -33,6 +34,7 @@ from mailsrv.relay.records import QueueRecord, RecipientStatus, State
 from mailsrv.relay.resolver import Candidate, NextHopError, Route
 from mailsrv.relay.retry import RetryPolicy
 from mailsrv.relay.scheduler import (
+    DELAY_WARNING_ASKED,
     IRelayConnection,
     IRelayConnector,
     RelayScheduler,
@@ -96,7 +98,10 @@ class ScriptedPeer:
         self.max_open = 0
         self.hold_sends = False
         self.held: list[tuple[Deferred[list[RecipientResult]], OutboundMessage]] = []
+        self.hold_connects = False
+        self.connecting: list[tuple[Deferred[IRelayConnection], Route]] = []
         self.connection_class: type[ScriptedConnection] = ScriptedConnection
+        self.offers_dsn = False
 
     def results(self, message: OutboundMessage) -> list[RecipientResult]:
         out = []
@@ -104,7 +109,14 @@ class ScriptedPeer:
             code, enhanced, text = self.answer(recipient.address)
             out.append(
                 RecipientResult(
-                    recipient.address, code, enhanced, text, code >= 500, "mx.example.net"
+                    recipient.address,
+                    code,
+                    enhanced,
+                    text,
+                    code >= 500,
+                    "mx.example.net",
+                    "192.0.2.1",
+                    dsn_passed_on=self.offers_dsn,
                 )
             )
         return out
@@ -120,9 +132,20 @@ class ScriptedPeer:
             failed: Deferred[IRelayConnection] = Deferred()
             failed.errback(self.refuse)
             return failed
+        if self.hold_connects:
+            waiting: Deferred[IRelayConnection] = Deferred()
+            self.connecting.append((waiting, route))
+            return waiting
         self.open += 1
         self.max_open = max(self.max_open, self.open)
         return succeed(self.connection_class(self, route))
+
+    def finish_connects(self) -> None:
+        pending, self.connecting = self.connecting, []
+        for waiting, route in pending:
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+            waiting.callback(self.connection_class(self, route))
 
 
 class StaticNextHop:
@@ -149,6 +172,7 @@ class Rig:
         self.peer = ScriptedPeer()
         self.hop = StaticNextHop()
         self.dsns: list[tuple[QueueRecord, Sequence[RecipientStatus]]] = []
+        self.disk_at_dsn: list[dict[str, QueueRecord]] = []  # the queue as each DSN was asked
         self.policy = RetryPolicy()
         self.settings = settings or SchedulerSettings()
         self.scheduler = self.make_scheduler()
@@ -157,6 +181,7 @@ class Rig:
     def make_scheduler(self) -> RelayScheduler:
         def submit(record: QueueRecord, recipients: Sequence[RecipientStatus]) -> Deferred[None]:
             self.dsns.append((record, recipients))
+            self.disk_at_dsn.append(self.on_disk())
             return succeed(None)
 
         return RelayScheduler(
@@ -170,7 +195,13 @@ class Rig:
             self.settings,
         )
 
-    def message(self, *recipients: str, sender: str = "alice@example.org") -> AcceptedMessage:
+    def message(
+        self,
+        *recipients: str,
+        sender: str = "alice@example.org",
+        notify: frozenset[Notify] = frozenset(),
+        wire_size: int | None = None,
+    ) -> AcceptedMessage:
         self.counter += 1
         queue_id = f"Q{self.counter:04d}"
         spool = self.root / "spool"
@@ -181,11 +212,13 @@ class Rig:
             queue_id=queue_id,
             sender=sender,
             recipients=tuple(
-                Recipient(r, RemoteRoute(r.rpartition("@")[2]), DsnRequest()) for r in recipients
+                Recipient(r, RemoteRoute(r.rpartition("@")[2]), DsnRequest(notify))
+                for r in recipients
             ),
             client=ClientFacts("192.0.2.9", "client.example", "submission", login="alice"),
             received_at=self.clock.seconds(),
             size=body.stat().st_size,
+            wire_size=wire_size,
         )
 
     def submit(self, *recipients: str, **kw: Any) -> QueueRecord:
@@ -443,3 +476,205 @@ def replace_state(status: RecipientStatus, state: State) -> RecipientStatus:
     from dataclasses import replace
 
     return replace(status, state=state)
+
+
+# --- delay warnings ----------------------------------------------------------------------------
+
+
+def warnings(rig: Rig) -> list[Sequence[RecipientStatus]]:
+    """The recipients of each delay warning asked for (a DSN about unfinished recipients)."""
+    return [statuses for _record, statuses in rig.dsns if not statuses[0].state.final]
+
+
+def next_try(rig: Rig, queue_id: str) -> None:
+    """Advance the clock to the message's next attempt."""
+    record = rig.on_disk()[queue_id]
+    due = min(r.next_attempt for r in record.recipients if r.next_attempt is not None)
+    rig.clock.advance(due - rig.clock.seconds())
+
+
+def test_a_delay_warning_goes_once_with_the_first_deferral_past_the_setting(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path, SchedulerSettings(delay_warning=1000.0))
+    rig.scheduler.startService()
+    rig.peer.answer = temp
+    record = rig.submit("bob@example.net", "carol@example.net")
+    while rig.clock.seconds() - record.created_at < 1000:
+        assert warnings(rig) == []
+        next_try(rig, record.queue_id)
+    [warned] = warnings(rig)  # one DSN for both recipients, deferred together
+    assert [s.address for s in warned] == ["bob@example.net", "carol@example.net"]
+    assert all(s.state is State.DEFERRED and s.delay_warned for s in warned)
+    # The flag was on disk, in the same change as the deferral, before the DSN was asked for.
+    on_disk = rig.disk_at_dsn[0][record.queue_id].recipients
+    assert [(r.delay_warned, r.attempts) for r in on_disk] == [(True, s.attempts) for s in warned]
+    for _ in range(5):
+        next_try(rig, record.queue_id)
+    assert len(warnings(rig)) == 1, "at most one delay warning per recipient"
+    rig.peer.answer = ok
+    next_try(rig, record.queue_id)
+    assert rig.on_disk() == {}
+    assert len(warnings(rig)) == 1
+    assert [s.state for s in rig.dsns[-1][1]] == [State.SENT, State.SENT]
+
+
+def test_the_delay_warning_flag_survives_a_restart(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, SchedulerSettings(delay_warning=600.0))
+    rig.scheduler.startService()
+    rig.peer.answer = temp
+    record = rig.submit("bob@example.net")
+    while not warnings(rig):
+        next_try(rig, record.queue_id)
+    rig.scheduler.stopService()
+    rig.scheduler = rig.make_scheduler()
+    rig.scheduler.startService()
+    rig.clock.advance(rig.settings.restart_spread)
+    for _ in range(4):
+        next_try(rig, record.queue_id)
+    assert rig.on_disk()[record.queue_id].recipients[0].attempts >= 6
+    assert len(warnings(rig)) == 1
+
+
+HOUR = 3600.0
+
+
+@pytest.mark.parametrize(
+    ("setting", "notify", "sender", "after"),
+    [
+        (0.0, frozenset(), "alice@example.org", None),  # the default: off
+        (0.0, frozenset({Notify.DELAY}), "alice@example.org", DELAY_WARNING_ASKED),
+        (0.0, frozenset({Notify.DELAY, Notify.FAILURE}), "alice@example.org", 4 * HOUR),
+        (HOUR, frozenset(), "alice@example.org", HOUR),  # no NOTIFY: the server's policy
+        (HOUR, frozenset({Notify.DELAY}), "alice@example.org", HOUR),
+        (HOUR, frozenset({Notify.FAILURE}), "alice@example.org", None),  # DELAY not asked
+        (HOUR, frozenset({Notify.SUCCESS}), "alice@example.org", None),
+        (HOUR, frozenset({Notify.NEVER}), "alice@example.org", None),
+        (HOUR, frozenset({Notify.DELAY}), "", None),  # never a DSN to <>
+    ],
+    ids=[
+        "off",
+        "delay-asked",
+        "delay-failure-asked",
+        "set",
+        "set-delay-asked",
+        "set-failure-only",
+        "set-success-only",
+        "set-never",
+        "set-null-sender",
+    ],
+)
+def test_who_gets_a_delay_warning_and_when(
+    tmp_path: Path, setting: float, notify: frozenset[Notify], sender: str, after: float | None
+) -> None:
+    assert DELAY_WARNING_ASKED == 4 * HOUR
+    rig = Rig(tmp_path, SchedulerSettings(delay_warning=setting))
+    rig.scheduler.startService()
+    rig.peer.answer = temp
+    message = rig.message("bob@example.net", sender=sender, notify=notify)
+    record = rig.store.stage_blocking(message, tmp_path / "spool" / message.queue_id)
+    assert record is not None
+    rig.scheduler.queued([record])
+    rig.clock.advance(0)
+    warned_at = None
+    while rig.clock.seconds() - record.created_at < 6 * HOUR:
+        next_try(rig, record.queue_id)
+        if warnings(rig) and warned_at is None:
+            warned_at = rig.clock.seconds() - record.created_at
+    if after is None:
+        assert warnings(rig) == []
+        assert not rig.on_disk()[record.queue_id].recipients[0].delay_warned
+    else:
+        assert len(warnings(rig)) == 1
+        assert warned_at is not None
+        # At the first deferral past the age: within one (longest, jittered) retry delay.
+        assert after <= warned_at < after + rig.policy.max_backoff * 1.25
+
+
+def test_recipients_deferred_together_are_retried_together(rig: Rig) -> None:
+    rig.peer.answer = temp
+    record = rig.submit(*(f"r{n}@example.net" for n in range(5)))
+    times = {r.next_attempt for r in rig.on_disk()[record.queue_id].recipients}
+    assert len(times) == 1
+    next_try(rig, record.queue_id)
+    assert [len(m.recipients) for _c, m in rig.peer.transactions] == [5, 5]
+
+
+# --- grouping and connections ------------------------------------------------------------------
+
+
+def test_domains_of_one_message_with_one_destination_share_a_transaction(rig: Rig) -> None:
+    rig.hop.table = {"a.example": "mx:mx.shared", "b.example": "mx:mx.shared"}
+    rig.peer.hold_connects = True
+    rig.submit("x@a.example", "y@b.example", "z@a.example")
+    assert len(rig.peer.connects) == 1
+    rig.peer.finish_connects()
+    rig.clock.advance(0)
+    [(_connection, message)] = rig.peer.transactions
+    assert sorted(r.address for r in message.recipients) == [
+        "x@a.example",
+        "y@b.example",
+        "z@a.example",
+    ]
+    assert rig.on_disk() == {}
+
+
+def test_connections_are_opened_for_waiting_work_only(rig: Rig) -> None:
+    rig.peer.hold_connects = True
+    rig.submit("a@example.net")
+    assert len(rig.peer.connects) == 1, "one transaction waiting: one connection being opened"
+    rig.submit("b@example.net")
+    assert len(rig.peer.connects) == 2
+    rig.peer.finish_connects()
+    rig.clock.advance(0)
+    assert len(rig.peer.transactions) == 2
+    assert rig.on_disk() == {}
+
+
+# --- what the client is given ------------------------------------------------------------------
+
+
+def _queue(rig: Rig, message: AcceptedMessage) -> QueueRecord:
+    record = rig.store.stage_blocking(message, rig.root / "spool" / message.queue_id)
+    assert record is not None
+    rig.scheduler.queued([record])
+    rig.clock.advance(0)
+    return record
+
+
+def test_the_client_compares_the_size_on_the_wire(rig: Rig) -> None:
+    _queue(rig, rig.message("bob@example.net", wire_size=4321))
+    assert rig.peer.transactions[-1][1].size == 4321
+    old = rig.message("bob@example.net")  # a record without a count (version 1)
+    _queue(rig, old)
+    assert rig.peer.transactions[-1][1].size == old.size - len(
+        b"Return-Path: <alice@example.org>\n"
+    )
+
+
+def test_a_next_hop_that_took_the_dsn_request_is_remembered(rig: Rig) -> None:
+    rig.peer.offers_dsn = True
+    rig.submit("bob@example.net")
+    rig.peer.offers_dsn = False
+    rig.submit("carol@example.net")
+    assert [s.dsn_passed_on for _r, (s,) in rig.dsns] == [True, False]
+
+
+def test_every_attempt_is_logged_with_next_hop_tls_reply_and_next_retry(rig: Rig) -> None:
+    rig.peer.answer = temp
+    with capturedLogs() as events:
+        record = rig.submit("bob@example.net")
+        next_try(rig, record.queue_id)
+        rig.peer.answer = ok
+        next_try(rig, record.queue_id)
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mailsrv.relay"]
+    attempts = [line for line in lines if "to <bob@example.net>" in line]
+    assert len(attempts) == 3
+    first, _second, last = attempts
+    assert first.startswith(
+        f"relay {record.queue_id} to <bob@example.net> via mx.example.net [192.0.2.1] tls=none: "
+        "deferred (attempt 1, next attempt in "
+    )
+    assert first.endswith(" s): 451 4.3.0 try later")
+    assert last.endswith("tls=none: sent (attempt 3): 250 2.0.0 queued")
+    assert f"relay {record.queue_id} left the queue: 1 sent, 0 bounced" in lines

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.auth import cram
+from mailsrv.auth.account_identity import login_text
 from mailsrv.auth.mechanisms import CramMD5Response
 from mailsrv.auth.migrations import lookup_key
 from mailsrv.auth.passwords import PasswordHasher
@@ -48,10 +49,8 @@ class AccountChecker:
 
     @inlineCallbacks
     def requestAvatarId(self, credentials: Any) -> Any:
-        try:
-            login = lookup_key(credentials.username.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise UnauthorizedLogin("bad user name") from None
+        text = login_text(credentials.username)  # None: not UTF-8, or too long
+        login = lookup_key(text) if text else None
         account = yield self._store.get_account(login) if login else None
         if isinstance(credentials, CramMD5Response):
             context = account.cram_md5 if account is not None else None

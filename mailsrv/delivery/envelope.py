@@ -102,7 +102,9 @@ class AcceptedMessage:
     """A message accepted at the end of DATA, before it is durable (see the module docstring).
 
     ``received_at`` is the injected clock's time at the end of DATA; ``size`` the stored body's
-    size in bytes (trace headers included); ``envid`` and ``ret`` the RFC 3461 MAIL parameters.
+    size in bytes (trace headers included); ``envid`` and ``ret`` the RFC 3461 MAIL parameters;
+    ``wire_size`` the size a next hop's SIZE limit applies to (RFC 1870: CRLF line ends, the
+    ``Received`` header but not ``Return-Path``, dots not doubled), None when not counted.
     """
 
     queue_id: str
@@ -115,6 +117,7 @@ class AcceptedMessage:
     body_8bit: bool = False
     envid: str | None = None
     ret: Ret | None = None
+    wire_size: int | None = None
 
     @property
     def local_mailboxes(self) -> tuple[str, ...]:

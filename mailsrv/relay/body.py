@@ -125,6 +125,18 @@ def wire_form(stored: bytes) -> bytes:
     )
 
 
+def wire_size(stored: bytes) -> int:
+    """The RFC 1870 size of a stored body held in memory: what :func:`wire_form` sends, less
+    the doubled dots and the final ``.`` line (the ``SIZE=`` a next hop compares)."""
+    dropper = ReturnPathDropper()
+    content = dropper.feed(stored) + dropper.finish()
+    if b"\r" in content:
+        content = _LINE_ENDING.sub(b"\n", content)
+    if content and not content.endswith(b"\n"):
+        content += b"\n"
+    return len(content) + content.count(b"\n")
+
+
 @implementer(IPushProducer)
 class BodySender:
     """Streams a stored body file into ``consumer`` (a transport) as DATA, ``.`` included.

@@ -470,6 +470,7 @@ class SMTPConnection:
             remote_mta=self.candidate.host,
             remote_address=self.candidate.address,
             tls=self.tls_version,
+            dsn_passed_on="DSN" in self.extensions,
         )
 
     def _arm_idle(self) -> None:

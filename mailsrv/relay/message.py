@@ -35,7 +35,8 @@ class OutboundMessage:
 
     ``sender`` is ``""`` for the null reverse-path ``<>``.  ``body_path`` is the stored body in
     the canonical Maildir form (LF line endings, ``Return-Path`` first, then ``Received``);
-    ``size`` is its size in bytes, used for the SIZE extension.  ``smtputf8`` says that the
+    ``size`` is its size on the wire (RFC 1870: CRLF, without Return-Path), used for the SIZE
+    extension.  ``smtputf8`` says that the
     envelope or headers need SMTPUTF8 (RFC 6531); ``eight_bit`` that the body is 8BITMIME.
     ``envid`` and ``ret`` are the RFC 3461 MAIL parameters (``ret`` is ``"FULL"``, ``"HDRS"``
     or None).
@@ -60,6 +61,8 @@ class RecipientResult:
     connection failure, has the same shape); ``permanent`` is True when retrying cannot help
     (5xx).  ``remote_mta`` is the next hop's host name and ``remote_address`` its IP address
     (both empty when no connection was made); ``tls`` the TLS protocol version, or None.
+    ``dsn_passed_on`` is True when the next hop offered DSN, so the recipient's ``NOTIFY``
+    request went with it and reporting success is the next hop's job from there.
     """
 
     recipient: str
@@ -70,6 +73,7 @@ class RecipientResult:
     remote_mta: str = ""
     remote_address: str = ""
     tls: str | None = None
+    dsn_passed_on: bool = False
 
     @property
     def delivered(self) -> bool:

@@ -4,23 +4,29 @@ A :class:`QueueRecord` is made from an :class:`~mailsrv.delivery.envelope.Accept
 the message is committed, and holds only its remote recipients, each as a
 :class:`RecipientStatus`: its state (pending, deferred, sent, bounced, held), how many attempts
 were made, when the next one is due, the last reply and the MTA that gave it, and the DSN request
-(``NOTIFY``, ``ORCPT``) it came with.  Records are immutable; a change is a new record
+(``NOTIFY``, ``ORCPT``) it came with, whether a delay warning was sent for it and whether the
+next hop took the DSN request over.  Records are immutable; a change is a new record
 (:func:`dataclasses.replace`, :meth:`QueueRecord.with_recipients`).
 
 On disk a record is one JSON object, indented and in UTF-8 so an operator can read it::
 
-    {"version": 1, "queue_id": "...", "created_at": 1767225600.5, "sender": "...", ...,
+    {"version": 2, "queue_id": "...", "created_at": 1767225600.5, "sender": "...", ...,
      "client": {...}, "recipients": [{"address": "...", "state": "deferred", ...}]}
 
 Times are seconds since the epoch (the injected clock's time), as JSON numbers.  Loading is
 strict: a missing or unknown key, a wrong type, an unknown state or ``version`` raises
 :class:`RecordError`, whose message says which field is wrong; never a partial record.
+
+Versions: 2 added ``wire_size`` (the RFC 1870 size of the message on the wire) and, per
+recipient, ``delay_warned`` and ``dsn_passed_on``.  A version 1 record (written before the
+upgrade) still loads, with ``wire_size`` null and both flags false; it is written back as
+version 2 at its next change.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -42,8 +48,11 @@ from mailsrv.delivery.envelope_json import (
 from mailsrv.jsonstore.fields import Fields, decode_json, encode_json, enum_value
 from mailsrv.jsonstore.fields import RecordError as RecordError  # the queue's readers use it
 
-SCHEMA_VERSION = 1
-"""The ``version`` written in every record; a record with another version is refused."""
+SCHEMA_VERSION = 2
+"""The ``version`` written in every record."""
+
+READABLE_VERSIONS = (1, 2)
+"""The versions :func:`decode` reads; a record of any other version is refused."""
 
 _QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -86,6 +95,11 @@ class RecipientStatus:
     last_reply: str | None = None
     remote_mta: str | None = None
     dsn: DsnRequest = field(default_factory=DsnRequest)
+    delay_warned: bool = False
+    """A delay DSN (``Action: delayed``) was sent for this recipient: at most one is."""
+    dsn_passed_on: bool = False
+    """The next hop that took this recipient offered DSN, so it got the ``NOTIFY`` request and
+    reports success itself: we send no ``relayed`` DSN (RFC 3464 section 2.3.3)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,9 @@ class QueueRecord:
     body_8bit: bool = False
     envid: str | None = None
     ret: Ret | None = None
+    wire_size: int | None = None
+    """The message's size on the wire (RFC 1870: CRLF line ends, no ``Return-Path``, dots not
+    doubled); None when unknown (a version 1 record), see :attr:`size_on_wire`."""
 
     @classmethod
     def from_message(cls, message: AcceptedMessage) -> QueueRecord | None:
@@ -124,7 +141,20 @@ class QueueRecord:
             body_8bit=message.body_8bit,
             envid=message.envid,
             ret=message.ret,
+            wire_size=message.wire_size,
         )
+
+    @property
+    def size_on_wire(self) -> int:
+        """What to compare with a next hop's SIZE limit and send as ``SIZE=``.
+
+        :attr:`wire_size` when known; else the stored size less our ``Return-Path`` line, a
+        lower bound (each line end is one byte short), so a message that fits is never
+        refused here, and one that does not is refused by the peer instead.
+        """
+        if self.wire_size is not None:
+            return self.wire_size
+        return max(0, self.size - len(f"Return-Path: <{self.sender}>\n".encode()))
 
     @property
     def unfinished(self) -> tuple[RecipientStatus, ...]:
@@ -170,6 +200,7 @@ def to_dict(record: QueueRecord) -> dict[str, Any]:
         "body_8bit": record.body_8bit,
         "envid": record.envid,
         "ret": record.ret.value if record.ret is not None else None,
+        "wire_size": record.wire_size,
         "client": client_to_dict(record.client),
         "recipients": [_recipient_dict(r) for r in record.recipients],
     }
@@ -186,6 +217,8 @@ def _recipient_dict(recipient: RecipientStatus) -> dict[str, Any]:
         "last_reply": recipient.last_reply,
         "remote_mta": recipient.remote_mta,
         **dsn_to_dict(recipient.dsn),
+        "delay_warned": recipient.delay_warned,
+        "dsn_passed_on": recipient.dsn_passed_on,
     }
 
 
@@ -207,7 +240,8 @@ def decode(data: bytes, queue_id: str | None = None) -> QueueRecord:
 
 def from_dict(raw: object) -> QueueRecord:
     """Validate a record's JSON object (see :func:`decode`)."""
-    top = Fields(raw, "record", _RECORD_KEYS, version=SCHEMA_VERSION)
+    version = _version(raw)
+    top = Fields(raw, "record", _RECORD_KEYS[version])
     queue_id = top.text("queue_id")
     if not valid_queue_id(queue_id):
         raise RecordError(f"queue_id {queue_id!r} is not a valid queue id")
@@ -215,7 +249,7 @@ def from_dict(raw: object) -> QueueRecord:
     if not isinstance(recipients_raw, list) or not recipients_raw:
         raise RecordError("recipients: expected a non-empty list")
     recipients = tuple(
-        _recipient(item, f"recipients[{n}]") for n, item in enumerate(recipients_raw)
+        _recipient(item, f"recipients[{n}]", version) for n, item in enumerate(recipients_raw)
     )
     if len({r.address for r in recipients}) != len(recipients):
         raise RecordError("recipients: an address is listed twice")
@@ -231,11 +265,23 @@ def from_dict(raw: object) -> QueueRecord:
         body_8bit=top.flag("body_8bit"),
         envid=top.optional_text("envid"),
         ret=enum_value(Ret, ret, "ret") if ret is not None else None,
+        wire_size=top.optional_count("wire_size") if version >= 2 else None,
     )
 
 
-def _recipient(raw: object, where: str) -> RecipientStatus:
-    fields = Fields(raw, where, _RECIPIENT_KEYS)
+def _version(raw: object) -> int:
+    if not isinstance(raw, Mapping):
+        raise RecordError("record: expected an object")
+    version = raw.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        readable = " or ".join(map(str, READABLE_VERSIONS))
+        raise RecordError(f"version {version!r} is not supported (this mailsrv reads {readable})")
+    assert isinstance(version, int)
+    return version
+
+
+def _recipient(raw: object, where: str, version: int) -> RecipientStatus:
+    fields = Fields(raw, where, _RECIPIENT_KEYS[version])
     return RecipientStatus(
         address=fields.text("address"),
         domain=fields.text("domain"),
@@ -246,10 +292,12 @@ def _recipient(raw: object, where: str) -> RecipientStatus:
         last_reply=fields.optional_text("last_reply", allow_controls=True),
         remote_mta=fields.optional_text("remote_mta"),
         dsn=dsn_from(fields),
+        delay_warned=fields.flag("delay_warned") if version >= 2 else False,
+        dsn_passed_on=fields.flag("dsn_passed_on") if version >= 2 else False,
     )
 
 
-_RECORD_KEYS = frozenset(
+_RECORD_KEYS_V1 = frozenset(
     (
         "version",
         "queue_id",
@@ -264,7 +312,7 @@ _RECORD_KEYS = frozenset(
         "recipients",
     )
 )
-_RECIPIENT_KEYS = (
+_RECIPIENT_KEYS_V1 = (
     frozenset(
         (
             "address",
@@ -279,3 +327,5 @@ _RECIPIENT_KEYS = (
     )
     | DSN_KEYS
 )
+_RECORD_KEYS = {1: _RECORD_KEYS_V1, 2: _RECORD_KEYS_V1 | {"wire_size"}}
+_RECIPIENT_KEYS = {1: _RECIPIENT_KEYS_V1, 2: _RECIPIENT_KEYS_V1 | {"delay_warned", "dsn_passed_on"}}

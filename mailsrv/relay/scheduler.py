@@ -21,6 +21,12 @@ keeps a copy of every unfinished record in memory and a timer for the next due r
 5. When no recipient of a message is left to try, the DSNs it needs are submitted (a failure
    DSN for bounced recipients, a success DSN for ``NOTIFY=SUCCESS``; never for ``<>``) and
    the message leaves the queue.
+6. A recipient still deferred once its message has waited long enough gets one delay warning
+   (``Action: delayed``): with ``NOTIFY=DELAY`` after ``delay_warning`` seconds (or
+   ``delay_warning_asked`` when that is 0), without ``NOTIFY`` only when ``delay_warning`` is
+   set (Postfix's ``delay_warning_time``).  It is checked when a deferral is made durable,
+   and the ``delay_warned`` flag is written in that same change, so a recipient is warned at
+   most once, even across restarts (a crash right after that write loses the warning).
 
 Time is the injected clock's; randomness (jitter, restart spread) the injected ``rng``.
 """
@@ -42,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+from mailsrv.delivery.envelope import Notify
 from mailsrv.relay.destinations import DeadDestinations
 from mailsrv.relay.message import OutboundMessage, OutboundRecipient, RecipientResult
 from mailsrv.relay.outcomes import IOutcomeListener
@@ -77,8 +84,13 @@ class IRelayConnector(Interface):
 
 
 SubmitDsns = Callable[[QueueRecord, Sequence[RecipientStatus]], Deferred[None]]
-"""Submits the DSNs a finished message needs (given its final recipients); the composition root
-wires it to the DSN composer and the commit path."""
+"""Submits the DSN about ``recipients`` of a message: those of a finished message (sent or
+bounced), or deferred ones to warn (``delay_warned``).  The composition root wires it to the
+DSN composer and the commit path."""
+
+DELAY_WARNING_ASKED = 4 * 3600.0
+"""When a recipient that asked for ``NOTIFY=DELAY`` is warned if ``delay_warning`` is 0: four
+hours, the value Postfix's documentation suggests for ``delay_warning_time``."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,18 @@ class SchedulerSettings:
     idle_timeout: float = 2.0
     restart_spread: float = 30.0
     stop_grace: float = 30.0
+    delay_warning: float = 0.0
+    """Seconds after arrival when a still deferred recipient gets a delay DSN; 0: only those
+    that asked for ``NOTIFY=DELAY`` do, after :attr:`delay_warning_asked`."""
+    delay_warning_asked: float = DELAY_WARNING_ASKED
+
+    def warn_after(self, recipient: RecipientStatus) -> float | None:
+        """The message age at which ``recipient`` gets its delay warning, or None: never."""
+        if recipient.dsn.wants(Notify.DELAY):
+            return self.delay_warning or self.delay_warning_asked
+        if not recipient.dsn.notify and self.delay_warning > 0:
+            return self.delay_warning  # no NOTIFY given: the server's policy (RFC 3461 4.1)
+        return None
 
 
 @dataclass
@@ -109,6 +133,7 @@ class _Destination:
     route: Route
     ready: deque[_Work] = field(default_factory=deque)
     active: int = 0
+    connecting: int = 0
     idle: list[tuple[Any, IDelayedCall]] = field(default_factory=list)
 
 
@@ -135,7 +160,7 @@ def outbound_message(
         sender=record.sender,
         recipients=recipients,
         body_path=body_path,
-        size=record.size,
+        size=record.size_on_wire,
         smtputf8=record.smtputf8,
         eight_bit=record.body_8bit,
         envid=record.envid,
@@ -393,6 +418,13 @@ class RelayScheduler(Service):
             self._destinations[route.destination] = destination
         destination.route = route
         size = self.settings.max_recipients
+        # Another domain of the same message may already wait for this destination (MX
+        # rollup): its recipients join that transaction while it has room.
+        waiting = next((w for w in reversed(destination.ready) if w.queue_id == queue_id), None)
+        if waiting is not None and len(waiting.addresses) < size:
+            room = size - len(waiting.addresses)
+            waiting.addresses += tuple(addresses[:room])
+            addresses = addresses[room:]
         for start in range(0, len(addresses), size):
             destination.ready.append(_Work(queue_id, tuple(addresses[start : start + size])))
         self._pump(destination)
@@ -406,18 +438,23 @@ class RelayScheduler(Service):
                 continue
             destination.active += 1
             self._track(Deferred.fromCoroutine(self._work_on(destination, connection)), True)
+        # A new connection only for work that no connection being opened will take.
         while (
-            destination.ready
+            len(destination.ready) > destination.connecting
             and destination.active < self.settings.per_destination
             and self._connections < self.settings.total
         ):
             destination.active += 1
+            destination.connecting += 1
             self._connections += 1
             self._track(Deferred.fromCoroutine(self._connect_and_work(destination)), True)
 
     async def _connect_and_work(self, destination: _Destination) -> None:
         try:
-            connection = await self._connector.connect(destination.route)
+            try:
+                connection = await self._connector.connect(destination.route)
+            finally:
+                destination.connecting -= 1
         except NextHopError as e:
             destination.active -= 1
             self._connections -= 1
@@ -525,14 +562,23 @@ class RelayScheduler(Service):
         """Make every result durable, log it, and schedule what comes next."""
         now = self._clock.seconds()
         by_address = {r.recipient: r for r in results}
+        warned: list[str] = []
+        # Recipients deferred together with the same attempt count come back together (one
+        # transaction, one delay warning), so each count draws its jittered delay once.
+        retry_times: dict[int, float | None] = {}
 
         def change(record: QueueRecord) -> QueueRecord:
+            warned.clear()
             updated = []
             for recipient in record.recipients:
                 result = by_address.get(recipient.address)
                 if result is None or recipient.state.final:
                     continue
-                updated.append(self._outcome(record, recipient, result, now))
+                outcome = self._outcome(record, recipient, result, now, retry_times)
+                if self._warn_now(record, outcome, now):
+                    outcome = replace(outcome, delay_warned=True)
+                    warned.append(outcome.address)
+                updated.append(outcome)
             return record.with_recipients(updated)
 
         store_change = await self._announce(queue_id, change)
@@ -548,7 +594,10 @@ class RelayScheduler(Service):
         for result in results:
             status = record.find(result.recipient)
             if status is not None:
-                self._log_attempt(record, status, result, destination)
+                self._log_attempt(record, status, result, destination, now)
+        if warned:
+            statuses = [s for a in warned if (s := record.find(a)) is not None]
+            self._track(Deferred.fromCoroutine(self._warn(record, statuses)), True)
         if record.done:
             self._finish(record)
             return
@@ -557,7 +606,12 @@ class RelayScheduler(Service):
             self._schedule(queue_id, min(waiting))
 
     def _outcome(
-        self, record: QueueRecord, recipient: RecipientStatus, result: RecipientResult, now: float
+        self,
+        record: QueueRecord,
+        recipient: RecipientStatus,
+        result: RecipientResult,
+        now: float,
+        retry_times: dict[int, float | None],
     ) -> RecipientStatus:
         common: dict[str, Any] = {
             "attempts": recipient.attempts + 1,
@@ -566,12 +620,21 @@ class RelayScheduler(Service):
             "remote_mta": result.remote_mta or recipient.remote_mta,
         }
         if result.delivered:
-            return replace(recipient, state=State.SENT, next_attempt=None, **common)
+            return replace(
+                recipient,
+                state=State.SENT,
+                next_attempt=None,
+                dsn_passed_on=result.dsn_passed_on,
+                **common,
+            )
         if result.permanent:
             return replace(recipient, state=State.BOUNCED, next_attempt=None, **common)
-        next_time = self._retry.next_attempt(
-            recipient.attempts + 1, record.created_at, now, self._rng
-        )
+        attempt = recipient.attempts + 1
+        if attempt not in retry_times:
+            retry_times[attempt] = self._retry.next_attempt(
+                attempt, record.created_at, now, self._rng
+            )
+        next_time = retry_times[attempt]
         if next_time is None:
             common["last_reply"] = f"{result.reply_line} (gave up: queue lifetime reached)"
             return replace(recipient, state=State.BOUNCED, next_attempt=None, **common)
@@ -579,26 +642,49 @@ class RelayScheduler(Service):
         state = State.HELD if recipient.state is State.HELD else State.DEFERRED
         return replace(recipient, state=state, next_attempt=next_time, **common)
 
+    def _warn_now(self, record: QueueRecord, status: RecipientStatus, now: float) -> bool:
+        """True when the deferral ``status`` is the one to carry its delay warning."""
+        if status.state is not State.DEFERRED or status.delay_warned or not record.sender:
+            return False
+        after = self.settings.warn_after(status)
+        return after is not None and now - record.created_at >= after
+
+    async def _warn(self, record: QueueRecord, recipients: list[RecipientStatus]) -> None:
+        """Send the delay DSN for ``recipients`` (already marked ``delay_warned``)."""
+        await self._submit_dsns(record, recipients)
+        _log.info(
+            "relay {queue_id}: delay warning to <{sender}> for {recipients}",
+            queue_id=record.queue_id,
+            sender=record.sender,
+            recipients=[r.address for r in recipients],
+        )
+
     def _log_attempt(
         self,
         record: QueueRecord,
         status: RecipientStatus,
         result: RecipientResult,
         destination: str,
+        now: float,
     ) -> None:
+        retry = ""
+        if status.next_attempt is not None:
+            retry = f", next attempt in {max(0.0, status.next_attempt - now):.0f} s"
         _log.info(
-            "relay {queue_id} to <{recipient}> via {remote_mta} [{remote_address}]: {state}: "
-            "{reply}",
+            "relay {queue_id} to <{recipient}> via {remote_mta} [{remote_address}] "
+            "tls={tls_text}: {state} (attempt {attempts}{retry}): {reply}",
             queue_id=record.queue_id,
             recipient=status.address,
             destination=destination,
             remote_mta=result.remote_mta or "-",
             remote_address=result.remote_address or "-",
             tls=result.tls,
+            tls_text=result.tls or "none",
             state=status.state.value,
             reply=result.reply_line,
             attempts=status.attempts,
             next_attempt=status.next_attempt,
+            retry=retry,
         )
 
     def _finish(self, record: QueueRecord) -> None:

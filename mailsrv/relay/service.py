@@ -67,6 +67,7 @@ def build_relay(
         max_recipients=config.relay_recipients_per_transaction,
         idle_timeout=config.relay_connection_idle,
         stop_grace=config.shutdown_grace,
+        delay_warning=config.relay_delay_warning,
     )
     scheduler = RelayScheduler(
         store,

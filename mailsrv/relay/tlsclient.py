@@ -9,7 +9,6 @@ MXs present self-signed certificates and plaintext would be the only alternative
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Any
 
 from OpenSSL import SSL
@@ -18,7 +17,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+from mailsrv.trust import TrustError, load_trust_root
 
 
 class TLSClientConfigError(Exception):
@@ -76,19 +75,9 @@ class ClientTLS:
 
 def _load_trust(ca_file: str) -> Any:
     try:
-        with open(ca_file, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise TLSClientConfigError(f"relay_ca_file: {ca_file}: {e.strerror}") from None
-    blocks = _PEM.findall(data)
-    if not blocks:
-        raise TLSClientConfigError(f"relay_ca_file: {ca_file}: no PEM certificate in it")
-    try:
-        return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
-    except SSL.Error as e:
-        raise TLSClientConfigError(
-            f"relay_ca_file: {ca_file}: not a PEM certificate ({e})"
-        ) from None
+        return load_trust_root(ca_file)
+    except TrustError as e:
+        raise TLSClientConfigError(f"relay_ca_file: {e}") from None
 
 
 def tls_version(transport: Any) -> str | None:

@@ -76,6 +76,7 @@ AUTH_ACCOUNT_THROTTLED = Reply(
 AUTH_IP_THROTTLED = Reply(
     421, "4.7.0", "Too many failed authentications from your address, closing connection"
 )
+AUTH_BUSY = Reply(454, "4.7.0", "Too many authentications in progress, try again later")
 
 # 5xx: syntax and sequence
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command unrecognized")
@@ -98,6 +99,7 @@ NOT_IN_TRANSACTION = Reply(503, "5.5.1", "Not allowed during a mail transaction"
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 AUTH_MALFORMED = Reply(501, "5.5.2", "Malformed authentication response")
+AUTH_BAD_USER_NAME = Reply(501, "5.5.2", "User name must be UTF-8 of at most 255 octets")
 AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
 AUTH_MECHANISM_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")

@@ -1,10 +1,13 @@
 """STARTTLS and AUTH for the ESMTP session (RFC 3207, RFC 4954), as a mixin of SMTPSession.
 
 STARTTLS throws away whatever the client pipelined after it (CVE-2011-0411 class) and resets the
-session.  AUTH runs a SASL mechanism from :mod:`mailsrv.auth.mechanisms` line by line, checks the
-credentials through the server's one cred Portal, and asks the shared limits before and after:
-a throttled IP or account is refused without any password work, and each failure is answered
-late (see :mod:`mailsrv.auth.throttle`).
+session.  AUTH runs a SASL mechanism from :mod:`mailsrv.auth.mechanisms` line by line,
+resolves the user name to its account (:mod:`mailsrv.auth.account_identity`, so every
+spelling shares one budget), asks the shared limits to admit the attempt, waits its turn at the
+hash threads (:mod:`mailsrv.auth.hashqueue`) and checks the credentials through the server's
+one cred Portal.  A throttled client or account, a client with too many attempts in progress
+and a full hash queue are refused without any password work; each failure is answered late
+(see :mod:`mailsrv.auth.throttle`).
 """
 
 from __future__ import annotations
@@ -15,14 +18,26 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsrv.auth.account_identity import login_text
+from mailsrv.auth.hashqueue import priority
 from mailsrv.auth.mechanisms import MECHANISMS, Exchange, MalformedResponse
 from mailsrv.auth.realm import ANONYMOUS_SENDER, ISender, Sender
+from mailsrv.auth.throttle import (
+    ACCOUNT_THROTTLED,
+    BACKEND_ERROR,
+    IP_THROTTLED,
+    NOT_CHECKED,
+    REJECTED,
+    SUCCEEDED,
+    AuthAttempt,
+)
 from mailsrv.smtp import replies
 from mailsrv.smtp.replies import Reply, Response
+from mailsrv.threads import PoolFull
 
 if TYPE_CHECKING:
     from mailsrv.config import Config
@@ -60,6 +75,7 @@ class SecurityCommands:
         sender: Sender
         _buffer: bytes
         _busy: bool
+        _closing: bool
         _auth_exchange: Exchange | None
         _auth_mechanism: str
 
@@ -135,18 +151,20 @@ class SecurityCommands:
             if initial is None:
                 return replies.AUTH_MALFORMED
         if self.trusted:
-            return self._start_auth(False, mechanism, initial)
-        blocked: Deferred[Any] = self.server.limits.auth_ip_blocked(self.peer_ip)
-        started: Deferred[Response] = blocked.addCallback(self._start_auth, mechanism, initial)
+            return self._start_auth(None, mechanism, initial)
+        refusal: Deferred[Any] = self.server.limits.auth_client_refusal(self.peer_ip)
+        started: Deferred[Response] = refusal.addCallback(self._start_auth, mechanism, initial)
         return started
 
     def _start_auth(
-        self, ip_blocked: bool, mechanism: str, initial: bytes | None
+        self, refusal: str | None, mechanism: str, initial: bytes | None
     ) -> Response | Deferred[Response]:
-        if ip_blocked:
-            self.server.security_event("auth-ip-throttled", self.peer_ip)
-            self._close(replies.AUTH_IP_THROTTLED)
-            return None
+        if refusal is not None:
+            self.server.security_event(refusal, self.peer_ip)
+            if refusal == IP_THROTTLED:
+                self._close(replies.AUTH_IP_THROTTLED)
+                return None
+            return replies.AUTH_BUSY
         self._auth_mechanism = mechanism
         self._auth_exchange = MECHANISMS[mechanism](initial, self.server.hostname)
         return self._auth_step(None)
@@ -188,22 +206,55 @@ class SecurityCommands:
             return replies.AUTH_MALFORMED
         return f"334 {base64.b64encode(challenge).decode()}\r\n".encode()
 
-    def _check_credentials(self, credentials: Any) -> Deferred[Response]:
-        login = credentials.username.decode("utf-8", "replace").lower()
-        blocked: Deferred[Any] = self.server.limits.auth_account_blocked(login)
-        checked: Deferred[Response] = blocked.addCallback(self._login, credentials, login)
+    def _check_credentials(self, credentials: Any) -> Response | Deferred[Response]:
+        """Resolve whose account this is, ask the throttle, then queue for the hash threads."""
+        name = login_text(credentials.username)
+        if name is None:  # refused before any state is kept for it
+            return replies.AUTH_BAD_USER_NAME
+        resolved: Deferred[Any] = self.server.identities.resolve(name)
+        checked: Deferred[Response] = resolved.addCallbacks(
+            self._begin_attempt,
+            self._identity_failed,
+            callbackArgs=(credentials, name),
+        )
         return checked
 
-    def _login(self, account_blocked: bool, credentials: Any, login: str) -> Any:
-        if account_blocked:
-            self.server.security_event("auth-account-throttled", self.peer_ip, login=login)
-            return replies.AUTH_ACCOUNT_THROTTLED
+    def _identity_failed(self, failure: Failure) -> Response:
+        _log.failure("cannot look up the account of an AUTH attempt", failure)
+        return replies.AUTH_TEMPORARY_FAILURE
+
+    def _begin_attempt(self, identity: str, credentials: Any, name: str) -> Deferred[Response]:
+        begun: Deferred[Any] = self.server.limits.auth_begin(self.peer_ip, identity, self.trusted)
+        admitted: Deferred[Response] = begun.addCallback(self._login, credentials, name)
+        return admitted
+
+    def _login(self, attempt: AuthAttempt | str, credentials: Any, name: str) -> Any:
+        if isinstance(attempt, str):
+            self.server.security_event(attempt, self.peer_ip, login=name)
+            if attempt == IP_THROTTLED:
+                self._close(replies.AUTH_IP_THROTTLED)
+                return None
+            return (
+                replies.AUTH_ACCOUNT_THROTTLED
+                if attempt == ACCOUNT_THROTTLED
+                else replies.AUTH_BUSY
+            )
         portal = self.server.portal
         assert portal is not None
-        result: Deferred[Any] = portal.login(credentials, None, ISender)
-        return result.addCallbacks(self._auth_succeeded, self._auth_failed, errbackArgs=(login,))
+        result: Deferred[Any] = self.server.hash_queue.submit(
+            priority(attempt.priority, self.server.identities.is_account(attempt.identity)),
+            lambda: portal.login(credentials, None, ISender),
+            wanted=lambda: not self._closing,
+        )
+        return result.addCallbacks(
+            self._auth_succeeded,
+            self._auth_failed,
+            callbackArgs=(attempt,),
+            errbackArgs=(attempt, name),
+        )
 
-    def _auth_succeeded(self, avatar: tuple[Any, Sender, Any]) -> Response:
+    def _auth_succeeded(self, avatar: tuple[Any, Sender, Any], attempt: AuthAttempt) -> Response:
+        self.server.limits.auth_finished(attempt, SUCCEEDED)
         _interface, sender, _logout = avatar
         self.sender = sender
         _log.info(
@@ -215,14 +266,28 @@ class SecurityCommands:
         )
         return replies.AUTH_OK
 
-    def _auth_failed(self, failure: Failure, login: str) -> Response | Deferred[Response]:
+    def _auth_failed(
+        self, failure: Failure, attempt: AuthAttempt, name: str
+    ) -> Response | Deferred[Response]:
+        if failure.check(PoolFull, CancelledError):
+            self.server.limits.auth_finished(attempt, NOT_CHECKED)
+            if failure.check(CancelledError):
+                return None  # the session went away while it waited
+            self.server.security_event("auth-hash-queue-full", self.peer_ip, login=name)
+            return replies.AUTH_BUSY
         if not failure.check(UnauthorizedLogin):
+            self.server.limits.auth_finished(attempt, BACKEND_ERROR)
             _log.failure("authentication backend error", failure)
             return replies.AUTH_TEMPORARY_FAILURE
         self.server.security_event(
-            "auth-failure", self.peer_ip, login=login, mechanism=self._auth_mechanism
+            "auth-failure", self.peer_ip, login=name, mechanism=self._auth_mechanism
         )
-        delay: Deferred[Any] = self.server.limits.auth_failed(self.peer_ip, login, not self.trusted)
+        delay: Deferred[Any] = self.server.limits.auth_failure_delay(attempt)
         return delay.addCallback(
-            lambda seconds: task.deferLater(self.clock, seconds, lambda: replies.AUTH_FAILED)
+            lambda seconds: task.deferLater(self.clock, seconds, self._answer_failure, attempt)
         )
+
+    def _answer_failure(self, attempt: AuthAttempt) -> Response:
+        # The attempt stays in flight (and counted) until this late answer.
+        self.server.limits.auth_finished(attempt, REJECTED)
+        return replies.AUTH_FAILED

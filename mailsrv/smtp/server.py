@@ -24,6 +24,8 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from mailsrv.auth.account_identity import AccountIdentities
+from mailsrv.auth.hashqueue import HashQueue
 from mailsrv.config import Config
 from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.envelope import AcceptedMessage
@@ -65,6 +67,7 @@ class SMTPServer:
         portal: Portal | None = None,
         limits: ILimits | None = None,
         relay: bool = False,
+        identities: AccountIdentities | None = None,
     ) -> None:
         self.config = config
         self.relay = relay  # a relay queue is among the committer's sinks
@@ -78,6 +81,9 @@ class SMTPServer:
         self.spool = Spool(config.spool_dir, run_in_thread)
         self.trusted = TrustedNetworks(config.trusted_networks)
         self.limits: ILimits = limits if limits is not None else LocalLimits(config, clock)
+        # AUTH: whose failure budget an attempt uses, and its turn at the hash threads.
+        self.identities = identities if identities is not None else AccountIdentities(None)
+        self.hash_queue = HashQueue(config.auth_hash_threads, config.auth_hash_queue)
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self.stressed = False

@@ -128,6 +128,7 @@ class Transaction:
     ret: Ret | None = None
     queue_id: str = ""
     spool_file: SpoolFile | None = None
+    trace_wire_size: int = 0  # our trace headers on the wire to a next hop (CRLF, no Return-Path)
 
     @property
     def sender_text(self) -> str:
@@ -648,7 +649,10 @@ class SMTPSession(SecurityCommands, Protocol):
             transaction.queue_id, lambda: self._pause("spool"), lambda: self._resume("spool")
         )
         transaction.spool_file = spool_file
-        spool_file.write(self._trace_headers(transaction))
+        trace = self._trace_headers(transaction)
+        spool_file.write(trace)
+        received = trace.partition(b"\n")[2]  # a relay drops Return-Path and sends CRLF
+        transaction.trace_wire_size = len(received) + received.count(b"\n")
         self._decoder = BodyDecoder(
             spool_file.write,
             self.config.max_message_size,
@@ -692,7 +696,9 @@ class SMTPSession(SecurityCommands, Protocol):
             return
         self._busy = True
         spool_file, transaction.spool_file = transaction.spool_file, None
-        message = self._accepted_message(transaction, spool_file.size)
+        message = self._accepted_message(
+            transaction, spool_file.size, transaction.trace_wire_size + decoder.size
+        )
         committed: Deferred[Any] = self.server.commit(message, spool_file)
         committed.addCallbacks(
             self._message_committed,
@@ -702,8 +708,11 @@ class SMTPSession(SecurityCommands, Protocol):
         )
         committed.addCallback(self._async_reply)
 
-    def _accepted_message(self, transaction: Transaction, size: int) -> AcceptedMessage:
-        """The transaction as the value every commit sink reads (``size``: the stored body)."""
+    def _accepted_message(
+        self, transaction: Transaction, size: int, wire_size: int
+    ) -> AcceptedMessage:
+        """The transaction as the value every commit sink reads (``size``: the stored body;
+        ``wire_size``: its size on the wire to a next hop, ``decoder.size`` counting CRLF)."""
         tls = describe_session(self.transport) if self.tls_active else None
         tls_version, _, tls_cipher = (tls or "").partition(" ")
         client = ClientFacts(
@@ -726,6 +735,7 @@ class SMTPSession(SecurityCommands, Protocol):
             body_8bit=transaction.body_8bit,
             envid=transaction.envid,
             ret=transaction.ret,
+            wire_size=wire_size,
         )
 
     def _message_committed(self, _: object, transaction: Transaction, size: int) -> Response:
