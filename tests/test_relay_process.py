@@ -250,6 +250,10 @@ async def test_direct_mx_delivery_with_rollup_null_mx_and_nxdomain(
         server.start()
         send(server, "alice@example.org", ["bob@a.test"], BODY)
         await eventually(lambda: len(peer.factory.messages) == 1, "the message for a.test")
+        # Once its outcome is on disk the connection is idle again (until then a new message
+        # would rightly get a connection of its own).
+        queue_dir = server.data_dir / "queue"
+        await eventually(lambda: not list(queue_dir.glob("*.json")), "a.test's outcome stored")
         send(server, "alice@example.org", ["carol@b.test"], BODY)
         await eventually(lambda: len(peer.factory.messages) == 2, "the message for b.test")
         # a.test and b.test share their MX host: one destination, one connection for both.
