@@ -20,7 +20,9 @@ keeps a copy of every unfinished record in memory and a timer for the next due r
    cache): its backlog is deferred without a connection attempt.
 5. When no recipient of a message is left to try, the DSNs it needs are submitted (a failure
    DSN for bounced recipients, a success DSN for ``NOTIFY=SUCCESS``; never for ``<>``) and
-   the message leaves the queue.
+   the message leaves the queue.  A message whose last transaction sent every recipient and
+   that owes no DSN (none asked ``NOTIFY=SUCCESS``, or the sender is ``<>``) leaves the queue
+   in the write of step 3 itself: its removal is what makes "sent" durable.
 
 Time is the injected clock's; randomness (jitter, restart spread) the injected ``rng``.
 """
@@ -42,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+from mailsrv.delivery.envelope import Notify
 from mailsrv.relay.destinations import DeadDestinations
 from mailsrv.relay.message import OutboundMessage, OutboundRecipient, RecipientResult
 from mailsrv.relay.queue_store import IQueueStore, NoSuchMessage
@@ -524,15 +527,20 @@ class RelayScheduler(Service):
         """Make every result durable, log it, and schedule what comes next."""
         now = self._clock.seconds()
         by_address = {r.recipient: r for r in results}
+        left: list[QueueRecord] = []
 
-        def change(record: QueueRecord) -> QueueRecord:
+        def change(record: QueueRecord) -> QueueRecord | None:
             updated = []
             for recipient in record.recipients:
                 result = by_address.get(recipient.address)
                 if result is None or recipient.state.final:
                     continue
                 updated.append(self._outcome(record, recipient, result, now))
-            return record.with_recipients(updated)
+            new = record.with_recipients(updated)
+            if _sent_owing_nothing(new):
+                left.append(new)
+                return None  # the store removes it: one durable write instead of two
+            return new
 
         try:
             record = await self._store.modify(queue_id, change)
@@ -541,6 +549,12 @@ class RelayScheduler(Service):
             return
         if record is None:
             self.records.pop(queue_id, None)
+            if left:
+                for result in results:
+                    status = left[-1].find(result.recipient)
+                    if status is not None:
+                        self._log_attempt(left[-1], status, result, destination)
+                self._log_left(left[-1])
             return
         self.records[queue_id] = record
         for result in results:
@@ -608,6 +622,9 @@ class RelayScheduler(Service):
         if record.sender:
             await self._submit_dsns(record, record.recipients)
         await self._store.remove(record.queue_id)
+        self._log_left(record)
+
+    def _log_left(self, record: QueueRecord) -> None:
         sent = sum(1 for r in record.recipients if r.state is State.SENT)
         _log.info(
             "relay {queue_id} left the queue: {sent} sent, {bounced} bounced",
@@ -617,6 +634,14 @@ class RelayScheduler(Service):
             sender=record.sender,
             age=round(self._clock.seconds() - record.created_at, 3),
         )
+
+
+def _sent_owing_nothing(record: QueueRecord) -> bool:
+    """Every recipient sent, and no DSN owed: none asked for ``NOTIFY=SUCCESS`` (RFC 3461
+    success and "relayed" notices are only for those), or the sender is ``<>``."""
+    return all(r.state is State.SENT for r in record.recipients) and (
+        not record.sender or not any(r.dsn.wants(Notify.SUCCESS) for r in record.recipients)
+    )
 
 
 def no_dsns(record: QueueRecord, recipients: Sequence[RecipientStatus]) -> Deferred[None]:
