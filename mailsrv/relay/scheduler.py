@@ -203,7 +203,8 @@ class RelayScheduler(Service):
         self._running_work: set[Deferred[Any]] = set()
         self._sending: set[Deferred[Any]] = set()
         self._open: set[Any] = set()
-        self._queued_since_start: set[str] = set()
+        self._queued_since_start: set[str] = set()  # only while the start-up load runs
+        self._loading = True
         self._stopping = False
         self._preloaded = loaded
         self._loaded: Deferred[None] | None = None
@@ -214,6 +215,7 @@ class RelayScheduler(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._loading = True
         self._loaded = Deferred.fromCoroutine(self._load())
 
     async def _load(self) -> None:
@@ -223,6 +225,8 @@ class RelayScheduler(Service):
             loaded = await self._store.load()
         # Records committed while the load ran are already here, newer than what was read.
         records = [r for r in loaded if r.queue_id not in self._queued_since_start]
+        self._queued_since_start.clear()
+        self._loading = False
         now = self._clock.seconds()
         due_now = 0
         for record in records:
@@ -288,7 +292,8 @@ class RelayScheduler(Service):
         """New records were committed (reactor thread, after their 250s): try them now."""
         now = self._clock.seconds()
         for record in records:
-            self._queued_since_start.add(record.queue_id)
+            if self._loading:
+                self._queued_since_start.add(record.queue_id)
             self.records[record.queue_id] = record
             self._schedule(record.queue_id, now)
 
