@@ -27,7 +27,7 @@ from mailsrv.cli.reach import CommandError, duration, error, now, printable
 from mailsrv.config import Config, ConfigError, load
 from mailsrv.relay.control import ControlError, Request, parse_request, perform
 from mailsrv.relay.queue_store import NoSuchMessage, QueueError
-from mailsrv.relay.records import QueueRecord, RecordError, State, from_dict
+from mailsrv.relay.records import QueueRecord, State, from_dict
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -74,21 +74,15 @@ def run(args: argparse.Namespace) -> int:
         request = parse_request(
             {"action": args.queue_action, "queue_id": args.queue_id, "recipient": args.recipient}
         )
-        response = _perform(config, request)
-        if not response["ok"]:
-            raise CommandError(str(response.get("error", "refused")))
-        _render(args, request, response)
     except (CommandError, QueueError, ControlError) as e:
         error(str(e))
         return EXIT_ERROR
-    except RecordError as e:
-        error(f"unreadable queue record: {e}")
-        return EXIT_ERROR
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        error(f"{where}{e.strerror or type(e).__name__}")
-        return EXIT_ERROR
-    return EXIT_OK
+    return reach.answer(
+        lambda: _perform(config, request),
+        lambda response: _render(args, request, response),
+        (QueueError,),
+        "unreadable queue record",
+    )
 
 
 def _perform(config: Config, request: Request) -> dict[str, Any]:

@@ -122,3 +122,34 @@ def now() -> float:
 
     seconds: float = reactor.seconds()
     return seconds
+
+
+def answer(
+    ask_server: Callable[[], dict[str, Any]],
+    show: Callable[[dict[str, Any]], None],
+    refused: tuple[type[Exception], ...],
+    unreadable: str,
+) -> int:
+    """Send one request (``ask_server``), show its answer; the exit status, with one line on
+    stderr for every way it can fail: 1 for a refusal (``refused``, a record that cannot be
+    read, called ``unreadable``), a server that does not answer, or a file error."""
+    from mailsrv.jsonstore.fields import RecordError
+    from mailsrv.relay.control import ControlError
+
+    caught: tuple[type[Exception], ...] = (CommandError, ControlError, *refused)
+    try:
+        response = ask_server()
+        if not response["ok"]:
+            raise CommandError(str(response.get("error", "refused")))
+        show(response)
+    except caught as e:
+        error(str(e))
+        return 1
+    except RecordError as e:
+        error(f"{unreadable}: {e}")
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        error(f"{where}{e.strerror or type(e).__name__}")
+        return 1
+    return 0

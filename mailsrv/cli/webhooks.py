@@ -24,7 +24,6 @@ from typing import Any
 from mailsrv.cli import reach
 from mailsrv.cli.reach import CommandError, duration, error, now, printable
 from mailsrv.config import Config, ConfigError, load
-from mailsrv.jsonstore.fields import RecordError
 from mailsrv.relay.control import ControlError
 from mailsrv.webhook.control import WebhookRequest, parse_request, perform
 from mailsrv.webhook.entries import EntryState, OutboxEntry, from_dict
@@ -97,21 +96,15 @@ def run(args: argparse.Namespace) -> int:
         request = parse_request(
             {"action": f"webhooks.{args.webhooks_action}", "id": args.id, "endpoint": args.endpoint}
         )
-        response = _perform(config, request)
-        if not response["ok"]:
-            raise CommandError(str(response.get("error", "refused")))
-        _render(args, request, response)
     except (CommandError, OutboxError, ControlError) as e:
         error(str(e))
         return EXIT_ERROR
-    except RecordError as e:
-        error(f"unreadable outbox entry: {e}")
-        return EXIT_ERROR
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        error(f"{where}{e.strerror or type(e).__name__}")
-        return EXIT_ERROR
-    return EXIT_OK
+    return reach.answer(
+        lambda: _perform(config, request),
+        lambda response: _render(args, request, response),
+        (OutboxError,),
+        "unreadable outbox entry",
+    )
 
 
 def _perform(config: Config, request: WebhookRequest) -> dict[str, Any]:
