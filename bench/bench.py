@@ -15,10 +15,16 @@ Workloads, in interleaved rounds (every server once per workload per round):
 
 (a) 2000 x 1 KiB over 1 session; (b) 5000 x 1 KiB over 50 sessions; (c) 500 x 100 KiB over 20
 sessions, plus 20 x 50 MiB over 20 sessions to see whether memory stays flat; (d) 1000 sessions
-at once, each sending, idling 1 s and sending again; (e) when ``mailsrv users`` exists, an AUTH
-storm (wrong passwords from 100 loopback addresses, no trusted network) with a NOOP client and
-an unaffected client whose correct login is timed; (f) relay and (g) webhooks are listed as not
-built yet.  ``--only`` picks workloads (``--only e`` runs just the storm, mailsrv only).
+at once, each sending, idling 1 s and sending again; (e) an AUTH storm when ``mailsrv users``
+exists; (f) relay: 5000 x 1 KiB over 50 sessions to remote recipients, mailsrv and Postfix each
+relaying to their own ``smtp-sink -d`` as smarthost, with a unique token per message so that the
+sink's files show what was lost or duplicated, and the time from the first submission to the
+last message at the sink; (g) webhooks are listed as not built yet.
+
+``--compare REV`` benches mailsrv at REV as one more server in the same rounds (e.g. the
+revision before a change, for a before/after ratio in one sitting); ``--workloads`` picks a
+subset (``--only`` is the same option: ``--only e`` runs just the storm,
+mailsrv only).
 
 Throughput comes from ``smtp-source`` (C, light on the shared CPUs) and, separately, from
 ``loadgen.py`` (asyncio), which also measures the end-of-DATA-to-250 latency.  The medians go to
@@ -588,7 +594,7 @@ smtputf8_enable = yes
 # enough smtpd (and cleanup) processes for workload (d): 1000 sessions at once
 default_process_limit = 1100
 """
-        (config / "main.cf").write_text(main_cf)
+        (config / "main.cf").write_text(main_cf + self.extra_main_cf())
         (config / "master.cf").write_text(self.MASTER_CF.format(port=self.port))
         status, output = self._postfix("start")
         if status != 0:
@@ -607,6 +613,10 @@ default_process_limit = 1100
         if why is not None:
             raise StartError(f"{why}: {tail(top / 'maillog')}")
         _CLEANUPS.append(self._emergency_stop)
+
+    def extra_main_cf(self) -> str:
+        """Lines appended to main.cf (the relay variant sets its relayhost)."""
+        return ""
 
     def _emergency_stop(self) -> None:
         if self.config_dir is not None and self.master_pid:
@@ -1054,6 +1064,292 @@ def run_auth_storm(server: AuthMailsrv, clients: int, duration: float) -> dict[s
     }
 
 
+# -- (f) relay ---------------------------------------------------------------------------------
+
+RELAY_RECIPIENT = "r{n}@remote.bench.example"  # a domain that is not local: relayed
+_TOKEN_AT_END = re.compile(rb"bench-token: ([A-Za-z0-9_-]+)\n\n\Z")
+
+
+class DumpSink:
+    """``smtp-sink -d``: the smarthost of workload (f), one file per message received.
+
+    smtp-sink creates a message's file at MAIL and closes it at the final dot, before its
+    ``250``; a file whose last line is a ``bench-token`` line (then the empty line the dump
+    format adds) is a whole message.  Its mtime is when the message arrived in full.
+
+    The files go to a tmpfs (``/dev/shm``) when there is one: the sink stands for another
+    machine, and its writes on the filesystem of the server under test would be flushed by
+    that server's syncs (mailsrv's ``syncfs`` most of all).
+    """
+
+    banner_name = "sink.bench.invalid"
+
+    def __init__(self, base: Path, name: str) -> None:
+        self.base = base
+        self.name = name
+        self.port = 0
+        self.dump_dir: Path | None = None
+        self.proc: subprocess.Popen[Any] | None = None
+        self.tokens: dict[str, int] = defaultdict(int)  # token -> copies received
+        self.last_arrival: dict[str, float] = {}  # token -> latest mtime (epoch seconds)
+        self.unknown: list[str] = []  # whole files without a bench token (DSNs, strays)
+        self._seen: set[str] = set()
+
+    def start(self) -> None:
+        sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        if not os.path.exists(sink):
+            raise StartError("smtp-sink not installed (Debian package postfix)")
+        shm = Path("/dev/shm")
+        if shm.is_dir() and os.access(shm, os.W_OK):
+            self.dump_dir = Path(tempfile.mkdtemp(prefix=f"mailsrv-bench-{self.name}-", dir=shm))
+            self.dump_dir.chmod(0o755)
+        else:
+            self.dump_dir = self.base / f"{self.name}-dump"
+            self.dump_dir.mkdir(parents=True)
+        dump_dir = self.dump_dir
+        _CLEANUPS.insert(0, lambda: shutil.rmtree(dump_dir, ignore_errors=True))
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postfix")
+            os.chown(self.dump_dir, owner.pw_uid, owner.pw_gid)
+        self.port = free_port()
+        self.tokens.clear()
+        self.last_arrival.clear()
+        self.unknown.clear()
+        self._seen.clear()
+        self.proc = spawn(
+            [
+                sink,
+                *(["-u", "postfix"] if os.geteuid() == 0 else []),
+                "-h",
+                self.banner_name,
+                "-d",
+                f"{self.dump_dir}/m.",
+                f"127.0.0.1:{self.port}",
+                "1000",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        why = wait_for_banner(self.port, self.proc, 15, self.banner_name)
+        if why is not None:
+            raise StartError(f"smtp-sink: {why}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if self.dump_dir is not None:
+            shutil.rmtree(self.dump_dir, ignore_errors=True)
+            self.dump_dir = None
+
+    def cpu_ms(self) -> float:
+        return 0.0 if self.proc is None else cpu_ticks(self.proc.pid) * 1000 / CLK_TCK
+
+    def scan(self, final: bool = False) -> None:
+        """Read the files that arrived whole since the last scan.  With ``final``, a file
+        without a token counts as an unknown arrival (an unfinished one is gone by then:
+        smtp-sink removes the file of an aborted transaction)."""
+        if self.dump_dir is None:
+            return
+        with os.scandir(self.dump_dir) as entries:
+            names = [e.name for e in entries if e.name not in self._seen]
+        for name in names:
+            path = self.dump_dir / name
+            try:
+                stat = path.stat()
+                with open(path, "rb") as f:
+                    f.seek(max(0, stat.st_size - 128))
+                    end = f.read()
+            except FileNotFoundError:
+                continue
+            found = _TOKEN_AT_END.search(end)
+            if found is None:
+                if final and stat.st_size:
+                    self._seen.add(name)
+                    self.unknown.append(name)
+                continue
+            self._seen.add(name)
+            token = found.group(1).decode()
+            self.tokens[token] += 1
+            self.last_arrival[token] = max(self.last_arrival.get(token, 0.0), stat.st_mtime)
+
+
+class RelayMailsrv(MailsrvServer):
+    """mailsrv relaying everything to its own ``smtp-sink -d`` as smarthost (workload (f)).
+
+    Defaults otherwise: loopback is a trusted network (it may relay), 20 connections per
+    destination, 100 in all; ``SMTP_RELAY_TLS=none`` because smtp-sink offers no STARTTLS.
+    """
+
+    name = "mailsrv-relay"
+    label = "mailsrv"
+
+    def __init__(
+        self, base: Path, venv: Path, pythonpath: str | None, label: str = "mailsrv"
+    ) -> None:
+        super().__init__(base, venv, pythonpath)
+        self.label = label
+        self.name = f"{label}-relay"
+        self.sink = DumpSink(base, self.name)
+
+    def before_start(self, data_dir: Path) -> None:
+        self.sink.stop()
+        self.sink.start()
+        self.extra_env = {
+            "SMTP_RELAY_HOST": f"127.0.0.1:{self.sink.port}",
+            "SMTP_RELAY_TLS": "none",
+        }
+        self.queue_dir = data_dir / "queue"
+
+    def left_in_queue(self) -> int:
+        """Queue records not yet removed (0 once every message has left the queue)."""
+        queue = getattr(self, "queue_dir", None)
+        if queue is None or not queue.is_dir():
+            return 0
+        return sum(1 for e in os.scandir(queue) if e.name.endswith(".json"))
+
+    def stop(self) -> None:
+        super().stop()
+        self.sink.stop()
+
+
+class RelayPostfix(PostfixServer):
+    """The throwaway Postfix with ``relayhost = [127.0.0.1]:PORT`` of its own ``smtp-sink -d``.
+
+    Postfix's defaults otherwise: 20 connections per destination
+    (``default_destination_concurrency_limit``), connection reuse on demand, no TLS (no
+    ``smtp_tls_security_level`` set).
+    """
+
+    name = "postfix-relay"
+    label = "postfix"
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        self.sink = DumpSink(base, self.name)
+
+    def start(self) -> None:
+        self.sink.stop()
+        self.sink.start()
+        super().start()
+
+    def extra_main_cf(self) -> str:
+        return f"relayhost = [127.0.0.1]:{self.sink.port}\n"
+
+    def left_in_queue(self) -> int:
+        """Messages still in Postfix's queue directories."""
+        if self.workdir is None:
+            return 0
+        spool = self.workdir / "spool"
+        n = 0
+        for queue in ("maildrop", "incoming", "active", "deferred", "hold"):
+            for _root, _dirs, files in os.walk(spool / queue):
+                n += len(files)
+        return n
+
+    def stop(self) -> None:
+        super().stop()
+        self.sink.stop()
+
+
+def run_relay(
+    server: RelayMailsrv | RelayPostfix, w: Workload, prefix: str, timeout: float
+) -> dict[str, Any]:
+    """Workload (f): submit ``w`` with a unique token per message to remote recipients, then
+    wait (bounded) until every accepted token is at the sink; lost, duplicated and the
+    end-to-end rate from the first submission to the last message at the sink."""
+    sink = server.sink
+    cpu_before, sink_cpu_before = server.cpu_ms(), sink.cpu_ms()
+    listen_before = listen_counters()
+    with Sampler(server) as sampler:
+        submitted = run_loadgen(
+            [
+                "send",
+                "--port",
+                str(server.port),
+                "--sessions",
+                str(w.sessions),
+                "--messages",
+                str(w.count),
+                "--size",
+                str(w.size),
+                "--recipient",
+                RELAY_RECIPIENT,
+                "--sender",
+                SENDER,
+                "--tokens",
+                prefix,
+            ],
+            timeout,
+        )
+        accepted = {f"{prefix}-{n:07d}" for n in submitted.get("accepted", [])}
+        deadline = time.monotonic() + timeout
+        stall_limit = 60.0
+        last_progress, arrived = time.monotonic(), -1
+        while time.monotonic() < deadline:
+            sink.scan()
+            have = sum(1 for t in accepted if t in sink.tokens)
+            if have >= len(accepted):
+                break
+            if have != arrived:
+                arrived, last_progress = have, time.monotonic()
+            elif time.monotonic() - last_progress > stall_limit:
+                break
+            time.sleep(0.05)
+        complete_at = time.monotonic()
+        # Late copies (a duplicate) and the queue emptying: a short, bounded wait.
+        left = server.left_in_queue()
+        while left and time.monotonic() - complete_at < 10:
+            time.sleep(0.1)
+            left = server.left_in_queue()
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - complete_at)))
+        sink.scan(final=True)
+    cpu = server.cpu_ms() - cpu_before
+    sink_cpu = sink.cpu_ms() - sink_cpu_before
+    arrived_tokens = {t for t in accepted if t in sink.tokens}
+    lost = len(accepted) - len(arrived_tokens)
+    duplicated = sum(n - 1 for n in sink.tokens.values() if n > 1)
+    unacknowledged = sum(1 for t in sink.tokens if t not in accepted)  # arrived without a 250
+    started = submitted.get("started_at")
+    last = max((sink.last_arrival[t] for t in arrived_tokens), default=None)
+    e2e = last - started if last is not None and started is not None else None
+    result: dict[str, Any] = {
+        "ok": len(accepted),
+        "submit_rate": submitted.get("rate"),
+        "submit_p99_ms": submitted.get("p99_ms"),
+        "e2e_s": e2e,
+        "e2e_rate": len(arrived_tokens) / e2e if e2e else None,
+        "drain_s": (
+            last - submitted["finished_at"]
+            if last is not None and submitted.get("finished_at")
+            else None
+        ),
+        "lost": lost,
+        "duplicated": duplicated,
+        "unacknowledged": unacknowledged,
+        "unknown": len(sink.unknown),
+        "left_in_queue": left,
+        "cpu_ms_per_msg": cpu / len(accepted) if accepted else None,
+        "sink_cpu_ms_per_msg": sink_cpu / len(accepted) if accepted else None,
+        "peak_kib": sampler.peak,
+        "listen_dropped": listen_dropped(listen_before, listen_counters()),
+        "errors": submitted.get("errors", [])
+        + ([submitted["error"]] if submitted.get("error") else []),
+        "failed": int(submitted.get("failed") or 0)
+        + int(submitted.get("refused") or 0)
+        + int(submitted.get("connect_failed") or 0),
+    }
+    if len(accepted) < w.count:
+        result["errors"].append(f"{w.count - len(accepted)} submission(s) not answered 250")
+    return result
+
+
 # -- profile -----------------------------------------------------------------------------------
 
 
@@ -1387,6 +1683,18 @@ def git_revision(ref: str | None) -> str:
     return f"{head} working tree" + (" with uncommitted changes in mailsrv/" if dirty else "")
 
 
+def short_revision(ref: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", ref],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"bench: no such git revision {ref!r}")
+    return done.stdout.strip()
+
+
 def export_ref(ref: str, target: Path) -> str:
     target.mkdir(parents=True)
     archive = subprocess.run(
@@ -1406,16 +1714,23 @@ def main() -> int:
         help="comma-separated subset of mailsrv,aiosmtpd,postfix,smtp-sink",
     )
     parser.add_argument("--ref", default=None, help="bench this git ref (git archive) instead")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="REV",
+        help="also bench mailsrv at REV (git archive) in the same rounds, as mailsrv@REV",
+    )
+    parser.add_argument(
+        "--workloads",
+        "--only",
+        default="a,b,c,d,e,f",
+        help="comma-separated subset of a,b,c,d,e,f (c includes the 50 MiB messages)",
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     parser.add_argument(
         "--output", default=str(HERE / "RESULTS.md"), help="where to write the results"
     )
     parser.add_argument("--max-minutes", type=float, default=30.0, help="hard bound on the run")
-    parser.add_argument(
-        "--only",
-        default="a,b,c,d,e",
-        help="comma-separated subset of the workloads a,b,c,d,e (e alone: bench/run --only e)",
-    )
     args = parser.parse_args()
 
     command = "bench/run " + " ".join(sys.argv[1:])
@@ -1426,9 +1741,10 @@ def main() -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     scale = 5 if args.quick else 1
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
-    only = {w.strip() for w in args.only.split(",") if w.strip()}
-    if not only <= set("abcde"):
-        print(f"bench: --only takes workloads among a,b,c,d,e, got {args.only!r}", file=sys.stderr)
+    chosen = {k.strip() for k in args.workloads.split(",") if k.strip()}
+    unknown = chosen - set("abcdef")
+    if unknown:
+        print(f"bench: unknown workload(s) {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
 
     signal.signal(signal.SIGTERM, _on_signal)
@@ -1443,13 +1759,22 @@ def main() -> int:
     _CLEANUPS.insert(0, lambda: shutil.rmtree(base, ignore_errors=True))
     # The code under test always comes first on PYTHONPATH: the --ref snapshot or this tree.
     pythonpath = export_ref(args.ref, base / "snapshot") if args.ref else str(HERE.parent)
+    compare_name = ""
+    compare_path = ""
+    if args.compare:
+        compare_name = f"mailsrv@{short_revision(args.compare)}"
+        compare_path = export_ref(args.compare, base / "snapshot-compare")
 
     workloads = [
         Workload("a", "2000 x 1 KiB, 1 session", 1, 2000 // scale, 1024),
         Workload("b", "5000 x 1 KiB, 50 sessions", 50, 5000 // scale, 1024),
         Workload("c", "500 x 100 KiB, 20 sessions", 20, 500 // scale, 100 * 1024),
     ]
-    workloads = [w for w in workloads if w.key in only]
+    relay_load = Workload(
+        "f", "5000 x 1 KiB over 50 sessions to remote recipients", 50, 5000 // scale, 1024
+    )
+    profiled_b = workloads[1]
+    workloads = [w for w in workloads if w.key in chosen]
     big = Workload("c50", "20 x 50 MiB, 20 sessions", 20 // scale, 20 // scale, 50 * MiB)
     idle_sessions = 1000 // scale
 
@@ -1459,13 +1784,31 @@ def main() -> int:
         "postfix": lambda: PostfixServer(base),
         "smtp-sink": lambda: SinkServer(base),
     }
-    servers = [factories[name]() for name in factories if name in wanted and only & set("abcd")]
+    servers = [factories[name]() for name in factories if name in wanted and chosen & set("abcd")]
+    if compare_name and chosen & set("abcd"):
+        compare = MailsrvServer(base, venv, compare_path)
+        compare.name = compare_name
+        servers.insert(1 if servers and servers[0].name == "mailsrv" else 0, compare)
+    relay_factories: dict[str, Callable[[], RelayMailsrv | RelayPostfix]] = {
+        "mailsrv": lambda: RelayMailsrv(base, venv, pythonpath),
+        "postfix": lambda: RelayPostfix(base),
+    }
+    if compare_name and (Path(compare_path) / "mailsrv" / "relay" / "sink.py").exists():
+        # The compared revision can relay too: it runs (f) beside mailsrv.
+        relay_factories[compare_name] = lambda: RelayMailsrv(base, venv, compare_path, compare_name)
+        wanted.append(compare_name)
+    relay_servers = (
+        [relay_factories[name]() for name in relay_factories if name in wanted]
+        if "f" in chosen
+        else []
+    )
     started_at = time.monotonic()
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
     info = machine_info()
     vers = versions(venv, pythonpath)
     revision = git_revision(args.ref)
+    compare_revision = git_revision(args.compare) if args.compare else ""
     log(f"mailsrv {revision}; {rounds} round(s); work dir {base}")
 
     # results[workload][server] -> list of per-round dicts; tool is "src" or "lg"
@@ -1499,7 +1842,7 @@ def main() -> int:
                     f"p99 {lg.get('p99_ms')} ms, lost {lg.get('lost')}, errors {lg.get('errors')}"
                 )
                 results[w.key][server.name].append({"src": src, "lg": lg})
-        for server in servers if "c" in only else []:
+        for server in servers if "c" in chosen else []:
             if not server.ensure_running(incidents):
                 continue
             log(f"round {round_no}: (c) {big.title} {server.name}: loadgen")
@@ -1508,7 +1851,7 @@ def main() -> int:
                 f"  peak {fmt(lg['peak_kib'] / 1024)} MiB, ok {lg.get('ok')}, lost {lg.get('lost')}"
             )
             results[big.key][server.name].append({"lg": lg})
-        for server in servers if "d" in only else []:
+        for server in servers if "d" in chosen else []:
             if not server.restart():
                 problems[server.name] = server.unavailable or "did not start"
                 continue
@@ -1520,7 +1863,7 @@ def main() -> int:
             )
             results["d"][server.name].append(d)
             server.stop()
-        if has_users and "mailsrv" in wanted and "e" in only:
+        if has_users and "mailsrv" in wanted and "e" in chosen:
             auth_server = AuthMailsrv(base, venv, pythonpath)
             if auth_server.restart():
                 log(f"round {round_no}: (e) AUTH storm")
@@ -1530,15 +1873,32 @@ def main() -> int:
             else:
                 problems["mailsrv (e)"] = auth_server.unavailable or "did not start"
             auth_server.stop()
+        # (f): alternate which server goes first, so drift in the machine's load evens out.
+        order = relay_servers if round_no % 2 else list(reversed(relay_servers))
+        for relay_server in order:
+            if not relay_server.restart():
+                problems[f"{relay_server.label} (f)"] = relay_server.unavailable or "no start"
+                continue
+            log(f"round {round_no}: (f) relay {relay_server.label} -> smtp-sink")
+            prefix = f"f{round_no}" + re.sub("[^A-Za-z0-9]", "", relay_server.label)
+            f = run_relay(relay_server, relay_load, prefix, 300)
+            log(
+                f"  end to end {fmt(f.get('e2e_rate'))} msgs/s in {fmt(f.get('e2e_s'), 2)} s "
+                f"(submission {fmt(f.get('submit_rate'))} msgs/s), lost {f['lost']}, "
+                f"duplicated {f['duplicated']}, unknown {f['unknown']}, "
+                f"left in queue {f['left_in_queue']}, errors {f['errors'][:3]}"
+            )
+            results["f"][relay_server.label].append(f)
+            relay_server.stop()
         log(f"round {round_no} done after {time.monotonic() - started_at:.0f}s")
 
     profile: dict[str, Any] | None = None
-    if not args.no_profile and "mailsrv" in wanted and "b" in only:
+    if not args.no_profile and "mailsrv" in wanted and "b" in chosen:
         prof_server = MailsrvServer(base, venv, pythonpath)
         if prof_server.restart():
             log("profile: py-spy on mailsrv during workload (b)")
             profile = profile_b(
-                prof_server, workloads[1], 4 if args.quick else 10, HERE / "profile-b.txt"
+                prof_server, profiled_b, 4 if args.quick else 10, HERE / "profile-b.txt"
             )
             log(f"  {profile.get('error') or str(profile.get('total')) + ' samples'}")
         prof_server.stop()
@@ -1554,6 +1914,9 @@ def main() -> int:
         info=info,
         vers=vers,
         revision=revision,
+        compare=(compare_name, compare_revision),
+        relay_load=relay_load,
+        chosen=chosen,
         rounds=rounds,
         workloads=workloads,
         big=big,
@@ -1634,6 +1997,10 @@ def render(**k: Any) -> str:
     )
     add("")
     add(f"mailsrv revision: {k['revision']}")
+    compare_name, compare_revision = k["compare"]
+    if compare_name:
+        add("")
+        add(f"compared with: {compare_name} = {compare_revision}")
     add("")
     add("| machine | |")
     add("|---|---|")
@@ -1731,6 +2098,7 @@ def render(**k: Any) -> str:
         f"| {verdict(lost == 0)} |"
     )
     add("")
+    render_issue8_targets(add, k)
 
     add("## Throughput and latency")
     add("")
@@ -1870,9 +2238,10 @@ def render(**k: Any) -> str:
         add(f"| (e) AUTH storm | mailsrv | could not run: {problems['mailsrv (e)']} |")
     else:
         add("| (e) AUTH storm | all | n/a (capability not built yet: no `mailsrv users`) |")
-    add("| (f) relay to smtp-sink | all | n/a (capability not built yet) |")
+    add("| (f) relay to smtp-sink | mailsrv, postfix | see (f) below |")
     add("| (g) webhook notifications/s | all | n/a (capability not built yet) |")
     add("")
+    render_relay(add, k)
     profile = k["profile"]
     if profile is not None:
         add("## Profile: mailsrv during (b), py-spy")
@@ -1904,12 +2273,137 @@ def render(**k: Any) -> str:
         "250, in the background (its delivery CPU is counted)."
     )
     add("* smtp-sink: `smtp-sink -m 1100 -c 127.0.0.1:PORT 1000`, discards: the ceiling.")
+    if compare_name:
+        add(
+            f"* {compare_name}: the same settings and venv, the code of {compare_revision}; "
+            "it runs every workload beside mailsrv in the same rounds but (e), and (f) when "
+            "it has the relay."
+        )
+    if results.get("f"):
+        add(
+            "* (f): each server gets its own `smtp-sink -d DIR/m. 127.0.0.1:PORT 1000` as next "
+            "hop, which writes every message to a file before its 250 (no fsync). mailsrv: "
+            "`SMTP_RELAY_HOST=127.0.0.1:PORT`, `SMTP_RELAY_TLS=none`, loopback trusted (the "
+            "default), relay concurrency defaults (20 per destination, 100 in all), otherwise as "
+            "above. Postfix: as above plus `relayhost = [127.0.0.1]:PORT`, its defaults for the "
+            "rest (20 per destination, connection reuse on demand). Both servers restart fresh "
+            "for (f) in every round; which one goes first alternates between rounds."
+        )
     for name, why in problems.items():
         add(f"* **{name} could not start**: {why}")
     for incident in k["incidents"]:
         add(f"* **incident**: {incident}")
     add("")
     return "\n".join(out)
+
+
+def render_issue8_targets(add: Callable[[str], None], k: dict[str, Any]) -> None:
+    """The relay's targets: (f) against Postfix, and (b) before and after the relay."""
+    results = k["results"]
+    f_rows = results.get("f", {})
+    mine = median([r.get("e2e_rate") for r in f_rows.get("mailsrv", [])])
+    theirs = median([r.get("e2e_rate") for r in f_rows.get("postfix", [])])
+    compare_name, _ = k["compare"]
+    if not f_rows and not compare_name:
+        return
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+    add("## Targets (issue 8)")
+    add("")
+    add("| target | measured | |")
+    add("|---|---|---|")
+    if f_rows:
+        ratio = mine / theirs if mine and theirs else None
+        add(
+            f"| (f) mailsrv ≥ 2{TIMES} Postfix end to end (first submission to last message at "
+            f"the sink, msgs/s) | {fmt(mine)} / {fmt(theirs)} = {fmt(ratio, 2, TIMES)} "
+            f"| {verdict(None if ratio is None else ratio >= 2)} |"
+        )
+        for name in ("mailsrv", "postfix"):
+            rows = f_rows.get(name, [])
+            if not rows:
+                continue
+            lost = sum(int(r["lost"]) for r in rows)
+            dup = sum(int(r["duplicated"]) for r in rows)
+            add(
+                f"| (f) {name}: 0 lost, 0 duplicated (unique token per message, all rounds) "
+                f"| {lost} lost, {dup} duplicated of {sum(r['ok'] for r in rows):,} "
+                f"| {verdict(lost == 0 and dup == 0)} |"
+            )
+    if compare_name and results.get("b"):
+        now_rows = results.get("b", {}).get("mailsrv", [])
+        before_rows = results.get("b", {}).get(compare_name, [])
+        for tool, what in (("src", "smtp-source"), ("lg", "loadgen")):
+            pairs = [
+                (a.get(tool, {}).get("rate"), b.get(tool, {}).get("rate"))
+                for a, b in zip(now_rows, before_rows, strict=False)
+            ]
+            per_round = [a / b for a, b in pairs if a and b]
+            ratio = median(per_round)
+            rounds = ", ".join(f"{x:.2f}" for x in per_round)
+            add(
+                f"| (b) no regression: mailsrv ÷ {compare_name}, {what} msgs/s, median of "
+                f"per-round ratios ≥ 0.95 (the spread between rounds here is about 5%) "
+                f"| {fmt(ratio, 2, TIMES)} (rounds: {rounds or 'n/a'}) "
+                f"| {verdict(None if ratio is None else ratio >= 0.95)} |"
+            )
+    add("")
+
+
+def render_relay(add: Callable[[str], None], k: dict[str, Any]) -> None:
+    """The (f) table: end-to-end rate, submission, drain, CPU, lost and duplicated."""
+    f_rows = k["results"].get("f", {})
+    if not f_rows:
+        return
+    w = k["relay_load"]
+    add("")
+    add(f"### (f) relay: {w.title}, relayed to smtp-sink as the next hop")
+    add("")
+    add(
+        "loadgen submits (one recipient per message, `r<n>@remote.bench.example`, a unique token "
+        "in each message's Message-ID and last line); the harness watches the sink's dump "
+        "directory until every token answered 250 is there (bounded: 300 s, or 60 s without "
+        "progress). End to end = from the first submission (loadgen's start) to the mtime of "
+        "the last message file at the sink. Drain = from the last submission's end to that "
+        "last arrival. lost = accepted tokens never at the sink; duplicated = extra copies of a "
+        "token; other = files at the sink without a token (e.g. DSNs) or tokens not answered "
+        "250. CPU is the server's (Postfix: all its processes) per message for submission and "
+        "relay together; the sink's own CPU is shown apart."
+    )
+    add("")
+    add(
+        "| server | end-to-end msgs/s | mailsrv ÷ | end to end s | submission msgs/s "
+        "| submission p99 ms | drain s | CPU ms/msg | sink CPU ms/msg | peak MiB | lost "
+        "| duplicated | other | left in queue | per round msgs/s | notes |"
+    )
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    mine = median([r.get("e2e_rate") for r in f_rows.get("mailsrv", [])])
+    for name in ["mailsrv", *(n for n in f_rows if n not in ("mailsrv", "postfix")), "postfix"]:
+        rows = f_rows.get(name, [])
+        if not rows:
+            why = k["problems"].get(f"{name} (f)", "not run")
+            add(f"| {name} | n/a |{' |' * 13} {why} |")
+            continue
+        rate = median([r.get("e2e_rate") for r in rows])
+        errs = list(dict.fromkeys(str(e) for r in rows for e in r.get("errors", [])))[:3]
+        add(
+            f"| {name} | {fmt(rate)} | {fmt(mine / rate if mine and rate else None, 2, TIMES)} "
+            f"| {fmt(median([r.get('e2e_s') for r in rows]), 2)} "
+            f"| {fmt(median([r.get('submit_rate') for r in rows]))} "
+            f"| {fmt(median([r.get('submit_p99_ms') for r in rows]), 1)} "
+            f"| {fmt(median([r.get('drain_s') for r in rows]), 2)} "
+            f"| {fmt(median([r.get('cpu_ms_per_msg') for r in rows]), 3)} "
+            f"| {fmt(median([r.get('sink_cpu_ms_per_msg') for r in rows]), 3)} "
+            f"| {fmt(kib_to_mib(median([r.get('peak_kib') for r in rows])), 1)} "
+            f"| {sum(int(r['lost']) for r in rows)} "
+            f"| {sum(int(r['duplicated']) for r in rows)} "
+            f"| {sum(int(r['unknown']) + int(r['unacknowledged']) for r in rows)} "
+            f"| {max(int(r['left_in_queue']) for r in rows)} "
+            f"| {', '.join(fmt(r.get('e2e_rate')) for r in rows)} | {'; '.join(errs)} |"
+        )
+    add("")
 
 
 def render_profile(add: Callable[[str], None], profile: dict[str, Any]) -> None:

@@ -8,6 +8,11 @@ prints one JSON object on its last line of output.
 Modes:
 
 ``send``   ``--sessions S --messages M --size L``: S sessions share M messages of L bytes.
+           With ``--tokens PREFIX`` every message is unique: message ``n`` carries the token
+           ``PREFIX-n`` (zero-padded) in its Message-ID and as its last body line, and the
+           result lists the ``n`` of every message answered 250 (``accepted``), so a sink
+           downstream can be checked for lost and duplicated messages (workload (f)).
+           A ``{n}`` in ``--recipient`` is replaced by ``n``.
 ``idle``   workload (d): ``--sessions S`` connect at once, each sends one message, all idle
            ``--idle`` seconds (``IDLE`` is printed when every session is idle, so the harness can
            sample the server), then each sends again and quits.
@@ -61,6 +66,8 @@ class Stats:
     connect_times: list[float] = field(default_factory=list)  # TCP handshake only
     greeting_times: list[float] = field(default_factory=list)  # connected -> 220
     sessions_done: int = 0
+    started_at: float | None = None  # wall clock (epoch) when the first session began
+    accepted: list[int] = field(default_factory=list)  # --tokens: messages answered 250
 
     def error(self, text: str) -> None:
         if len(self.errors) < 10:
@@ -75,19 +82,33 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
-def make_body(size: int, sender: str, recipient: str) -> bytes:
-    """A message of exactly ``size`` bytes (CRLF lines, no dot-stuffing needed), plus ``.``."""
+def make_body(
+    size: int, sender: str, recipient: str, token: str = "", message_id: str = "bench"
+) -> bytes:
+    """A message of exactly ``size`` bytes (CRLF lines, no dot-stuffing needed), plus ``.``.
+
+    A ``token`` becomes the last line of the body (so a copy with it arrived whole).
+    """
     head = (
         f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: bench\r\n"
-        "Message-ID: <bench@bench.invalid>\r\n\r\n"
+        f"Message-ID: <{message_id}@bench.invalid>\r\n\r\n"
     ).encode()
+    last = f"{TOKEN_LINE}{token}\r\n".encode() if token else b""
     line = b"x" * 76 + b"\r\n"
     body = bytearray(head)
-    while len(body) + len(line) <= size - 2:
+    while len(body) + len(line) <= size - 2 - len(last):
         body += line
-    filler = size - 2 - len(body)
-    body += b"y" * max(filler, 0) + b"\r\n"
+    filler = size - 2 - len(body) - len(last)
+    body += b"y" * max(filler, 0) + b"\r\n" + last
     return bytes(body)
+
+
+TOKEN_LINE = "bench-token: "  # noqa: S105 (not a secret: a marker line)
+
+
+def token_for(prefix: str, n: int) -> str:
+    """The token of message ``n`` (fixed width, so every message has the same size)."""
+    return f"{prefix}-{n:07d}"
 
 
 class Client:
@@ -176,9 +197,11 @@ async def open_session(args: Any, stats: Stats) -> Client | None:
     return client
 
 
-async def one_message(client: Client, args: Any, body: bytes, stats: Stats) -> bool:
+async def one_message(
+    client: Client, args: Any, body: bytes, stats: Stats, recipient: str | None = None
+) -> bool:
     try:
-        code, latency = await client.send_message(args.sender, args.recipient, body)
+        code, latency = await client.send_message(args.sender, recipient or args.recipient, body)
     except SMTPReplyError as e:
         stats.failed += 1
         stats.error(f"transaction: {e}")
@@ -198,16 +221,26 @@ async def one_message(client: Client, args: Any, body: bytes, stats: Stats) -> b
 
 async def mode_send(args: Any, stats: Stats) -> None:
     body = make_body(args.size, args.sender, args.recipient)
-    remaining = [args.messages]
+    next_message = [0]
+    stats.started_at = time.time()
 
     async def session() -> None:
         client = await open_session(args, stats)
         if client is None:
             return
-        while remaining[0] > 0:
-            remaining[0] -= 1
-            if not await one_message(client, args, body, stats):
+        while next_message[0] < args.messages:
+            n = next_message[0]
+            next_message[0] += 1
+            recipient = args.recipient.replace("{n}", str(n))
+            if args.tokens:
+                token = token_for(args.tokens, n)
+                message = make_body(args.size, args.sender, recipient, token, token)
+            else:
+                message = body
+            if not await one_message(client, args, message, stats, recipient):
                 break
+            if args.tokens:
+                stats.accepted.append(n)
         await client.quit()
         stats.sessions_done += 1
 
@@ -432,6 +465,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.01)
     parser.add_argument("--user", default="")
     parser.add_argument("--password", default="")
+    parser.add_argument("--tokens", default="", help="send: a unique token per message")
     parser.add_argument("--connect-timeout", type=float, default=10.0)
     parser.add_argument("--sources", default="127.0.0.1", help="storm: FIRST-LAST in 127/8")
     parser.add_argument("--probe-source", default="127.0.0.250")
@@ -480,8 +514,12 @@ def main() -> None:
         "slow_connects": sum(1 for t in stats.connect_times if t > 0.9),
         "greeting_max_ms": _ms(max(stats.greeting_times) if stats.greeting_times else None),
         "errors": stats.errors,
+        "started_at": stats.started_at,
+        "finished_at": time.time(),
         **extra,
     }
+    if args.tokens:
+        result["accepted"] = sorted(stats.accepted)
     print(json.dumps(result), flush=True)
     sys.exit(0)
 
