@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import threads
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
 from mailsrv.relay.body import (
@@ -172,3 +175,57 @@ async def test_stop_fails_the_transmission(tmp_path: Path) -> None:
     with pytest.raises(TransmissionStopped):
         await done
     assert not transport.value().endswith(b".\r\n")
+
+
+class CountingThreads:
+    """Runs jobs in the reactor's thread pool; keeps each job's name and Deferred."""
+
+    def __init__(self) -> None:
+        self.jobs: list[str] = []
+        self.deferreds: list[Deferred[Any]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.jobs.append(getattr(f, "__name__", repr(f)))
+        d: Deferred[Any] = threads.deferToThread(f, *args, **kwargs)
+        self.deferreds.append(d)
+        return d
+
+
+@pytest.mark.parametrize(
+    ("size", "chunk", "jobs"),
+    [
+        (0, 1000, 1),  # empty: open, the short read, close in one job
+        (999, 1000, 1),  # less than a chunk: one job
+        (1000, 1000, 2),  # exactly a chunk: the empty read at the end is a second job
+        (2500, 1000, 3),  # three chunks, the last one short
+        (3000, 1000, 4),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_thread_jobs_per_body(tmp_path: Path, size: int, chunk: int, jobs: int) -> None:
+    path = tmp_path / "body"
+    stored = (b"line of text\n" * (size // 13 + 1))[:size]
+    path.write_bytes(stored)
+    run = CountingThreads()
+    transport = StringTransport()
+    written = await BodySender(path, transport, run, chunk_size=chunk).start()
+    assert transport.value() == wire_form(stored)
+    assert written == len(transport.value())
+    assert len(run.jobs) == jobs  # the file is closed in the job that found its end
+    assert "close" not in run.jobs
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_while_reading_closes_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "body"
+    path.write_bytes(TRACE + b"x\n" * 100000)
+    run = CountingThreads()
+    transport = StringTransport()
+    sender = BodySender(path, transport, run, chunk_size=100)
+    done = sender.start()
+    sender.stop()  # the first read is still in its thread
+    with pytest.raises(TransmissionStopped):
+        await done
+    await run.deferreds[0]  # the read comes back after the stop: the sender closes the file
+    assert run.jobs == ["_open_and_read", "close"]
+    await run.deferreds[1]
