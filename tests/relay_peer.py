@@ -35,6 +35,7 @@ class Script:
     rcpt: dict[str, list[bytes]] = field(default_factory=dict)  # address -> replies
     data: list[bytes] = field(default_factory=lambda: [b"354 Go ahead"])
     final: list[bytes] = field(default_factory=lambda: [b"250 2.0.0 Queued as X"])
+    rset: list[bytes] = field(default_factory=lambda: [b"250 2.0.0 Reset"])
     silent: str = ""  # greeting | ehlo | mail | rcpt | data | final: never answer there
     drop_after_data_bytes: int | None = None  # abort the connection mid-DATA
     stall_data: bool = False  # stop reading once DATA starts
@@ -284,7 +285,7 @@ class PeerProtocol(Protocol):
 
     def do_RSET(self, line: str) -> None:
         self.reset_transaction()
-        self.reply(b"250 2.0.0 Reset")
+        self.reply(self.script.next(self.script.rset))
 
     def do_NOOP(self, line: str) -> None:
         self.reply(OK)

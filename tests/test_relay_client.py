@@ -213,6 +213,44 @@ async def test_without_pipelining_one_command_at_a_time(kit: Kit, peers: list[Pe
 # --- several messages on one connection ---------------------------------------------------------
 
 
+@pytest_twisted.ensureDeferred
+async def test_pipelining_sends_rset_with_the_next_envelope(kit: Kit, peers: list[Peer]) -> None:
+    peer = peer_with(peers, extensions=["PIPELINING"])
+    connection = await kit.connector().connect(at(peer))
+    for _ in range(2):
+        [result] = await connection.deliver(kit.message())
+        assert result.delivered
+    await connection.close()
+    [session] = peer.factory.sessions
+    assert len(session.messages) == 2
+    envelopes = [r for r in session.reads if b"MAIL FROM" in r]
+    assert envelopes == [
+        b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n",
+        b"RSET\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n",
+    ]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_refused_rset_drops_the_session_before_any_body(
+    kit: Kit, peers: list[Peer], pipelining: bool
+) -> None:
+    peer = peer_with(
+        peers,
+        extensions=["PIPELINING"] if pipelining else [],
+        rset=[b"500 5.5.1 RSET? never heard of it"],
+    )
+    connection = await kit.connector().connect(at(peer))
+    [first] = await connection.deliver(kit.message())
+    assert first.delivered
+    [second] = await connection.deliver(kit.message())
+    assert (second.code, second.enhanced, second.permanent) == (421, "4.5.0", False)
+    assert "500 5.5.1 RSET? never heard of it" in second.text
+    assert not connection.usable
+    [session] = peer.factory.sessions
+    assert len(session.messages) == 1  # the second body was never sent
+
+
 @pytest.mark.parametrize("pipelining", [True, False])
 @pytest_twisted.ensureDeferred
 async def test_several_messages_over_one_connection(

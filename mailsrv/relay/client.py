@@ -6,7 +6,8 @@ greeting, EHLO
 credentials are set, only ever over TLS.  :meth:`SMTPConnection.deliver` sends one message in
 transactions of at most ``recipients_per_transaction`` recipients, MAIL, RCPTs and DATA in one
 write when the peer offers PIPELINING, and answers one :class:`RecipientResult` per recipient;
-RSET comes before every later transaction, the idle timer closes a connection nobody uses, and
+RSET comes before every later transaction (in the same write as MAIL when pipelining: RFC 2920
+lets RSET stand anywhere in a group), the idle timer closes a connection nobody uses, and
 :meth:`SMTPConnection.close` says QUIT.
 
 The client does nothing on a connection between ``deliver`` calls (but the idle QUIT), so the
@@ -291,9 +292,12 @@ class SMTPConnection:
             try:
                 if self._protocol.failed is not None or not self._protocol.connected:
                     raise SessionError(replies.CONNECTION_CLOSED)
-                if self.transactions:
+                pipelining = "PIPELINING" in self.extensions
+                if self.transactions and not pipelining:
                     await self._rset()
-                results.update(await self._transaction(message, batch))
+                results.update(
+                    await self._transaction(message, batch, rset=bool(self.transactions))
+                )
             except SessionError as e:
                 results.update((i, self._result(r.address, e.reply)) for i, r in batch)
         return [results[index] for index, _r in everyone]
@@ -315,8 +319,12 @@ class SMTPConnection:
         return None
 
     async def _rset(self) -> None:
+        await self._rset_done(self._command(b"RSET\r\n", self._options.timeouts.command, "RSET"))
+
+    async def _rset_done(self, waiting: defer.Deferred[ServerReply]) -> None:
+        """The RSET reply must be a 250; otherwise the session is dropped (SessionError)."""
         try:
-            reply = await self._command(b"RSET\r\n", self._options.timeouts.command, "RSET")
+            reply = await waiting
         except Exception as e:
             raise SessionError(_reply_for(e)) from None
         if reply.code != 250:
@@ -324,8 +332,12 @@ class SMTPConnection:
             raise SessionError(_peer(replies.PROTOCOL_ERROR, reply))
 
     async def _transaction(
-        self, message: OutboundMessage, batch: list[tuple[int, OutboundRecipient]]
+        self,
+        message: OutboundMessage,
+        batch: list[tuple[int, OutboundRecipient]],
+        rset: bool = False,
     ) -> dict[int, RecipientResult]:
+        """One transaction; with PIPELINING and ``rset``, the RSET goes first in its group."""
         timeouts = self._options.timeouts
         mail = mail_command(message, self.extensions)
         rcpts = [rcpt_command(recipient, self.extensions) for _i, recipient in batch]
@@ -334,10 +346,20 @@ class SMTPConnection:
         data_reply: ServerReply | None = None
         failure: Reply | None = None
         if "PIPELINING" in self.extensions:
+            reset = self._protocol.expect(timeouts.command, "RSET") if rset else None
             waiting = [self._protocol.expect(timeouts.mail, "the MAIL reply")]
             waiting += [self._protocol.expect(timeouts.rcpt, "a RCPT reply") for _ in rcpts]
             waiting.append(self._protocol.expect(timeouts.data, "the DATA reply"))
-            self._protocol.send(mail + b"".join(rcpts) + b"DATA\r\n")
+            self._protocol.send(
+                (b"RSET\r\n" if rset else b"") + mail + b"".join(rcpts) + b"DATA\r\n"
+            )
+            if reset is not None:
+                try:
+                    await self._rset_done(reset)
+                except SessionError:
+                    # The session is dropped: the replies still awaited fail with it.
+                    await defer.DeferredList(waiting, consumeErrors=True)
+                    raise
             outcomes: list[tuple[bool, Any]] = await defer.DeferredList(waiting, consumeErrors=True)
             got = [value if ok else None for ok, value in outcomes]
             mail_reply, rcpt_replies, data_reply = got[0], got[1:-1], got[-1]
