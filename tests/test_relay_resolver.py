@@ -229,8 +229,12 @@ async def test_smarthost_bypasses_mx(dns_server: DNSServer, hosts_file: str) -> 
 async def test_smarthost_by_address_needs_no_dns(dns_server: DNSServer, hosts_file: str) -> None:
     hop = next_hop(dns_server, hosts_file, smarthost=("127.0.0.1", 2525))
     route = await hop.route("order.test")
+    assert route.destination == "relay:127.0.0.1:2525"
     assert route.candidates == (Candidate("127.0.0.1", "127.0.0.1", 2525),)
+    assert await hop.route("other.test") is route  # made once, for every domain
     assert dns_server.factory.queries == []
+    v6 = await next_hop(dns_server, hosts_file, smarthost=("::1", 2525)).route("order.test")
+    assert v6.candidates == (Candidate("::1", "::1", 2525),)
 
 
 @pytest_twisted.ensureDeferred

@@ -125,7 +125,8 @@ class NextHop:
 
     ``resolver`` is a twisted.names ``IResolver`` (see :func:`make_resolver`); ``clock`` bounds
     each lookup to ``timeout`` seconds; ``rng`` orders MX hosts of equal preference.  With
-    ``smarthost`` (``(host, port)``) every domain routes to it and MX records are not looked up.
+    ``smarthost`` (``(host, port)``) every domain routes to it and MX records are not looked up;
+    a smarthost given by address has one route for good, made once.
     """
 
     def __init__(
@@ -143,9 +144,16 @@ class NextHop:
         self._mx_port = mx_port
         self._timeout = timeout
         self._smarthost = smarthost
+        self._smarthost_route: Route | None = None
+        if smarthost is not None and _ip_address(smarthost[0]) is not None:
+            host, port = smarthost
+            candidates = (Candidate(host, str(_ip_address(host)), port),)
+            self._smarthost_route = Route(smarthost_destination(host, port), (host,), candidates)
 
     async def route(self, domain: str) -> Route:
         """The route for ``domain``; raises :class:`NextHopError`."""
+        if self._smarthost_route is not None:
+            return self._smarthost_route
         if self._smarthost is not None:
             host, port = self._smarthost
             candidates = await self._candidates([host], port)
@@ -190,10 +198,9 @@ class NextHop:
 
     async def _addresses(self, host: str) -> tuple[tuple[str, ...], str]:
         """(addresses, failure text if a lookup failed temporarily)."""
-        try:
-            return (str(ipaddress.ip_address(host)),), ""
-        except ValueError:
-            pass
+        address = _ip_address(host)
+        if address is not None:
+            return (str(address),), ""
         name = _ascii_domain(host)
         v6, v4 = await defer.gatherResults(
             [
@@ -249,3 +256,11 @@ class NextHop:
         except Exception as e:  # any other DNS trouble is temporary
             return _Lookup([], failure=type(e).__name__)
         return _Lookup(list(answers))
+
+
+def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address, or None when it is a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
