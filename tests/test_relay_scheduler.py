@@ -256,7 +256,35 @@ def test_delivered_message_leaves_the_queue(rig: Rig) -> None:
     assert rig.peer.transactions[0][1].recipients[0].address == "bob@example.net"
     assert rig.on_disk() == {}
     assert not rig.store.body_path(record.queue_id).exists()
-    assert rig.dsns and all(r.state is State.SENT for r in rig.dsns[0][1])
+    # Nothing owed (no NOTIFY=SUCCESS): its removal is the one durable write of its "sent".
+    assert rig.dsns == []
+    assert rig.store.writes == 1
+
+
+def test_success_dsn_is_submitted_before_the_message_leaves(rig: Rig) -> None:
+    message = rig.message("bob@example.net", "carol@example.net")
+    asked = DsnRequest(frozenset({Notify.SUCCESS}))
+    message = AcceptedMessage(
+        **{
+            **message.__dict__,
+            "recipients": (
+                Recipient("bob@example.net", RemoteRoute("example.net"), asked),
+                Recipient("carol@example.net", RemoteRoute("example.net"), DsnRequest()),
+            ),
+        }
+    )
+    record = rig.store.stage_blocking(message, rig.root / "spool" / message.queue_id)
+    assert record is not None
+    rig.scheduler.queued([record])
+    rig.clock.advance(0)
+    assert rig.on_disk() == {}
+    [(reported, recipients)] = rig.dsns
+    assert reported.queue_id == record.queue_id
+    assert [(r.address, r.state) for r in recipients] == [
+        ("bob@example.net", State.SENT),
+        ("carol@example.net", State.SENT),
+    ]
+    assert rig.store.writes == 2  # "sent" first, then the removal after the DSN
 
 
 def test_temporary_failure_defers_with_backoff_then_delivers(rig: Rig) -> None:

@@ -20,7 +20,9 @@ keeps a copy of every unfinished record in memory and a timer for the next due r
    cache): its backlog is deferred without a connection attempt.
 5. When no recipient of a message is left to try, the DSNs it needs are submitted (a failure
    DSN for bounced recipients, a success DSN for ``NOTIFY=SUCCESS``; never for ``<>``) and
-   the message leaves the queue.
+   the message leaves the queue.  A message whose last transaction sent every recipient and
+   that owes no DSN (none asked ``NOTIFY=SUCCESS``, or the sender is ``<>``) leaves the queue
+   in the write of step 3 itself: its removal is what makes "sent" durable.
 6. A recipient still deferred once its message has waited long enough gets one delay warning
    (``Action: delayed``): with ``NOTIFY=DELAY`` after ``delay_warning`` seconds (or
    ``delay_warning_asked`` when that is 0), without ``NOTIFY`` only when ``delay_warning`` is
@@ -568,6 +570,7 @@ class RelayScheduler(Service):
         now = self._clock.seconds()
         by_address = {r.recipient: r for r in results}
         warned: list[str] = []
+        left: list[QueueRecord] = []
         # Recipients deferred together with the same attempt count come back together (one
         # transaction, one delay warning), so each count draws its jittered delay once.
         retry_times: dict[int, float | None] = {}
@@ -586,7 +589,15 @@ class RelayScheduler(Service):
                 updated.append(outcome)
             return record.with_recipients(updated)
 
-        store_change = await self._announce(queue_id, change)
+        announced = await self._announce(queue_id, change)
+
+        def store_change(record: QueueRecord) -> QueueRecord | None:
+            new = announced(record)
+            if _sent_owing_nothing(new):
+                left.append(new)
+                return None  # the store removes it: one durable write instead of two
+            return new
+
         try:
             record = await self._store.modify(queue_id, store_change)
         except NoSuchMessage:
@@ -594,6 +605,12 @@ class RelayScheduler(Service):
             return
         if record is None:
             self.records.pop(queue_id, None)
+            if left:
+                for result in results:
+                    status = left[-1].find(result.recipient)
+                    if status is not None:
+                        self._log_attempt(left[-1], status, result, destination, now)
+                self._log_left(left[-1])
             return
         self.records[queue_id] = record
         for result in results:
@@ -701,6 +718,9 @@ class RelayScheduler(Service):
         if record.sender:
             await self._submit_dsns(record, record.recipients)
         await self._store.remove(record.queue_id)
+        self._log_left(record)
+
+    def _log_left(self, record: QueueRecord) -> None:
         sent = sum(1 for r in record.recipients if r.state is State.SENT)
         _log.info(
             "relay {queue_id} left the queue: {sent} sent, {bounced} bounced",
@@ -732,6 +752,14 @@ class RelayScheduler(Service):
         if ended:
             await self.outcome_listener.outcomes(planned, ended)
         return lambda record: planned if record == current else change(record)
+
+
+def _sent_owing_nothing(record: QueueRecord) -> bool:
+    """Every recipient sent, and no DSN owed: none asked for ``NOTIFY=SUCCESS`` (RFC 3461
+    success and "relayed" notices are only for those), or the sender is ``<>``."""
+    return all(r.state is State.SENT for r in record.recipients) and (
+        not record.sender or not any(r.dsn.wants(Notify.SUCCESS) for r in record.recipients)
+    )
 
 
 def no_dsns(record: QueueRecord, recipients: Sequence[RecipientStatus]) -> Deferred[None]:
