@@ -38,6 +38,7 @@ import atexit
 import contextlib
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -74,6 +75,7 @@ TIMES = "\u00d7"  # the multiplication sign, for the report
 # Every process this run starts, stopped by cleanup() whatever happens.
 _STARTED: list[subprocess.Popen[Any]] = []
 _CLEANUPS: list[Callable[[], None]] = []
+_WORKDIR_NUMBERS = itertools.count(1)
 
 
 def log(message: str) -> None:
@@ -286,7 +288,8 @@ class Server:
         self._generation = 0
 
     def fresh_workdir(self) -> Path:
-        self._generation += 1
+        # Numbered across all servers: two instances of one kind may run at once (the profile).
+        self._generation = next(_WORKDIR_NUMBERS)
         workdir = self.base / f"{self.name}-{self._generation}"
         workdir.mkdir(parents=True)
         return workdir
@@ -1151,6 +1154,10 @@ class DumpSink:
     def cpu_ms(self) -> float:
         return 0.0 if self.proc is None else cpu_ticks(self.proc.pid) * 1000 / CLK_TCK
 
+    def count(self) -> int:
+        """Files in the dump directory now (messages received or being received)."""
+        return count_files(self.dump_dir)
+
     def scan(self, final: bool = False) -> None:
         """Read the files that arrived whole since the last scan.  With ``final``, a file
         without a token counts as an unknown arrival (an unfinished one is gone by then:
@@ -1265,6 +1272,7 @@ def run_relay(
     wait (bounded) until every accepted token is at the sink; lost, duplicated and the
     end-to-end rate from the first submission to the last message at the sink."""
     sink = server.sink
+    load_before = os.getloadavg()[0]
     cpu_before, sink_cpu_before = server.cpu_ms(), sink.cpu_ms()
     listen_before = listen_counters()
     with Sampler(server) as sampler:
@@ -1339,6 +1347,7 @@ def run_relay(
         "sink_cpu_ms_per_msg": sink_cpu / len(accepted) if accepted else None,
         "peak_kib": sampler.peak,
         "listen_dropped": listen_dropped(listen_before, listen_counters()),
+        "loadavg": load_before,
         "errors": submitted.get("errors", [])
         + ([submitted["error"]] if submitted.get("error") else []),
         "failed": int(submitted.get("failed") or 0)
@@ -1353,8 +1362,16 @@ def run_relay(
 # -- profile -----------------------------------------------------------------------------------
 
 
-def profile_b(server: MailsrvServer, w: Workload, seconds: float, out_txt: Path) -> dict[str, Any]:
-    """py-spy on mailsrv while smtp-source drives workload (b).
+def profile_b(
+    server: MailsrvServer,
+    w: Workload,
+    seconds: float,
+    out_txt: Path,
+    recipient: str = RECIPIENT,
+    arrived: Callable[[], int] | None = None,
+) -> dict[str, Any]:
+    """py-spy on mailsrv while smtp-source drives workload (b) (or, with a remote
+    ``recipient`` and the sink's count as ``arrived``, workload (f)).
 
     Two recordings: ``--gil`` for ``seconds`` (where the Python CPU time goes: only the thread
     holding the GIL is sampled, so this is what one core spends), then every thread including
@@ -1378,25 +1395,28 @@ def profile_b(server: MailsrvServer, w: Workload, seconds: float, out_txt: Path)
             "-f",
             SENDER,
             "-t",
-            RECIPIENT,
+            recipient,
             f"127.0.0.1:{server.port}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
     )
+    if arrived is None:
+        maildir = server.maildir_new
+        arrived = functools.partial(count_files, maildir)
     try:
         time.sleep(1.0)
         # First the CPU per thread and the rate with no profiler attached, then py-spy.
         window = min(5.0, seconds / 2)
-        threads_before, files_before = thread_cpu(server.pid()), count_files(server.maildir_new)
+        threads_before, files_before = thread_cpu(server.pid()), arrived()
         time.sleep(window)
-        threads_after, files_after = thread_cpu(server.pid()), count_files(server.maildir_new)
+        threads_after, files_after = thread_cpu(server.pid()), arrived()
         try:
             gil = _py_spy(py_spy, server.pid(), seconds, ["--gil"])
         except ProfileError as e:
             return {"error": str(e)}
-        rate_profiled = (count_files(server.maildir_new) - files_after) / seconds
+        rate_profiled = (arrived() - files_after) / seconds
         try:
             every: str | None = _py_spy(py_spy, server.pid(), max(2.0, seconds / 2), ["--idle"])
             every_error = ""
@@ -1410,6 +1430,7 @@ def profile_b(server: MailsrvServer, w: Workload, seconds: float, out_txt: Path)
                 load.wait(10)
     summary = summarize_profile(gil)
     summary["seconds"] = seconds
+    summary["listing"] = f"bench/{out_txt.name}"
     summary["thread_cpu"] = cpu_by_thread_kind(server.pid(), threads_before, threads_after, window)
     summary["cpu_window"] = window
     summary["rate_plain"] = (files_after - files_before) / window
@@ -1902,6 +1923,22 @@ def main() -> int:
             )
             log(f"  {profile.get('error') or str(profile.get('total')) + ' samples'}")
         prof_server.stop()
+    profile_f: dict[str, Any] | None = None
+    if not args.no_profile and "mailsrv" in wanted and "f" in chosen:
+        relay_prof = RelayMailsrv(base, venv, pythonpath)
+        if relay_prof.restart():
+            log("profile: py-spy on mailsrv during workload (f)")
+            profile_f = profile_b(
+                relay_prof,
+                relay_load,
+                4 if args.quick else 10,
+                HERE / "profile-f.txt",
+                recipient=RELAY_RECIPIENT.replace("{n}", "0"),
+                arrived=relay_prof.sink.count,
+            )
+            profile_f["rate_what"] = "at the sink"
+            log(f"  {profile_f.get('error') or str(profile_f.get('total')) + ' samples'}")
+        relay_prof.stop()
     for server in servers:
         server.stop()
 
@@ -1927,6 +1964,7 @@ def main() -> int:
         has_users=has_users,
         storm=(storm_clients, storm_seconds),
         profile=profile,
+        profile_f=profile_f,
         loadavg=(loadavg_start, loadavg_end),
         incidents=incidents,
         quick=args.quick,
@@ -2242,6 +2280,18 @@ def render(**k: Any) -> str:
     add("| (g) webhook notifications/s | all | n/a (capability not built yet) |")
     add("")
     render_relay(add, k)
+    if k.get("profile_f") is not None:
+        add("## Profile: mailsrv during (f), py-spy")
+        add("")
+        if k["profile_f"].get("error"):
+            add(f"py-spy could not run: {k['profile_f']['error']}")
+        else:
+            render_profile(
+                add,
+                k["profile_f"],
+                "50 sessions of 1 KiB messages to a remote recipient, relayed to smtp-sink",
+            )
+        add("")
     profile = k["profile"]
     if profile is not None:
         add("## Profile: mailsrv during (b), py-spy")
@@ -2376,7 +2426,7 @@ def render_relay(add: Callable[[str], None], k: dict[str, Any]) -> None:
     add(
         "| server | end-to-end msgs/s | mailsrv ÷ | end to end s | submission msgs/s "
         "| submission p99 ms | drain s | CPU ms/msg | sink CPU ms/msg | peak MiB | lost "
-        "| duplicated | other | left in queue | per round msgs/s | notes |"
+        "| duplicated | other | left in queue | per round msgs/s (1-min load average) | notes |"
     )
     add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     mine = median([r.get("e2e_rate") for r in f_rows.get("mailsrv", [])])
@@ -2401,27 +2451,34 @@ def render_relay(add: Callable[[str], None], k: dict[str, Any]) -> None:
             f"| {sum(int(r['duplicated']) for r in rows)} "
             f"| {sum(int(r['unknown']) + int(r['unacknowledged']) for r in rows)} "
             f"| {max(int(r['left_in_queue']) for r in rows)} "
-            f"| {', '.join(fmt(r.get('e2e_rate')) for r in rows)} | {'; '.join(errs)} |"
+            f"| {', '.join(_rate_and_load(r) for r in rows)} | {'; '.join(errs)} |"
         )
     add("")
 
 
-def render_profile(add: Callable[[str], None], profile: dict[str, Any]) -> None:
+def _rate_and_load(row: dict[str, Any]) -> str:
+    return f"{fmt(row.get('e2e_rate'))} ({row.get('loadavg', 0.0):.1f})"
+
+
+def render_profile(
+    add: Callable[[str], None], profile: dict[str, Any], load: str = "50 sessions of 1 KiB messages"
+) -> None:
     samples, seconds = profile["total"], profile["seconds"]
     busy = samples / (seconds * 200) if seconds else 0
     add(
         f"`py-spy record --gil --rate 200 --threads --nonblocking` for {seconds:.0f} s while "
-        f"smtp-source drives 50 sessions of 1 KiB messages: {samples} samples in which some "
+        f"smtp-source drives {load}: {samples} samples in which some "
         "thread held the GIL, "
         f"i.e. the GIL was held **{100 * busy:.0f}%** of the time (100% = one core of Python "
         "work, the most one process can do). Shares below are of those samples. "
         + ("" if profile.get("load_lasted") else "(The load ended before the recording did.) ")
-        + "Full listings: `bench/profile-b.txt`."
+        + f"Full listings: `{profile.get('listing', 'bench/profile-b.txt')}`."
     )
     add("")
     add(
         f"CPU of the mailsrv process per thread over {profile['cpu_window']:.0f} s of the same "
-        f"load just before py-spy attached ({profile['rate_plain']:.0f} msgs/s then; "
+        f"load just before py-spy attached ({profile['rate_plain']:.0f} msgs/s "
+        f"{profile.get('rate_what', 'delivered')} then; "
         f"{profile['rate_profiled']:.0f} msgs/s while py-spy sampled), in percent of one core:"
     )
     add("")
