@@ -410,10 +410,17 @@ def test_a_read_sees_a_write_not_yet_started(tmp_path: Path) -> None:
     assert decode(store.record_path(record.queue_id).read_bytes()) == later
 
 
-def test_a_read_overtaken_by_a_write_is_done_again(tmp_path: Path) -> None:
+class UncachedQueueStore(FileQueueStore):
+    """The queue store reading every record from disk (as the outbox does)."""
+
+    cache_records = False
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_a_read_overtaken_by_a_write_is_done_again(tmp_path: Path, cached: bool) -> None:
     steps = StepThreads()
-    store = FileQueueStore(tmp_path / "queue", steps)
-    record = commit(store, tmp_path / "spool", accepted())
+    store = (FileQueueStore if cached else UncachedQueueStore)(tmp_path / "queue", steps)
+    record = commit(store, tmp_path / "spool", accepted())  # not remembered: read from disk
     bumped = store.modify(
         record.queue_id, lambda r: deferred(r, attempts=r.recipients[0].attempts + 1)
     )
@@ -422,9 +429,57 @@ def test_a_read_overtaken_by_a_write_is_done_again(tmp_path: Path) -> None:
     steps.finish("_write_batch")
     assert written.called
     read.callback(old)  # the stale read arrives: the change must not be applied to it
-    assert steps.names() == ["_read_blocking"]
-    steps.finish("_read_blocking")
+    if cached:  # done again on the version the write left in memory
+        assert steps.names() == ["_write_batch"]
+    else:  # done again on a second read from disk
+        assert steps.names() == ["_read_blocking"]
+        steps.finish("_read_blocking")
     steps.finish("_write_batch")
     assert bumped.called
     final = decode(store.record_path(record.queue_id).read_bytes())
     assert [r.attempts for r in final.recipients] == [11, 11]
+
+
+def test_remembered_and_written_records_are_read_from_memory(tmp_path: Path) -> None:
+    steps = StepThreads()
+    store = FileQueueStore(tmp_path / "queue", steps)
+    record = commit(store, tmp_path / "spool", accepted())
+    store.remember([record])  # what the queue sink does after the committer's sync
+    bumped = store.modify(record.queue_id, lambda r: deferred(r, attempts=3))
+    assert steps.names() == ["_write_batch"], "no read from disk"
+    steps.finish("_write_batch")
+    assert bumped.called
+    again = store.modify(
+        record.queue_id, lambda r: deferred(r, attempts=r.recipients[0].attempts + 1)
+    )
+    assert steps.names() == ["_write_batch"], "the written version is served from memory"
+    steps.finish("_write_batch")
+    assert again.called
+    final = decode(store.record_path(record.queue_id).read_bytes())
+    assert [r.attempts for r in final.recipients] == [4, 4]
+    removed = store.remove(record.queue_id)
+    steps.finish("_write_batch")
+    assert removed.called
+    got: list[Any] = []
+    store.get(record.queue_id).addCallback(got.append)
+    assert steps.names() == ["_read_blocking"], "a removed record is not served from memory"
+    steps.finish("_read_blocking")
+    assert got == [None]
+
+
+def test_a_failed_write_is_forgotten_so_the_disk_is_read_again(tmp_path: Path) -> None:
+    steps = StepThreads()
+    store = FileQueueStore(tmp_path / "queue", steps)
+    record = commit(store, tmp_path / "spool", accepted())
+    store.remember([record])
+    failing = store.update(deferred(record, attempts=3))
+    _function, _args, done = steps.jobs.pop(0)
+    done.errback(OSError(28, "No space left on device"))
+    failures: list[Any] = []
+    failing.addErrback(failures.append)
+    assert failures
+    got: list[Any] = []
+    store.get(record.queue_id).addCallback(got.append)
+    assert steps.names() == ["_read_blocking"]
+    steps.finish("_read_blocking")
+    assert [r.attempts for r in got[0].recipients] == [0, 0]

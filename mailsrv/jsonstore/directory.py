@@ -26,6 +26,13 @@ CLI, a listing) sees the old record or the new one, never a part.  Two kinds of 
   its own (no ``syncfs``, no directory fsync), for records whose return after a crash does no
   harm: it becomes durable with whatever syncs the filesystem next.
 
+With :attr:`~RecordDirectory.cache_records` (the relay queue, whose scheduler holds every
+unfinished record in memory anyway), the directory also keeps the current version of every
+record it loaded, was told of (:meth:`~RecordDirectory.remember`, after the committer's sync)
+or wrote, and serves :meth:`~RecordDirectory.get` and :meth:`~RecordDirectory.modify` from it:
+there is one writer, so memory and disk agree once a batch is written, and a change costs no
+read from disk (a trip to the I/O threads per delivery attempt).
+
 A record is removed record first, then body, so a crash in between leaves only an orphan body,
 which :meth:`~RecordDirectory.load` deletes; a record that no longer needs its body (see
 :meth:`~RecordDirectory.needs_body`) has it removed once the new record is durable.  There is
@@ -105,6 +112,8 @@ class RecordDirectory(Generic[R]):
     """What the log lines call the body files."""
     orphan_note = "records already removed"
     """Why a body without a record is no loss (for the log line at load)."""
+    cache_records = False
+    """Keep every current record in memory and read from there (see the module docstring)."""
 
     def __init__(
         self,
@@ -123,6 +132,9 @@ class RecordDirectory(Generic[R]):
         # The newest record of every key with a change pending or in flight (None: removed), so
         # reads see the changes asked for even before they are on disk.
         self._latest: dict[str, R | None] = {}
+        # With cache_records: the version on disk of every record known (loaded, remembered,
+        # read or written); a key missing here is read from disk.
+        self._cache: dict[str, R] = {}
         # Keys changed while a read from disk was in flight (see _current).
         self._serial = 0
         self._reads = 0
@@ -241,6 +253,7 @@ class RecordDirectory(Generic[R]):
 
     def _loaded(self, records: list[R], report: LoadReport) -> list[R]:
         self.last_load = report
+        self.remember(records)
         for name in report.leftovers:
             self._log.info("removed {file}, a record write interrupted by a crash", file=name)
         if report.orphans:
@@ -346,6 +359,15 @@ class RecordDirectory(Generic[R]):
             found[key] = record
         return found
 
+    def remember(self, records: list[R]) -> None:
+        """``records`` were just made durable by someone else (the committer's batch): with
+        :attr:`cache_records`, later reads of them are served from memory."""
+        if self.cache_records:
+            for record in records:
+                key = self.key_of(record)
+                if key not in self._latest:
+                    self._cache[key] = record
+
     def get(self, key: str) -> Deferred[R | None]:
         """The current record ``key`` (including changes still being written), or None."""
         self.checked(key)
@@ -355,6 +377,9 @@ class RecordDirectory(Generic[R]):
         while True:
             if key in self._latest:
                 return self._latest[key]
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached
             start = self._serial
             self._reads += 1
             try:
@@ -365,6 +390,8 @@ class RecordDirectory(Generic[R]):
                 if not self._reads:
                     self._changed.clear()
             if not stale:
+                if record is not None and self.cache_records and key not in self._latest:
+                    self._cache[key] = record
                 return record
             # A change to this record was asked for (and maybe written) while we read: again.
 
@@ -495,11 +522,19 @@ class RecordDirectory(Generic[R]):
         self._writing = False
         self.batches += 1
         self.writes += len(batch)
-        for key in batch:
+        errors = {
+            key: outcome.value if isinstance(outcome, Failure) else outcome.get(key)
+            for key in batch
+        }
+        for key, change in batch.items():
+            if errors[key] is None and change.record is not None and self.cache_records:
+                self._cache[key] = change.record
+            else:
+                self._cache.pop(key, None)  # removed, or unknown after a failed write
             if key not in self._pending:
                 self._latest.pop(key, None)  # the disk has the newest now
         for key, change in batch.items():
-            error = outcome.value if isinstance(outcome, Failure) else outcome.get(key)
+            error = errors[key]
             for waiter in change.waiters:
                 if error is None:
                     waiter.callback(None)

@@ -72,6 +72,10 @@ class IQueueStore(Interface):
     def unstage_blocking(queue_id: str) -> None:
         """Undo :meth:`stage_blocking` (blocking): remove the record and the body if present."""
 
+    def remember(records: list[QueueRecord]) -> None:
+        """The records of a committed batch, durable now (reactor thread, after the
+        committer's sync): the store may serve later reads of them from memory."""
+
     def add(message: AcceptedMessage, body_path: Path) -> Deferred[QueueRecord]:
         """Queue a message durably on its own (e.g. a bounce): stage it and sync it."""
 
@@ -112,6 +116,7 @@ class FileQueueStore(RecordDirectory[QueueRecord]):
     what = "queue record"
     bodies_what = "queue bodies"
     orphan_note = "messages already sent or never acknowledged"
+    cache_records = True  # the scheduler holds every unfinished record in memory anyway
 
     def __init__(
         self, root: Path, run_in_thread: RunInThread, sync: Callable[[], None] | None = None
@@ -163,7 +168,11 @@ class FileQueueStore(RecordDirectory[QueueRecord]):
             self.stage_record_blocking(record, body_path, durable=True)
             return record
 
-        result: Deferred[QueueRecord] = self._run(stage)
+        def staged(record: QueueRecord) -> QueueRecord:
+            self.remember([record])
+            return record
+
+        result: Deferred[QueueRecord] = self._run(stage).addCallback(staged)
         return result
 
 

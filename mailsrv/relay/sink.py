@@ -52,5 +52,6 @@ class QueueSink:
         records = [QueueRecord.from_message(m) for m in messages if m.remote_recipients]
         new = [r for r in records if r is not None]
         if new:
+            self._store.remember(new)
             for queued in self._listeners:
                 queued(new)
