@@ -36,6 +36,7 @@ from mailsrv.delivery.sinks import ICommitSink
 from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import ReopenableLogFile, make_observer
 from mailsrv.preflight import Checked, PreflightError, check
+from mailsrv.processes import ProcessPoolService
 from mailsrv.relay.actions import StoreActions
 from mailsrv.relay.bounces import DsnSubmitter
 from mailsrv.relay.control import QueueControlService, socket_path_problem
@@ -183,10 +184,12 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     queue_sink = QueueSink(queue_store)
     maildir_sink = MaildirSink(MaildirStore(config.mail_dir, config.server_name))
     local_success = LocalSuccessSink()
-    webhook_threads = ThreadPoolService(reactor, "mailsrv-webhook", 2)
-    webhook_threads.setServiceParent(root)
+    # Payloads are parsed in worker processes (started with the first event), so the email
+    # package's pure-Python parsing uses the other cores instead of the reactor's GIL.
+    payload_workers = ProcessPoolService(reactor, "mailsrv-webhook-build", 2)
+    payload_workers.setServiceParent(root)
     webhooks = build_webhooks(
-        config, reactor, threads.run, webhook_threads.run, maildir_sink.delivered
+        config, reactor, threads.run, payload_workers.run, maildir_sink.delivered
     )
     sinks: list[ICommitSink] = [maildir_sink, queue_sink, local_success, webhooks.sink]
     sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir, config.outbox_dir)

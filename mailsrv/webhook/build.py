@@ -20,8 +20,11 @@ from mailsrv.webhook.outbox_store import OutboxStore
 from mailsrv.webhook.payload import build_delivery_event, build_message_event, encode_event
 
 
-def message_body(entry: OutboxEntry, endpoint: Endpoint, message_file: Path) -> bytes:
-    """The body of a message event (blocking: reads and parses ``message_file``)."""
+def message_body(
+    entry: OutboxEntry, include_raw: bool, max_raw_size: int, message_file: Path
+) -> bytes:
+    """The body of a message event (blocking and CPU-bound: reads and parses
+    ``message_file``; plain picklable arguments, so it can run in a worker process)."""
     source = entry.source
     assert isinstance(source, MessageSource)
     event = build_message_event(
@@ -31,8 +34,8 @@ def message_body(entry: OutboxEntry, endpoint: Endpoint, message_file: Path) -> 
         event_id=entry.event_id,
         event_type=entry.type,
         timestamp=entry.created_at,
-        include_raw=endpoint.include_raw,
-        max_raw_size=endpoint.max_raw_size,
+        include_raw=include_raw,
+        max_raw_size=max_raw_size,
     )
     return encode_event(event)
 
@@ -59,16 +62,23 @@ def delivery_body(entry: OutboxEntry) -> bytes:
 
 
 class PayloadBuilder:
-    """The dispatcher's :data:`~mailsrv.webhook.dispatcher.BuildBody` over ``store``."""
+    """The dispatcher's :data:`~mailsrv.webhook.dispatcher.BuildBody` over ``store``:
+    message events are parsed by ``run_elsewhere`` (the worker processes of
+    :class:`mailsrv.processes.ProcessPoolService`, or a thread pool), relay outcomes built at
+    once."""
 
-    def __init__(self, store: OutboxStore, run_in_thread: RunInThread) -> None:
+    def __init__(self, store: OutboxStore, run_elsewhere: RunInThread) -> None:
         self._store = store
-        self._run = run_in_thread
+        self._run = run_elsewhere
 
     def __call__(self, entry: OutboxEntry, endpoint: Endpoint) -> Deferred[bytes]:
         if isinstance(entry.source, MessageSource):
             built: Deferred[bytes] = self._run(
-                message_body, entry, endpoint, self._store.body_path(entry.key)
+                message_body,
+                entry,
+                endpoint.include_raw,
+                endpoint.max_raw_size,
+                self._store.body_path(entry.key),
             )
             return built
         return succeed(delivery_body(entry))
