@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from mailsrv.delivery.envelope import Notify, Ret
+from mailsrv.jsonstore.fields import encode_json
 from mailsrv.relay import actions
 from mailsrv.relay.queue_store import QueueError
 from mailsrv.relay.records import (
@@ -358,3 +359,27 @@ def test_from_dict_accepts_what_to_dict_makes() -> None:
     record = QueueRecord.from_message(full_message())
     assert record is not None
     assert from_dict(json.loads(json.dumps(to_dict(record)))) == record
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {},
+        [],
+        {"a": 1},
+        {"a": [{"b": 1}, {"c": [1, 2]}], "d": "é ✓", "e": None, "f": [], "g": [1, 2]},
+        {"x": {"y": [{"z": True}]}},
+    ],
+)
+def test_stored_json_reads_back_the_same_with_one_key_per_line(value: Any) -> None:
+    data = encode_json(value)
+    assert json.loads(data) == value
+    assert data.endswith(b"\n")
+    text = data.decode("utf-8")
+    if isinstance(value, dict) and value:
+        assert len(text.splitlines()) >= len(value) + 2  # "{", a line per key, "}"
+
+
+def test_stored_json_refuses_nan() -> None:
+    with pytest.raises(ValueError):
+        encode_json({"a": float("nan")})
