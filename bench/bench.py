@@ -19,7 +19,10 @@ at once, each sending, idling 1 s and sending again; (e) an AUTH storm when ``ma
 exists; (f) relay: 5000 x 1 KiB over 50 sessions to remote recipients, mailsrv and Postfix each
 relaying to their own ``smtp-sink -d`` as smarthost, with a unique token per message so that the
 sink's files show what was lost or duplicated, and the time from the first submission to the
-last message at the sink; (g) webhooks are listed as not built yet.
+last message at the sink; (g) webhooks: (b) at mailsrv without and with one webhook endpoint on
+a local receiver (``peers/webhook_receiver.py``, answering 200), for the notifications per
+second, the lag from the end of DATA to the receiver, events lost or duplicated, the outbox
+left, and the SMTP rate with the webhook on as a ratio of the same round's without it.
 
 ``--compare REV`` benches mailsrv at REV as one more server in the same rounds (e.g. the
 revision before a change, for a before/after ratio in one sitting); ``--workloads`` picks a
@@ -1359,6 +1362,218 @@ def run_relay(
     return result
 
 
+# -- (g) webhooks ------------------------------------------------------------------------------
+
+WEBHOOK_RECEIVER = HERE / "peers" / "webhook_receiver.py"
+WEBHOOK_RECEIVED = "message.received"
+
+
+class WebhookReceiver:
+    """``peers/webhook_receiver.py``: the endpoint of workload (g), answering every POST 200
+    and keeping, in memory, when each event arrived and the event's own timestamp."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.proc: subprocess.Popen[Any] | None = None
+
+    def start(self) -> None:
+        self.stop()
+        self.port = free_port()
+        self.proc = spawn(
+            [PEERS_PYTHON, str(WEBHOOK_RECEIVER), "--port", str(self.port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        stdout = self.proc.stdout
+        assert stdout is not None
+        ready: list[str] = []  # its first line, read in a thread: bounded wait
+        reader = threading.Thread(target=lambda: ready.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(15)
+        if not ready or not ready[0].startswith(f"LISTENING {self.port}"):
+            status = self.proc.poll()
+            raise StartError(
+                "webhook receiver not ready after 15 s"
+                + (f" (exited with status {status})" if status is not None else "")
+            )
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def get(self, what: str) -> dict[str, Any]:
+        """``/count`` (small, for polling) or ``/stats`` (everything, lags included)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/{what}", timeout=30) as r:
+            found: dict[str, Any] = json.loads(r.read())
+            return found
+
+    def cpu_ms(self) -> float:
+        return 0.0 if self.proc is None else cpu_ticks(self.proc.pid) * 1000 / CLK_TCK
+
+
+class WebhookMailsrv(MailsrvServer):
+    """mailsrv with one webhook endpoint (``SMTP_WEBHOOK_URL``, ``SMTP_WEBHOOK_SECRET``: the
+    ``default`` endpoint, default settings: every event type, concurrency 8, 15 s timeout) on
+    its own local receiver, started and stopped with it (workload (g))."""
+
+    name = "mailsrv-webhook"
+
+    def __init__(self, base: Path, venv: Path, pythonpath: str | None) -> None:
+        super().__init__(base, venv, pythonpath)
+        self.receiver = WebhookReceiver()
+        self.outbox_dir: Path | None = None
+
+    def before_start(self, data_dir: Path) -> None:
+        import base64
+        import secrets
+
+        self.receiver.start()
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+        self.extra_env = {"SMTP_WEBHOOK_URL": self.receiver.url, "SMTP_WEBHOOK_SECRET": secret}
+        self.outbox_dir = data_dir / "outbox"
+
+    def left_in_outbox(self) -> dict[str, int]:
+        """Outbox entries still on disk (``<event>.<endpoint>.json``), by state."""
+        states: dict[str, int] = defaultdict(int)
+        if self.outbox_dir is None or not self.outbox_dir.is_dir():
+            return states
+        for entry in os.scandir(self.outbox_dir):
+            if not entry.name.endswith(".json") or not entry.is_file():
+                continue
+            try:
+                state = json.loads(Path(entry.path).read_bytes()).get("state", "?")
+            except (OSError, ValueError, AttributeError):
+                state = "unreadable" if os.path.exists(entry.path) else ""
+            if state:
+                states[str(state)] += 1
+        return states
+
+    def stop(self) -> None:
+        super().stop()
+        self.receiver.stop()
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_webhooks(
+    server: MailsrvServer, w: Workload, timeout: float, wait_limit: float = 120.0
+) -> dict[str, Any]:
+    """Workload (g), one server: (b) by smtp-source; for a :class:`WebhookMailsrv`, then wait
+    (bounded: ``wait_limit`` s, or 30 s without progress) until the receiver has one
+    ``message.received`` event per accepted message, and measure the notifications."""
+    webhook = server if isinstance(server, WebhookMailsrv) else None
+    hooks = webhook.receiver if webhook is not None else None
+    load_before = os.getloadavg()[0]
+    delivered_before = count_files(server.maildir_new)
+    cpu_before = server.cpu_ms()
+    receiver_cpu_before = hooks.cpu_ms() if hooks else 0.0
+    listen_before = listen_counters()
+    with Sampler(server) as sampler:
+        submit_start = time.time()
+        src = smtp_source(server, w, timeout)
+        submit_end = time.time()
+        submit_cpu = server.cpu_ms() - cpu_before
+        accepted = int(src.get("ok") or 0)
+        have: dict[str, Any] = {}
+        stalled = False
+        left: dict[str, int] = {}
+        if webhook is not None and hooks is not None:
+            deadline = time.monotonic() + wait_limit
+            last_progress, seen = time.monotonic(), -1
+            while True:
+                with contextlib.suppress(OSError, ValueError):
+                    have = hooks.get("count")
+                got = int(have.get("received") or 0)
+                if got >= accepted or time.monotonic() > deadline:
+                    break
+                if got != seen:
+                    seen, last_progress = got, time.monotonic()
+                elif time.monotonic() - last_progress > 30:
+                    stalled = True
+                    break
+                time.sleep(0.1)
+            complete_at = time.monotonic()
+            # The outbox empties after the 200s (the entries are removed after each outcome's
+            # write); late duplicates would arrive meanwhile: a short, bounded wait.
+            left = webhook.left_in_outbox()
+            while sum(left.values()) and time.monotonic() - complete_at < 10:
+                time.sleep(0.2)
+                left = webhook.left_in_outbox()
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - complete_at)))
+    cpu = server.cpu_ms() - cpu_before
+    delivered = count_files(server.maildir_new) - delivered_before
+    result: dict[str, Any] = {
+        "ok": accepted,
+        "rate": src.get("rate"),
+        "elapsed": src.get("elapsed"),
+        "error": src.get("error"),
+        "lost_mail": max(0, accepted - delivered) if server.maildir_new is not None else None,
+        "submit_cpu_ms_per_msg": submit_cpu / accepted if accepted else None,
+        "cpu_ms_per_msg": cpu / accepted if accepted else None,
+        "peak_kib": sampler.peak,
+        "listen_dropped": listen_dropped(listen_before, listen_counters()),
+        "loadavg": load_before,
+    }
+    empty_directory(server.maildir_new)
+    if hooks is None:
+        return result
+    try:
+        stats = hooks.get("stats")
+    except (OSError, ValueError) as e:
+        result["error"] = f"receiver /stats: {e}"
+        return result
+    lags = [float(x) for x in stats.get("lags", [])]
+    received = int(stats.get("received") or 0)
+    first, last = stats.get("first"), stats.get("last")
+    tenth = max(1, len(lags) // 10)
+    result.update(
+        events=int(stats.get("count") or 0),
+        received=received,
+        types=stats.get("types", {}),
+        bad=int(stats.get("bad") or 0),
+        lost=max(0, accepted - received),
+        duplicated=int(stats.get("duplicates") or 0),
+        stalled=stalled,
+        notify_rate=(
+            received / (last - first) if first is not None and last and last > first else None
+        ),
+        drain_s=last - submit_end if last is not None else None,
+        first_after_s=first - submit_start if first is not None else None,
+        lag_p50_s=_quantile(lags, 0.50),
+        lag_p99_s=_quantile(lags, 0.99),
+        lag_max_s=max(lags, default=None),
+        # backlog growth shows as the lag rising over the run: first and last tenth of arrivals
+        lag_first_tenth_s=statistics.median(lags[:tenth]) if lags else None,
+        lag_last_tenth_s=statistics.median(lags[-tenth:]) if lags else None,
+        left_in_outbox=dict(left),
+        connections=int(stats.get("connections") or 0),
+        most_open=int(stats.get("most_open") or 0),
+        receiver_cpu_ms_per_event=(
+            (hooks.cpu_ms() - receiver_cpu_before) / received if received else None
+        ),
+    )
+    return result
+
+
 # -- profile -----------------------------------------------------------------------------------
 
 
@@ -1744,8 +1959,8 @@ def main() -> int:
     parser.add_argument(
         "--workloads",
         "--only",
-        default="a,b,c,d,e,f",
-        help="comma-separated subset of a,b,c,d,e,f (c includes the 50 MiB messages)",
+        default="a,b,c,d,e,f,g",
+        help="comma-separated subset of a,b,c,d,e,f,g (c includes the 50 MiB messages)",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     parser.add_argument(
@@ -1763,7 +1978,7 @@ def main() -> int:
     scale = 5 if args.quick else 1
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
     chosen = {k.strip() for k in args.workloads.split(",") if k.strip()}
-    unknown = chosen - set("abcdef")
+    unknown = chosen - set("abcdefg")
     if unknown:
         print(f"bench: unknown workload(s) {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -1795,6 +2010,9 @@ def main() -> int:
         "f", "5000 x 1 KiB over 50 sessions to remote recipients", 50, 5000 // scale, 1024
     )
     profiled_b = workloads[1]
+    webhook_load = Workload(
+        "g", "workload (b), 5000 x 1 KiB over 50 sessions", 50, 5000 // scale, 1024
+    )
     workloads = [w for w in workloads if w.key in chosen]
     big = Workload("c50", "20 x 50 MiB, 20 sessions", 20 // scale, 20 // scale, 50 * MiB)
     idle_sessions = 1000 // scale
@@ -1823,6 +2041,12 @@ def main() -> int:
         if "f" in chosen
         else []
     )
+    # (g): mailsrv without and with a webhook endpoint, fresh for every round.
+    webhook_servers: list[tuple[str, MailsrvServer]] = []
+    if "g" in chosen and "mailsrv" in wanted:
+        plain = MailsrvServer(base, venv, pythonpath)
+        plain.name = "mailsrv-nohook"
+        webhook_servers = [("plain", plain), ("webhook", WebhookMailsrv(base, venv, pythonpath))]
     started_at = time.monotonic()
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
@@ -1911,6 +2135,29 @@ def main() -> int:
             )
             results["f"][relay_server.label].append(f)
             relay_server.stop()
+        # (g): likewise alternating; each round's pair gives one with/without ratio.
+        order_g = webhook_servers if round_no % 2 else list(reversed(webhook_servers))
+        for label, hook_server in order_g:
+            if not hook_server.restart():
+                problems[f"{hook_server.name} (g)"] = hook_server.unavailable or "no start"
+                continue
+            log(f"round {round_no}: (g) {hook_server.name}: smtp-source")
+            g = run_webhooks(hook_server, webhook_load, 300)
+            g["round"] = round_no
+            log(
+                f"  {fmt(g.get('rate'))} msgs/s, lost mail {g.get('lost_mail')}"
+                + (
+                    f"; {g['received']} events at {fmt(g.get('notify_rate'))}/s, "
+                    f"drain {fmt(g.get('drain_s'), 2)} s, lag p50 {fmt(g.get('lag_p50_s'), 3)} s "
+                    f"p99 {fmt(g.get('lag_p99_s'), 3)} s, lost {g.get('lost')}, "
+                    f"duplicated {g.get('duplicated')}, left in outbox {g.get('left_in_outbox')}"
+                    if "received" in g
+                    else ""
+                )
+                + (f", {g['error']}" if g.get("error") else "")
+            )
+            results["g"][label].append(g)
+            hook_server.stop()
         log(f"round {round_no} done after {time.monotonic() - started_at:.0f}s")
 
     profile: dict[str, Any] | None = None
@@ -1953,6 +2200,7 @@ def main() -> int:
         revision=revision,
         compare=(compare_name, compare_revision),
         relay_load=relay_load,
+        webhook_load=webhook_load,
         chosen=chosen,
         rounds=rounds,
         workloads=workloads,
@@ -2277,9 +2525,11 @@ def render(**k: Any) -> str:
     else:
         add("| (e) AUTH storm | all | n/a (capability not built yet: no `mailsrv users`) |")
     add("| (f) relay to smtp-sink | mailsrv, postfix | see (f) below |")
-    add("| (g) webhook notifications/s | all | n/a (capability not built yet) |")
+    if results.get("g"):
+        add("| (g) webhooks to a local receiver | mailsrv | see (g) below |")
     add("")
     render_relay(add, k)
+    render_webhooks(add, k)
     if k.get("profile_f") is not None:
         add("## Profile: mailsrv during (f), py-spy")
         add("")
@@ -2338,6 +2588,17 @@ def render(**k: Any) -> str:
             "above. Postfix: as above plus `relayhost = [127.0.0.1]:PORT`, its defaults for the "
             "rest (20 per destination, connection reuse on demand). Both servers restart fresh "
             "for (f) in every round; which one goes first alternates between rounds."
+        )
+    if results.get("g"):
+        add(
+            "* (g): two mailsrv instances as above, fresh for every round, in alternating order; "
+            "one of them with `SMTP_WEBHOOK_URL=http://127.0.0.1:PORT/hook` and "
+            "`SMTP_WEBHOOK_SECRET=whsec_…` (32 random bytes): the `default` endpoint with its "
+            "defaults (every event type, 8 requests at a time over kept-alive connections, "
+            "15 s timeout), to its own `bench/peers/webhook_receiver.py` (peers venv, uvloop, "
+            "answers `200` with no body, does not verify signatures). smtp-source drives (b) "
+            f"exactly as in (b): `smtp-source -d -s {k['webhook_load'].sessions} -m "
+            f"{k['webhook_load'].count} -l {k['webhook_load'].size}` to the local mailbox."
         )
     for name, why in problems.items():
         add(f"* **{name} could not start**: {why}")
@@ -2454,6 +2715,150 @@ def render_relay(add: Callable[[str], None], k: dict[str, Any]) -> None:
             f"| {', '.join(_rate_and_load(r) for r in rows)} | {'; '.join(errs)} |"
         )
     add("")
+
+
+def webhook_ratios(g_rows: dict[str, list[dict[str, Any]]]) -> list[float]:
+    """(g): per round, SMTP msgs/s with the webhook on divided by the same round's without."""
+    plain = {r["round"]: r.get("rate") for r in g_rows.get("plain", [])}
+    return [
+        r["rate"] / plain[r["round"]]
+        for r in g_rows.get("webhook", [])
+        if r.get("rate") and plain.get(r["round"])
+    ]
+
+
+def render_webhooks(add: Callable[[str], None], k: dict[str, Any]) -> None:
+    """The (g) section: the issue's three targets, then both servers side by side."""
+    g_rows = k["results"].get("g", {})
+    if not g_rows:
+        return
+    w = k["webhook_load"]
+    plain_rows, hook_rows = g_rows.get("plain", []), g_rows.get("webhook", [])
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else value * 1000
+
+    add("")
+    add(f"### (g) webhooks: {w.title}, with and without one webhook endpoint")
+    add("")
+    add(
+        "smtp-source drives (b) at two fresh mailsrv instances per round, in alternating order: "
+        "one without a webhook, one with `SMTP_WEBHOOK_URL` pointing at "
+        "`bench/peers/webhook_receiver.py` on loopback (asyncio, keep-alive, answers every POST "
+        "`200` at once). After smtp-source ends the harness waits (bounded: 120 s, or 30 s "
+        "without progress) until the receiver has one `message.received` event per accepted "
+        "message. notifications/s = events ÷ (last arrival - first arrival); drain = last "
+        "arrival - end of submission; lag = arrival - the event's `timestamp` (the end of DATA, "
+        "before the 250), p50/p99/max over every event, and its median over the first and the "
+        "last tenth of arrivals (a backlog that grows shows as a rising lag). lost = accepted "
+        "messages without an event; duplicated = extra deliveries of a `webhook-id`; left in "
+        "outbox = entries still on disk after the wait; HTTP connections = the receiver's "
+        "connections that carried POSTs (most open at once). CPU is mailsrv's per message, "
+        "during submission and up to the last event; the receiver's is apart."
+    )
+    add("")
+    ratios = webhook_ratios(g_rows)
+    ratio = median(ratios)
+    hook_rate = median([r.get("rate") for r in hook_rows])
+    notify = median([r.get("notify_rate") for r in hook_rows])
+    drain = median([r.get("drain_s") for r in hook_rows])
+    lost = sum(int(r.get("lost") or 0) for r in hook_rows) if hook_rows else None
+    lost_mail = sum(int(r.get("lost_mail") or 0) for r in [*plain_rows, *hook_rows])
+    events = sum(int(r.get("received") or 0) for r in hook_rows)
+    accepted = sum(int(r.get("ok") or 0) for r in hook_rows)
+    keeps_up = (
+        None
+        if drain is None or notify is None or hook_rate is None
+        else drain <= 2.0 and notify >= 0.95 * hook_rate
+    )
+    add("| target (issue 9) | measured | |")
+    add("|---|---|---|")
+    add(
+        "| (g) the outbox keeps up with (b): no backlog growth (drain ≤ 2 s, and notifications/s "
+        f"≥ 0.95{TIMES} the SMTP msgs/s with the webhook on: 5% for the edges of the run) "
+        f"| drain {fmt(drain, 2, ' s')}, {fmt(notify)} notifications/s for {fmt(hook_rate)} "
+        f"msgs/s | {verdict(keeps_up)} |"
+    )
+    rounds = ", ".join(f"{x:.2f}" for x in ratios)
+    add(
+        f"| (g) SMTP msgs/s with the webhook on ≥ 0.8{TIMES} without (median of per-round "
+        f"ratios) | {fmt(ratio, 2, TIMES)} (rounds: {rounds or 'n/a'}) "
+        f"| {verdict(None if ratio is None else ratio >= 0.8)} |"
+    )
+    add(
+        f"| (g) 0 events lost (all rounds) | {'n/a' if lost is None else lost} lost of "
+        f"{accepted:,} accepted ({events:,} arrived; messages without a Maildir file: "
+        f"{lost_mail}) | {verdict(None if lost is None else lost == 0 and lost_mail == 0)} |"
+    )
+    add("")
+    add(
+        "| server | SMTP msgs/s | with ÷ without | notifications/s | first event after s "
+        "| drain s | lag p50 ms | lag p99 ms | lag max ms | lag first → last tenth ms "
+        "| lost | duplicated | left in outbox | HTTP connections (most at once) "
+        "| CPU ms/msg submission | CPU ms/msg to last event | receiver CPU ms/event | peak MiB "
+        "| per round msgs/s (1-min load average) | notes |"
+    )
+    add("|---|" + "---:|" * 17 + "---|---|")
+    for label, name, rows in (
+        ("plain", "mailsrv, no webhook", plain_rows),
+        ("webhook", "mailsrv + webhook", hook_rows),
+    ):
+        if not rows:
+            key = "mailsrv-nohook (g)" if label == "plain" else "mailsrv-webhook (g)"
+            add(f"| {name} | n/a |{' |' * 17} {k['problems'].get(key, 'not run')} |")
+            continue
+        errs = list(dict.fromkeys(str(r["error"]) for r in rows if r.get("error")))[:3]
+        errs += [f"round {r['round']}: no progress for 30 s" for r in rows if r.get("stalled")]
+        errs += [
+            f"round {r['round']}: {r['bad']} event bodies not understood"
+            for r in rows
+            if r.get("bad")
+        ]
+        hooked = label == "webhook"
+        left: dict[str, int] = defaultdict(int)
+        for r in rows:
+            for state, n in (r.get("left_in_outbox") or {}).items():
+                left[state] = max(left[state], int(n))
+        left_text = ", ".join(f"{n} {state}" for state, n in sorted(left.items())) or "0"
+        first_tenth = ms(median([r.get("lag_first_tenth_s") for r in rows]))
+        last_tenth = ms(median([r.get("lag_last_tenth_s") for r in rows]))
+
+        def hook(text: str, hooked: bool = hooked) -> str:
+            return text if hooked else ""
+
+        add(
+            f"| {name} | {fmt(median([r.get('rate') for r in rows]))} "
+            f"| {hook(fmt(ratio, 2, TIMES))} "
+            f"| {hook(fmt(median([r.get('notify_rate') for r in rows])))} "
+            f"| {hook(fmt(median([r.get('first_after_s') for r in rows]), 2))} "
+            f"| {hook(fmt(median([r.get('drain_s') for r in rows]), 2))} "
+            f"| {hook(fmt(ms(median([r.get('lag_p50_s') for r in rows])), 1))} "
+            f"| {hook(fmt(ms(median([r.get('lag_p99_s') for r in rows])), 1))} "
+            f"| {hook(fmt(ms(median([r.get('lag_max_s') for r in rows])), 1))} "
+            f"| {hook(f'{fmt(first_tenth, 1)} → {fmt(last_tenth, 1)}')} "
+            f"| {hook(str(sum(int(r.get('lost') or 0) for r in rows)))} "
+            f"| {hook(str(sum(int(r.get('duplicated') or 0) for r in rows)))} "
+            f"| {hook(left_text)} "
+            f"| {hook(_connections(rows))} "
+            f"| {fmt(median([r.get('submit_cpu_ms_per_msg') for r in rows]), 3)} "
+            f"| {hook(fmt(median([r.get('cpu_ms_per_msg') for r in rows]), 3))} "
+            f"| {hook(fmt(median([r.get('receiver_cpu_ms_per_event') for r in rows]), 3))} "
+            f"| {fmt(kib_to_mib(median([r.get('peak_kib') for r in rows])), 1)} "
+            f"| {', '.join(_webhook_rate_and_load(r) for r in rows)} | {'; '.join(errs)} |"
+        )
+    add("")
+
+
+def _connections(rows: list[dict[str, Any]]) -> str:
+    """Connections that carried POSTs, per round (and the most open at once)."""
+    return ", ".join(f"{r.get('connections', 0)} ({r.get('most_open', 0)})" for r in rows)
+
+
+def _webhook_rate_and_load(row: dict[str, Any]) -> str:
+    return f"{fmt(row.get('rate'))} ({row.get('loadavg', 0.0):.1f})"
 
 
 def _rate_and_load(row: dict[str, Any]) -> str:
