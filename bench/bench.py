@@ -119,6 +119,17 @@ def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
     return proc
 
 
+def terminate(proc: subprocess.Popen[Any] | None, grace: float = 10) -> None:
+    """Stop ``proc`` if it runs: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 # -- /proc readings ----------------------------------------------------------------------------
 
 
@@ -303,13 +314,7 @@ class Server:
     def stop(self) -> None:
         proc = self.proc
         self.proc = None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        terminate(proc, 20)
         self.remove_workdir()
 
     def remove_workdir(self) -> None:
@@ -784,25 +789,27 @@ def smtp_source(server: Server, w: Workload, timeout: float) -> dict[str, Any]:
     return {"ok": w.count, "elapsed": elapsed, "rate": w.count / elapsed}
 
 
+def send_args(server: Server, w: Workload, recipient: str = RECIPIENT) -> list[str]:
+    """``loadgen.py send`` arguments for workload ``w`` at ``server``."""
+    return [
+        "send",
+        "--port",
+        str(server.port),
+        "--sessions",
+        str(w.sessions),
+        "--messages",
+        str(w.count),
+        "--size",
+        str(w.size),
+        "--recipient",
+        recipient,
+        "--sender",
+        SENDER,
+    ]
+
+
 def loadgen_send(server: Server, w: Workload, timeout: float) -> dict[str, Any]:
-    return run_loadgen(
-        [
-            "send",
-            "--port",
-            str(server.port),
-            "--sessions",
-            str(w.sessions),
-            "--messages",
-            str(w.count),
-            "--size",
-            str(w.size),
-            "--recipient",
-            RECIPIENT,
-            "--sender",
-            SENDER,
-        ],
-        timeout,
-    )
+    return run_loadgen(send_args(server, w), timeout)
 
 
 def run_idle(server: Server, sessions: int, idle: float, timeout: float) -> dict[str, Any]:
@@ -1143,13 +1150,7 @@ class DumpSink:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        terminate(proc)
         if self.dump_dir is not None:
             shutil.rmtree(self.dump_dir, ignore_errors=True)
             self.dump_dir = None
@@ -1280,24 +1281,7 @@ def run_relay(
     listen_before = listen_counters()
     with Sampler(server) as sampler:
         submitted = run_loadgen(
-            [
-                "send",
-                "--port",
-                str(server.port),
-                "--sessions",
-                str(w.sessions),
-                "--messages",
-                str(w.count),
-                "--size",
-                str(w.size),
-                "--recipient",
-                RELAY_RECIPIENT,
-                "--sender",
-                SENDER,
-                "--tokens",
-                prefix,
-            ],
-            timeout,
+            [*send_args(server, w, RELAY_RECIPIENT), "--tokens", prefix], timeout
         )
         accepted = {f"{prefix}-{n:07d}" for n in submitted.get("accepted", [])}
         deadline = time.monotonic() + timeout
@@ -1401,13 +1385,7 @@ class WebhookReceiver:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        terminate(proc)
 
     @property
     def url(self) -> str:
