@@ -508,6 +508,18 @@ class Config:
     log_file: str = setting(
         "", parse_path, "Log to this file, reopened on SIGHUP (logrotate); empty = standard output"
     )
+    metrics_port: int = setting(
+        0, parse_int(0, 65535), "Ops HTTP port for /metrics, /healthz, /readyz (0 = off)"
+    )
+    metrics_host: str = setting(
+        "127.0.0.1", parse_host, "Address of the ops HTTP listener (loopback by default)"
+    )
+    metrics_token: str = setting(
+        "", parse_str, "Bearer token the ops HTTP listener requires; empty = none", secret=True
+    )
+    ready_min_free_bytes: int = setting(
+        100 * 1024 * 1024, parse_size(0), "Free space data_dir needs for /readyz (K/M/G allowed)"
+    )
     webhook_url: str = setting(
         "", parse_str, "URL of the 'default' webhook endpoint; empty = none ([[webhooks]] too)"
     )

@@ -35,6 +35,9 @@ from mailsrv.delivery.maildir import MaildirSink, MaildirStore
 from mailsrv.delivery.sinks import ICommitSink
 from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import ReopenableLogFile, make_observer
+from mailsrv.ops import readiness
+from mailsrv.ops.http import OpsHTTPService, OpsResource
+from mailsrv.ops.metrics import Metrics
 from mailsrv.preflight import Checked, PreflightError, check
 from mailsrv.processes import ProcessPoolService
 from mailsrv.relay.actions import StoreActions
@@ -160,6 +163,7 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
             raise SystemExit(f"mailsrv: log_file: {config.log_file}: {e.strerror}") from None
         reload_hooks.append(log_stream.reopen)
     root = MailService(config, reactor, log_stream)
+    metrics = Metrics(process=True)
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
     queue_store = FileQueueStore(config.queue_dir, threads.run)
@@ -193,7 +197,7 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     )
     sinks: list[ICommitSink] = [maildir_sink, queue_sink, local_success, webhooks.sink]
     sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir, config.outbox_dir)
-    committer = GroupCommitter(reactor, sinks, sync)
+    committer = GroupCommitter(reactor, sinks, sync, metrics)
     committer.setServiceParent(root)
     server = SMTPServer(
         config,
@@ -205,6 +209,7 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
         portal=portal,
         relay=True,
         identities=AccountIdentities(store),
+        metrics=metrics,
     )
     bounces = DsnSubmitter(
         server,
@@ -238,9 +243,34 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     smtp = SMTPListenerService(reactor, server, ports)
     smtp.setServiceParent(root)
     StartupSummary(config, checked.store, store_service, smtp).setServiceParent(root)
+    if config.metrics_port:
+        ops_http(config, reactor, metrics, threads, smtp, store).setServiceParent(root)
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
+
+
+def ops_http(
+    config: Config,
+    reactor: Any,
+    metrics: Metrics,
+    threads: ThreadPoolService,
+    smtp: SMTPListenerService,
+    store: Any,
+) -> OpsHTTPService:
+    """The ops HTTP listener (/metrics, /healthz, /readyz) and its readiness checks."""
+    checks = {
+        "listeners": readiness.listeners_bound(smtp.unbound),
+        "user_store": readiness.user_store(store.schema_version, reactor),
+        "data_dir_writable": readiness.data_dir_writable(threads.run, config.data_dir),
+        "data_dir_free_space": readiness.free_space(
+            threads.run, config.data_dir, config.ready_min_free_bytes
+        ),
+    }
+    resource = OpsResource(metrics, threads.run, checks, config.metrics_token)
+    return OpsHTTPService(
+        reactor, config.metrics_host, config.metrics_port, resource, bool(config.metrics_token)
+    )
 
 
 def take_queue(config: Config) -> QueueLock:

@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.sinks import ICommitSink, StagedMessage
 from mailsrv.delivery.spool import SpoolFile
+from mailsrv.ops.metrics import Metrics
 
 _log = Logger(namespace="mailsrv.delivery")
 
@@ -75,8 +76,10 @@ class GroupCommitter(Service):
         reactor: IReactorFromThreads | None,
         sinks: Sequence[ICommitSink],
         sync: Callable[[], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self._reactor = reactor
+        self._batch_sizes = (metrics if metrics is not None else Metrics()).commit_batch
         self.sinks = tuple(sinks)
         self._sync = sync
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -224,6 +227,7 @@ class GroupCommitter(Service):
     # -- back in the reactor thread -------------------------------------------------------------
 
     def _fire(self, jobs: list[_Job]) -> None:
+        self._batch_sizes.observe(len(jobs))
         committed = []
         for job in jobs:
             if job.error is None:

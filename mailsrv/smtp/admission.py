@@ -39,6 +39,7 @@ class AdmitBeforeTLS(Protocol):
     ) -> None:
         self._server = server
         self._listener = listener
+        self._metrics = server.metrics.listener(listener)
         self._tls = tls
         self._addr = addr
         self._ip = ""
@@ -49,7 +50,9 @@ class AdmitBeforeTLS(Protocol):
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
         self._ip = normalize_ip(getattr(self.transport.getPeer(), "host", ""))
+        self._metrics.connections.inc()
         if self._server.draining:
+            self._metrics.refused("shutting-down")
             self.transport.loseConnection()
             return
         admitted: Deferred[Any] = self._server.limits.admit(
@@ -66,6 +69,7 @@ class AdmitBeforeTLS(Protocol):
             return
         if refusal is not None:
             self._server.security_event(refusal, self._ip, listener=self._listener)
+            self._metrics.refused(refusal)
             self.transport.loseConnection()
             return
         inner = self._tls.buildProtocol(self._addr)

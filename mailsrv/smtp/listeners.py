@@ -131,6 +131,10 @@ class SMTPListenerService(Service):
                 port=address.port,
             )
 
+    def unbound(self) -> list[str]:
+        """The configured listeners that are not listening now (for ``/readyz``)."""
+        return [name for name in self._ports if name not in self.listening]
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if not self.listening:

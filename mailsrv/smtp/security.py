@@ -161,7 +161,9 @@ class SecurityCommands:
     ) -> Response | Deferred[Response]:
         if refusal is not None:
             self.server.security_event(refusal, self.peer_ip)
-            if refusal == IP_THROTTLED:
+            throttled = refusal == IP_THROTTLED
+            self.server.metrics.auth_attempt(mechanism, "throttled" if throttled else "busy")
+            if throttled:
                 self._close(replies.AUTH_IP_THROTTLED)
                 return None
             return replies.AUTH_BUSY
@@ -210,6 +212,7 @@ class SecurityCommands:
         """Resolve whose account this is, ask the throttle, then queue for the hash threads."""
         name = login_text(credentials.username)
         if name is None:  # refused before any state is kept for it
+            self.server.metrics.auth_attempt(self._auth_mechanism, "failure")
             return replies.AUTH_BAD_USER_NAME
         resolved: Deferred[Any] = self.server.identities.resolve(name)
         checked: Deferred[Response] = resolved.addCallbacks(
@@ -231,6 +234,9 @@ class SecurityCommands:
     def _login(self, attempt: AuthAttempt | str, credentials: Any, name: str) -> Any:
         if isinstance(attempt, str):
             self.server.security_event(attempt, self.peer_ip, login=name)
+            throttled = attempt in (IP_THROTTLED, ACCOUNT_THROTTLED)
+            outcome = "throttled" if throttled else "busy"
+            self.server.metrics.auth_attempt(self._auth_mechanism, outcome)
             if attempt == IP_THROTTLED:
                 self._close(replies.AUTH_IP_THROTTLED)
                 return None
@@ -257,6 +263,7 @@ class SecurityCommands:
         self.server.limits.auth_finished(attempt, SUCCEEDED)
         _interface, sender, _logout = avatar
         self.sender = sender
+        self.server.metrics.auth_attempt(self._auth_mechanism, "success")
         _log.info(
             "auth success {login} from {client_ip} via {mechanism}",
             login=sender.login,
@@ -274,14 +281,17 @@ class SecurityCommands:
             if failure.check(CancelledError):
                 return None  # the session went away while it waited
             self.server.security_event("auth-hash-queue-full", self.peer_ip, login=name)
+            self.server.metrics.auth_attempt(self._auth_mechanism, "busy")
             return replies.AUTH_BUSY
         if not failure.check(UnauthorizedLogin):
             self.server.limits.auth_finished(attempt, BACKEND_ERROR)
+            self.server.metrics.auth_attempt(self._auth_mechanism, "error")
             _log.failure("authentication backend error", failure)
             return replies.AUTH_TEMPORARY_FAILURE
         self.server.security_event(
             "auth-failure", self.peer_ip, login=name, mechanism=self._auth_mechanism
         )
+        self.server.metrics.auth_attempt(self._auth_mechanism, "failure")
         delay: Deferred[Any] = self.server.limits.auth_failure_delay(attempt)
         return delay.addCallback(
             lambda seconds: task.deferLater(self.clock, seconds, self._answer_failure, attempt)

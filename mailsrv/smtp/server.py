@@ -31,6 +31,7 @@ from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.spool import Spool, SpoolFile
 from mailsrv.limits import TrustedNetworks
+from mailsrv.ops.metrics import Metrics
 from mailsrv.shared_limits import ILimits, LocalLimits
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.threads import RunInThread
@@ -68,6 +69,7 @@ class SMTPServer:
         limits: ILimits | None = None,
         relay: bool = False,
         identities: AccountIdentities | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.relay = relay  # a relay queue is among the committer's sinks
@@ -84,6 +86,7 @@ class SMTPServer:
         # AUTH: whose failure budget an attempt uses, and its turn at the hash threads.
         self.identities = identities if identities is not None else AccountIdentities(None)
         self.hash_queue = HashQueue(config.auth_hash_threads, config.auth_hash_queue)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self.stressed = False

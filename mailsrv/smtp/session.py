@@ -89,6 +89,14 @@ _COMMANDS = frozenset(
 _FORBIDDEN_IN_COMMANDS = re.compile(rb"[\r\n\x00]")
 _NOT_IMPLEMENTED_VERBS = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML"})
 
+_TRANSACTION_VERBS = frozenset({"MAIL", "RCPT", "DATA"})  # their refusals count as rejections
+
+
+def reply_class(reply: Reply) -> str:
+    """The ``class`` label of a refusal: its enhanced status code (a bounded set), else 4xx/5xx."""
+    return reply.enhanced or f"{reply.code // 100}xx"
+
+
 _REFUSALS = {
     CONNECTION_LIMIT: replies.TOO_MANY_CONNECTIONS,
     IP_CONNECTION_LIMIT: replies.TOO_MANY_CONNECTIONS_FROM_IP,
@@ -153,6 +161,7 @@ class SMTPSession(SecurityCommands, Protocol):
         self.config = server.config
         self.clock = server.clock
         self.listener = listener
+        self._metrics = server.metrics.listener(listener)
         self.peer_ip = ""
         self.trusted = False
         self.helo: str | None = None
@@ -193,10 +202,13 @@ class SMTPSession(SecurityCommands, Protocol):
         self.peer_ip = normalize_ip(getattr(self.transport.getPeer(), "host", ""))
         self.trusted = self.peer_ip in self.server.trusted
         self.server.session_started(self)
+        self._metrics.current.inc()
         if self._preadmitted:
             self._admitted(None)
             return
+        self._metrics.connections.inc()  # implicit TLS: counted by mailsrv.smtp.admission
         if self.server.draining:
+            self._metrics.refused("shutting-down")
             self._close(replies.SERVICE_UNAVAILABLE)
             return
         self._busy = True  # nothing the client sends is read before the greeting
@@ -210,6 +222,7 @@ class SMTPSession(SecurityCommands, Protocol):
             return
         if refusal is not None:
             self.server.security_event(refusal, self.peer_ip)
+            self._metrics.refused(refusal)
             self._close(_REFUSALS[refusal])
             return
         self._counted = True
@@ -241,6 +254,7 @@ class SMTPSession(SecurityCommands, Protocol):
                 errors=self.errors,
                 duration=round(self.clock.seconds() - self._started, 3),
             )
+        self._metrics.current.dec()
         self.server.session_ended(self)
 
     def drain(self) -> None:
@@ -424,9 +438,19 @@ class SMTPSession(SecurityCommands, Protocol):
         if isinstance(result, Deferred):
             self._busy = True
             result.addErrback(self._command_failed, verb)
+            if verb in _TRANSACTION_VERBS:
+                result.addCallback(self._count_refusal)
             result.addCallback(self._async_reply)
         else:
+            if verb in _TRANSACTION_VERBS:
+                self._count_refusal(result)
             self._respond(result)
+
+    def _count_refusal(self, response: Response) -> Response:
+        """Count a 4xx/5xx reply to MAIL, RCPT or DATA as a rejection (passes it on)."""
+        if isinstance(response, Reply) and response.code >= 400:
+            self._metrics.rejected(reply_class(response))
+        return response
 
     def _command_failed(self, failure: Failure, verb: str) -> Reply:
         _log.failure("command {verb} failed", failure, verb=verb)
@@ -690,6 +714,7 @@ class SMTPSession(SecurityCommands, Protocol):
         self._stop_data_timer()
         if decoder.problem is not None:
             reply = _BODY_PROBLEM_REPLIES[decoder.problem]
+            self._metrics.rejected(reply_class(reply))
             self._log_message(transaction, decoder.size, f"rejected: {decoder.problem.value}")
             self._reset_transaction()
             self._respond(reply)
@@ -703,7 +728,7 @@ class SMTPSession(SecurityCommands, Protocol):
         committed.addCallbacks(
             self._message_committed,
             self._message_failed,
-            callbackArgs=(transaction, decoder.size),
+            callbackArgs=(transaction, decoder.size, self.clock.seconds()),
             errbackArgs=(transaction, spool_file, decoder.size),
         )
         committed.addCallback(self._async_reply)
@@ -738,8 +763,14 @@ class SMTPSession(SecurityCommands, Protocol):
             wire_size=wire_size,
         )
 
-    def _message_committed(self, _: object, transaction: Transaction, size: int) -> Response:
+    def _message_committed(
+        self, _: object, transaction: Transaction, size: int, ended: float
+    ) -> Response:
         self.messages_accepted += 1
+        self._metrics.accepted.inc()
+        metrics = self.server.metrics
+        metrics.message_size.observe(size)
+        metrics.accept_latency.observe(self.clock.seconds() - ended)
         self._log_message(transaction, size, "accepted")
         if transaction is self.transaction:
             self.transaction = None
@@ -755,9 +786,13 @@ class SMTPSession(SecurityCommands, Protocol):
         spool_file.discard()
         if transaction is self.transaction:
             self.transaction = None
-        if isinstance(failure.value, OSError) and failure.value.errno == 28:
-            return replies.STORAGE_ERROR
-        return replies.LOCAL_ERROR
+        reply = (
+            replies.STORAGE_ERROR
+            if isinstance(failure.value, OSError) and failure.value.errno == 28
+            else replies.LOCAL_ERROR
+        )
+        self._metrics.rejected(reply_class(reply))
+        return reply
 
     def _log_message(self, transaction: Transaction, size: int, result: str) -> None:
         _log.info(

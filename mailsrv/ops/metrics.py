@@ -1,0 +1,146 @@
+"""The server's Prometheus metrics: one registry of our own, and the metric objects in it.
+
+The composition root builds one :class:`Metrics` and hands it to the components that count
+things (the SMTP sessions and listeners, the group committer); a
+component built without one (tests) makes a private instance, so the counting code has no
+``if metrics`` branches.  The registry is not prometheus_client's global one, so two servers
+in one process (tests) never share counters.
+
+Label values are bounded: listener names, refusal reasons, reply codes from the one table in
+:mod:`mailsrv.smtp.replies`, SASL mechanism names.  Never an
+address, a host name or an IP.  Hot paths use label children prepared once
+(:meth:`Metrics.listener`), not a ``.labels()`` look-up per event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import generate_latest
+
+PREFIX = "mailsrv"
+
+_SIZE_BUCKETS = tuple(float(2**n) for n in range(10, 28, 2))  # 1 KiB .. 64 MiB, x4 each
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+
+
+@dataclass
+class ListenerMetrics:
+    """The label children of one SMTP listener, prepared once and kept by its sessions."""
+
+    name: str
+    metrics: Metrics
+    connections: Counter
+    current: Gauge
+    accepted: Counter
+    _refused: dict[str, Counter] = field(default_factory=dict)
+    _rejected: dict[str, Counter] = field(default_factory=dict)
+
+    def refused(self, reason: str) -> None:
+        """Count a connection refused before the greeting (``reason``: a limit's name)."""
+        child = self._refused.get(reason)
+        if child is None:
+            child = self._refused[reason] = self.metrics.connections_refused.labels(
+                self.name, reason
+            )
+        child.inc()
+
+    def rejected(self, reply_class: str) -> None:
+        """Count a transaction reply of 4xx/5xx (``reply_class``: e.g. ``5.1.1`` or ``5xx``)."""
+        child = self._rejected.get(reply_class)
+        if child is None:
+            child = self._rejected[reply_class] = self.metrics.messages_rejected.labels(
+                self.name, reply_class
+            )
+        child.inc()
+
+
+class Metrics:
+    """Every metric the server exports, in a registry of its own (see the module docstring).
+
+    ``process``: also export the process collector's CPU, memory and file-descriptor metrics.
+    """
+
+    def __init__(self, process: bool = False) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        if process:
+            ProcessCollector(registry=registry)
+        self.connections = Counter(
+            f"{PREFIX}_connections",
+            "SMTP connections accepted by the listener (before admission)",
+            ["listener"],
+            registry=registry,
+        )
+        self.connections_current = Gauge(
+            f"{PREFIX}_connections_current",
+            "SMTP sessions open now",
+            ["listener"],
+            registry=registry,
+        )
+        self.connections_refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "SMTP connections refused by a connection cap or rate, by limit",
+            ["listener", "reason"],
+            registry=registry,
+        )
+        self.messages_accepted = Counter(
+            f"{PREFIX}_messages_accepted",
+            "Messages committed and answered 250",
+            ["listener"],
+            registry=registry,
+        )
+        self.messages_rejected = Counter(
+            f"{PREFIX}_messages_rejected",
+            "4xx/5xx replies to MAIL, RCPT, DATA and the end of DATA, by enhanced status code",
+            ["listener", "class"],
+            registry=registry,
+        )
+        self.message_size = Histogram(
+            f"{PREFIX}_message_size_bytes",
+            "Size of accepted messages as received (bytes)",
+            buckets=_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.accept_latency = Histogram(
+            f"{PREFIX}_accept_latency_seconds",
+            "Time from the end of DATA to the 250 (the durable commit)",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.commit_batch = Histogram(
+            f"{PREFIX}_commit_batch_messages",
+            "Messages per group-commit batch",
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.auth_attempts = Counter(
+            f"{PREFIX}_auth_attempts",
+            "SMTP AUTH attempts, by SASL mechanism and result",
+            ["mechanism", "result"],
+            registry=registry,
+        )
+        self._listeners: dict[str, ListenerMetrics] = {}
+
+    def listener(self, name: str) -> ListenerMetrics:
+        """The prepared children of listener ``name`` (built on first use, then shared)."""
+        found = self._listeners.get(name)
+        if found is None:
+            found = self._listeners[name] = ListenerMetrics(
+                name,
+                self,
+                self.connections.labels(name),
+                self.connections_current.labels(name),
+                self.messages_accepted.labels(name),
+            )
+        return found
+
+    def auth_attempt(self, mechanism: str, result: str) -> None:
+        """Count one AUTH attempt (``mechanism`` is one the server offers: a bounded set)."""
+        self.auth_attempts.labels(mechanism or "none", result).inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric (blocking: run it in a thread)."""
+        return generate_latest(self.registry)
