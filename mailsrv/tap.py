@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from mailsrv import __version__
 from mailsrv.auth.portal import UserStoreService, build_portal
+from mailsrv.auth.store import IUserStore
 from mailsrv.config import (
     SETTINGS,
     Config,
@@ -256,7 +257,7 @@ def ops_http(
     metrics: Metrics,
     threads: ThreadPoolService,
     smtp: SMTPListenerService,
-    store: Any,
+    store: IUserStore,
 ) -> OpsHTTPService:
     """The ops HTTP listener (/metrics, /healthz, /readyz) and its readiness checks."""
     checks = {

@@ -50,6 +50,10 @@ class IUserStore(Interface):
     def open() -> Deferred[None]:
         """Connect and apply pending schema migrations."""
 
+    def schema_version() -> Deferred[int]:
+        """The recorded schema version: one cheap query (diagnostics, and the readiness check
+        of the ops listener, which only needs the store to answer)."""
+
     def close() -> Deferred[None]:
         """Release connections and threads."""
 
