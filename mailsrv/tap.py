@@ -194,7 +194,7 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     payload_workers = ProcessPoolService(reactor, "mailsrv-webhook-build", 2)
     payload_workers.setServiceParent(root)
     webhooks = build_webhooks(
-        config, reactor, threads.run, payload_workers.run, maildir_sink.delivered
+        config, reactor, threads.run, payload_workers.run, maildir_sink.delivered, metrics
     )
     sinks: list[ICommitSink] = [maildir_sink, queue_sink, local_success, webhooks.sink]
     sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir, config.outbox_dir)
@@ -220,7 +220,7 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
         config.relay_queue_lifetime,
     )
     local_success.report_with(bounces.delivered)
-    relay = build_relay(config, reactor, threads.run, queue_store, bounces)
+    relay = build_relay(config, reactor, threads.run, queue_store, bounces, metrics)
     queue_sink.listen(relay.scheduler.queued)
     relay.scheduler.outcome_listener = webhooks.relay_events
     relay.scheduler.setServiceParent(root)

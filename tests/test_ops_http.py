@@ -78,6 +78,9 @@ def test_counters_move_by_exactly_the_traffic(make_server: Callable[..., Server]
     wait_for(lambda: samples(port)[("mailsrv_connections_current", mx)] == 0, 10, "probes to close")
     before = samples(port)  # start() probed the ports: count from here
     assert ("process_resident_memory_bytes", ()) in before
+    # The relay queue is read from the scheduler at each scrape: empty here.
+    assert before[("mailsrv_relay_queue_messages", ())] == 0
+    assert before[("mailsrv_relay_oldest_message_age_seconds", ())] == 0
     body = b"Subject: hi\r\n\r\n" + b"x" * 2000 + b"\r\n"
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
         client.sendmail("sender@example.net", ["alice@example.org"], body)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import capturedLogs, formatEvent
@@ -28,6 +29,7 @@ from mailsrv.delivery.envelope import (
     Recipient,
     RemoteRoute,
 )
+from mailsrv.ops.metrics import Metrics
 from mailsrv.relay.message import OutboundMessage, RecipientResult
 from mailsrv.relay.queue_store import FileQueueStore
 from mailsrv.relay.records import QueueRecord, RecipientStatus, State
@@ -175,6 +177,7 @@ class Rig:
         self.disk_at_dsn: list[dict[str, QueueRecord]] = []  # the queue as each DSN was asked
         self.policy = RetryPolicy()
         self.settings = settings or SchedulerSettings()
+        self.metrics = Metrics()
         self.scheduler = self.make_scheduler()
         self.counter = 0
 
@@ -193,6 +196,7 @@ class Rig:
             random.Random(7),
             submit,
             self.settings,
+            metrics=self.metrics,
         )
 
     def message(
@@ -709,3 +713,43 @@ def test_every_attempt_is_logged_with_next_hop_tls_reply_and_next_retry(rig: Rig
     assert first.endswith(" s): 451 4.3.0 try later")
     assert last.endswith("tls=none: sent (attempt 3): 250 2.0.0 queued")
     assert f"relay {record.queue_id} left the queue: 1 sent, 0 bounced" in lines
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def scraped(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """What a scrape of ``metrics`` shows, parsed back: (sample name, labels) -> value."""
+    metrics.refresh()
+    text = metrics.render().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_attempts_and_the_queue_are_exported(rig: Rig) -> None:
+    rig.peer.answer = temp
+    record = rig.submit("bob@example.net", "carol@example.net")
+    rig.clock.advance(60)
+    seen = scraped(rig.metrics)
+    assert seen[("mailsrv_relay_attempts_total", (("result", "deferred"),))] == 2
+    assert seen[("mailsrv_relay_queue_recipients", (("state", "deferred"),))] == 2
+    assert seen[("mailsrv_relay_queue_recipients", (("state", "pending"),))] == 0
+    assert seen[("mailsrv_relay_queue_messages", ())] == 1
+    assert seen[("mailsrv_relay_oldest_message_age_seconds", ())] == pytest.approx(
+        rig.clock.seconds() - record.created_at
+    )
+    rig.peer.answer = ok
+    next_try(rig, record.queue_id)
+    seen = scraped(rig.metrics)
+    assert seen[("mailsrv_relay_attempts_total", (("result", "sent"),))] == 2
+    assert seen[("mailsrv_relay_attempts_total", (("result", "deferred"),))] == 2
+    assert seen[("mailsrv_relay_queue_messages", ())] == 0
+    assert seen[("mailsrv_relay_queue_recipients", (("state", "deferred"),))] == 0
+    assert seen[("mailsrv_relay_oldest_message_age_seconds", ())] == 0
+    rig.peer.answer = perm
+    rig.submit("dave@example.net")
+    seen = scraped(rig.metrics)
+    assert seen[("mailsrv_relay_attempts_total", (("result", "bounced"),))] == 1

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import capturedLogs
 
 from mailsrv.webhook.actions import OutboxActions
@@ -453,3 +454,46 @@ async def test_include_raw_sends_the_stored_message_up_to_the_cap(
     assert capped["raw_truncated"] is True and "raw" not in capped
     plain = check_signed(receiver.receiver.at("/plain")[0])["data"]
     assert "raw" not in plain and "raw_truncated" not in plain
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def samples(rig: OutboxRig) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The dispatcher's metrics as a scrape shows them, parsed back."""
+    text = rig.metrics.render().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_dead_letters_and_latency_are_counted_per_endpoint(
+    receiver: Listening, rigs: Callable[..., OutboxRig]
+) -> None:
+    receiver.receiver.script("/bad", Answer(400), Answer(400))
+    receiver.receiver.script("/flaky", Answer(500), Answer(500))
+    rig = rigs(
+        endpoint("good", receiver.url("/hook")),
+        endpoint("bad", receiver.url("/bad")),
+        endpoint("flaky", receiver.url("/flaky")),
+    )
+    rig.commit()
+    rig.commit()
+    await receiver.receiver.arrived(6)
+    await rig.settle()
+    seen = samples(rig)
+
+    def deliveries(name: str, result: str) -> float:
+        key = ("mailsrv_webhook_deliveries_total", (("endpoint", name), ("result", result)))
+        return seen.get(key, 0.0)
+
+    assert deliveries("good", "delivered") == 2
+    assert deliveries("bad", "dead") == 2
+    assert deliveries("flaky", "retry") == 2
+    assert deliveries("flaky", "delivered") == 0
+    assert seen[("mailsrv_webhook_dead_letters_total", (("endpoint", "bad"),))] == 2
+    for name in ("good", "bad", "flaky"):
+        assert seen[("mailsrv_webhook_latency_seconds_count", (("endpoint", name),))] == 2

@@ -32,6 +32,7 @@ from mailsrv.delivery.envelope import (
 )
 from mailsrv.delivery.maildir import MaildirSink, MaildirStore
 from mailsrv.delivery.spool import Spool
+from mailsrv.ops.metrics import Metrics
 from mailsrv.tls import ReloadingServerTLS
 from mailsrv.webhook.build import PayloadBuilder
 from mailsrv.webhook.dispatcher import DONE_KEPT, WebhookDispatcher
@@ -274,6 +275,7 @@ class OutboxRig:
         self.store = OutboxStore(self.root, threads.deferToThread)
         self.states = DisabledEndpoints(self.root / "endpoints", threads.deferToThread)
         self.sender = WebhookSender(reactor, clock=self.clock)
+        self.metrics = Metrics()
         self.dispatcher = WebhookDispatcher(
             self.store,
             self.states,
@@ -286,6 +288,7 @@ class OutboxRig:
             disabled=self.states.load_now(),
             stop_grace=5.0,
             done_kept=done_kept,
+            metrics=self.metrics,
         )
         self.sink = OutboxSink(self.store, self.endpoints, self.maildir.delivered)
         self.sink.listen(self.dispatcher.added)

@@ -82,6 +82,10 @@ class OpsResource(Resource):
 
     def _render_metrics(self, request: Request) -> int:
         gone = _watch(request)
+        try:
+            self._metrics.refresh()  # gauges read from in-memory state, here on the reactor
+        except Exception:
+            _log.failure("refreshing metrics before a scrape failed")
         rendered = self._run(self._metrics.render)
 
         def send(body: bytes) -> None:

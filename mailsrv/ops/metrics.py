@@ -14,6 +14,7 @@ address, a host name or an IP.  Hot paths use label children prepared once
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -122,7 +123,49 @@ class Metrics:
             ["mechanism", "result"],
             registry=registry,
         )
+        self.relay_queue = Gauge(
+            f"{PREFIX}_relay_queue_recipients",
+            "Recipients in the relay queue, by state (pending, deferred, held)",
+            ["state"],
+            registry=registry,
+        )
+        self.relay_queue_messages = Gauge(
+            f"{PREFIX}_relay_queue_messages",
+            "Messages in the relay queue",
+            registry=registry,
+        )
+        self.relay_oldest_age = Gauge(
+            f"{PREFIX}_relay_oldest_message_age_seconds",
+            "Age of the oldest message in the relay queue (0 when it is empty)",
+            registry=registry,
+        )
+        self.relay_attempts = Counter(
+            f"{PREFIX}_relay_attempts",
+            "Relay delivery attempts per recipient, by result (sent, deferred, bounced)",
+            ["result"],
+            registry=registry,
+        )
+        self.webhook_deliveries = Counter(
+            f"{PREFIX}_webhook_deliveries",
+            "Webhook delivery attempts, by endpoint and result (delivered, retry, dead, disabled)",
+            ["endpoint", "result"],
+            registry=registry,
+        )
+        self.webhook_latency = Histogram(
+            f"{PREFIX}_webhook_latency_seconds",
+            "Time from a webhook request to its response (or failure), by endpoint",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.webhook_dead_letters = Counter(
+            f"{PREFIX}_webhook_dead_letters",
+            "Webhook events that became dead letters, by endpoint",
+            ["endpoint"],
+            registry=registry,
+        )
         self._listeners: dict[str, ListenerMetrics] = {}
+        self._before_scrape: list[Callable[[], None]] = []
 
     def listener(self, name: str) -> ListenerMetrics:
         """The prepared children of listener ``name`` (built on first use, then shared)."""
@@ -140,6 +183,16 @@ class Metrics:
     def auth_attempt(self, mechanism: str, result: str) -> None:
         """Count one AUTH attempt (``mechanism`` is one the server offers: a bounded set)."""
         self.auth_attempts.labels(mechanism or "none", result).inc()
+
+    def before_scrape(self, refresh: Callable[[], None]) -> None:
+        """Call ``refresh`` on the reactor before each scrape (gauges read from a component's
+        in-memory state, which only the reactor thread may walk)."""
+        self._before_scrape.append(refresh)
+
+    def refresh(self) -> None:
+        """Run the :meth:`before_scrape` callbacks (reactor thread, before :meth:`render`)."""
+        for refresh in self._before_scrape:
+            refresh()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (blocking: run it in a thread)."""

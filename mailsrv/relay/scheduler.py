@@ -35,6 +35,7 @@ Time is the injected clock's; randomness (jitter, restart spread) the injected `
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import random
@@ -51,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from mailsrv.delivery.envelope import Notify
+from mailsrv.ops.metrics import Metrics
 from mailsrv.relay.destinations import DeadDestinations
 from mailsrv.relay.message import OutboundMessage, OutboundRecipient, RecipientResult
 from mailsrv.relay.outcomes import IOutcomeListener
@@ -185,8 +187,15 @@ class RelayScheduler(Service):
         settings: SchedulerSettings = SchedulerSettings(),
         dead: DeadDestinations | None = None,
         loaded: list[QueueRecord] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        metrics = metrics if metrics is not None else Metrics()
+        self._attempts = {
+            state: metrics.relay_attempts.labels(state.value)
+            for state in (State.SENT, State.DEFERRED, State.BOUNCED)
+        }
+        metrics.before_scrape(functools.partial(self._export_queue, metrics))
         self._next_hop = next_hop
         self._connector = connector
         self._retry = retry
@@ -681,6 +690,22 @@ class RelayScheduler(Service):
             recipients=[r.address for r in recipients],
         )
 
+    def _export_queue(self, metrics: Metrics) -> None:
+        """Set the queue gauges from the records in memory (reactor thread, at each scrape)."""
+        counts = {"pending": 0, "deferred": 0, "held": 0}
+        oldest: float | None = None
+        for record in self.records.values():
+            for recipient in record.recipients:
+                if recipient.state.value in counts:
+                    counts[recipient.state.value] += 1
+            if oldest is None or record.created_at < oldest:
+                oldest = record.created_at
+        for state, count in counts.items():
+            metrics.relay_queue.labels(state).set(count)
+        metrics.relay_queue_messages.set(len(self.records))
+        age = 0.0 if oldest is None else max(0.0, self._clock.seconds() - oldest)
+        metrics.relay_oldest_age.set(age)
+
     def _log_attempt(
         self,
         record: QueueRecord,
@@ -689,6 +714,9 @@ class RelayScheduler(Service):
         destination: str,
         now: float,
     ) -> None:
+        counter = self._attempts.get(status.state)
+        if counter is not None:
+            counter.inc()
         retry = ""
         if status.next_attempt is not None:
             retry = f", next attempt in {max(0.0, status.next_attempt - now):.0f} s"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailsrv.config import Config, split_host_port
+from mailsrv.ops.metrics import Metrics
 from mailsrv.relay.connector import Connector
 from mailsrv.relay.courier import ClientConnector
 from mailsrv.relay.options import mx_options, smarthost_options
@@ -36,6 +37,7 @@ def build_relay(
     run_in_thread: RunInThread,
     store: FileQueueStore,
     submit_dsns: SubmitDsns,
+    metrics: Metrics | None = None,
 ) -> Relay:
     """The scheduler over ``store``, delivering through a smarthost or by MX as configured.
 
@@ -79,5 +81,6 @@ def build_relay(
         submit_dsns,
         settings,
         loaded=store.load_now(),
+        metrics=metrics,
     )
     return Relay(store, scheduler)

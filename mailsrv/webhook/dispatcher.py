@@ -47,6 +47,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsrv.ops.metrics import Metrics
 from mailsrv.webhook.endpoint_state import DisabledEndpoint, DisabledEndpoints
 from mailsrv.webhook.endpoints import Endpoint
 from mailsrv.webhook.entries import EntryState, OutboxEntry
@@ -104,8 +105,10 @@ class WebhookDispatcher(Service):
         disabled: Sequence[DisabledEndpoint] = (),
         stop_grace: float = 30.0,
         done_kept: int = DONE_KEPT,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics if metrics is not None else Metrics()
         self._states = states
         self._lanes = {endpoint.name: _Lane(endpoint) for endpoint in endpoints}
         self._sender = sender
@@ -380,6 +383,7 @@ class WebhookDispatcher(Service):
 
     async def _record(self, lane: _Lane, entry: OutboxEntry, result: AttemptResult) -> None:
         new, verdict = self._outcome(entry, result)
+        self._count(new, result)
         if new.state is EntryState.DONE:
             self.recent.append(new)
             self._in_background(self._store.discard(new.key))
@@ -416,6 +420,22 @@ class WebhookDispatcher(Service):
             self.pending.pop(new.key, None)
         if result.outcome is Outcome.DISABLE and lane.disabled is None:
             await self._disable(lane, result)
+
+    def _count(self, new: OutboxEntry, result: AttemptResult) -> None:
+        """The delivery metrics of one attempt (endpoint names come from the configuration:
+        a bounded label set)."""
+        metrics, endpoint = self._metrics, new.endpoint
+        if new.state is EntryState.DONE:
+            outcome = "delivered"
+        elif new.state is EntryState.DEAD:
+            outcome = "dead"
+            metrics.webhook_dead_letters.labels(endpoint).inc()
+        elif result.outcome is Outcome.DISABLE:
+            outcome = "disabled"
+        else:
+            outcome = "retry"
+        metrics.webhook_deliveries.labels(endpoint, outcome).inc()
+        metrics.webhook_latency.labels(endpoint).observe(result.latency)
 
     async def _disable(self, lane: _Lane, result: AttemptResult) -> None:
         state = DisabledEndpoint(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailsrv.config import Config
+from mailsrv.ops.metrics import Metrics
 from mailsrv.threads import RunInThread
 from mailsrv.webhook.actions import OutboxActions
 from mailsrv.webhook.build import PayloadBuilder
@@ -61,6 +62,7 @@ def build_webhooks(
     run_in_thread: RunInThread,
     build_in_thread: RunInThread,
     maildir_paths: MaildirPaths,
+    metrics: Metrics | None = None,
 ) -> Webhooks:
     """Every webhook part for ``config``: ``run_in_thread`` does the outbox's file work,
     ``build_in_thread`` parses messages for payloads (a pool of its own, so that parsing never
@@ -83,6 +85,7 @@ def build_webhooks(
         loaded=loaded,
         disabled=disabled,
         stop_grace=config.shutdown_grace,
+        metrics=metrics,
     )
     sink = OutboxSink(store, endpoints, maildir_paths)
     sink.listen(dispatcher.added)
