@@ -6,10 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import smtplib
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -170,3 +172,45 @@ def test_token_is_required_on_every_path(make_server: Callable[..., Server], pat
     assert request(port, path, token=TOKEN).status == expected
     assert TOKEN not in server.output()
     assert server.stop() == -15  # SIGTERM re-raised after a clean drain
+
+
+def test_tls_handshakes_and_sessions_are_counted(
+    make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    from tests.test_tls import CertFiles
+
+    certs = CertFiles(tmp_path / "tls")
+    server, port = start(
+        make_server,
+        SMTP_ENABLE_TLS="true",
+        SMTP_TLS_CERT=str(certs.chain),
+        SMTP_TLS_KEY=str(certs.key),
+    )
+    mx = (("listener", "mx"),)
+    wait_for(lambda: samples(port)[("mailsrv_connections_current", mx)] == 0, 10, "probes to close")
+    before = samples(port)
+    context = certs.client_context()
+    context.check_hostname = False  # we dial 127.0.0.1; the chain is still verified
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.starttls(context=context)
+        client.ehlo("client.example")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.recv(1024)
+        raw.sendall(b"EHLO x\r\nSTARTTLS\r\n")
+        wait_for(lambda: b"220" in raw.recv(1024), 10, "the STARTTLS go-ahead")
+        raw.sendall(b"this is not a TLS ClientHello\r\n" * 4)  # the handshake fails
+    wait_for(lambda: samples(port)[("mailsrv_connections_current", mx)] == 0, 10, "sessions to end")
+    after = samples(port)
+
+    def moved(name: str, labels: tuple[tuple[str, str], ...]) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    handshakes = "mailsrv_tls_handshakes_total"
+    ok = (("listener", "mx"), ("result", "ok"), ("version", "TLSv1.3"))
+    failed = (("listener", "mx"), ("result", "failed"), ("version", "none"))
+    assert moved(handshakes, ok) == 1
+    assert moved(handshakes, failed) == 1
+    sessions = "mailsrv_sessions_total"
+    assert moved(sessions, (("auth", "no"), ("listener", "mx"), ("tls", "yes"))) == 1
+    assert moved(sessions, (("auth", "no"), ("listener", "mx"), ("tls", "no"))) == 1
+    assert server.stop() == -15

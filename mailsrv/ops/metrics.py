@@ -123,6 +123,20 @@ class Metrics:
             ["mechanism", "result"],
             registry=registry,
         )
+        self.tls_handshakes = Counter(
+            f"{PREFIX}_tls_handshakes",
+            "Server-side TLS handshakes (implicit TLS and STARTTLS), by protocol version and "
+            "result (ok, or failed: the connection ended before the handshake did)",
+            ["listener", "version", "result"],
+            registry=registry,
+        )
+        self.sessions = Counter(
+            f"{PREFIX}_sessions",
+            "SMTP sessions that were admitted, counted when they end: by listener, whether TLS "
+            "was up and whether the client authenticated",
+            ["listener", "tls", "auth"],
+            registry=registry,
+        )
         self.relay_queue = Gauge(
             f"{PREFIX}_relay_queue_recipients",
             "Recipients in the relay queue, by state (pending, deferred, held)",
@@ -179,6 +193,14 @@ class Metrics:
                 self.messages_accepted.labels(name),
             )
         return found
+
+    def tls_handshake(self, listener: str, version: str, result: str) -> None:
+        """Count one TLS handshake (``version``: e.g. ``TLSv1.3``, or ``none`` if it failed)."""
+        self.tls_handshakes.labels(listener, version, result).inc()
+
+    def session_ended(self, listener: str, tls: bool, auth: bool) -> None:
+        """Count one admitted session as it ends."""
+        self.sessions.labels(listener, "yes" if tls else "no", "yes" if auth else "no").inc()
 
     def auth_attempt(self, mechanism: str, result: str) -> None:
         """Count one AUTH attempt (``mechanism`` is one the server offers: a bounded set)."""

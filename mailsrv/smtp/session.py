@@ -242,7 +242,12 @@ class SMTPSession(SecurityCommands, Protocol):
             _cancel(timer)
         self._closing = True
         self._abandon_transaction()
+        if self.tls_active and not self._tls_up:
+            self.server.metrics.tls_handshake(self.listener, "none", "failed")
         if self._counted:
+            self.server.metrics.session_ended(
+                self.listener, self._tls_up, self.sender.authenticated
+            )
             self.server.limits.release(self.peer_ip)
             self._counted = False
             _log.info(
@@ -290,6 +295,9 @@ class SMTPSession(SecurityCommands, Protocol):
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: TLS is up; what was written meanwhile is on its way."""
         self._tls_up = True
+        described = describe_session(self.transport) or ""
+        version = described.partition(" ")[0] or "unknown"
+        self.server.metrics.tls_handshake(self.listener, version, "ok")
 
     def _abort(self) -> None:
         self._abort_timer = None
