@@ -627,6 +627,16 @@ def load(
     ``config_file`` defaults to ``$SMTP_CONFIG``; ``flags`` maps setting names to raw values
     (``None`` values are ignored: the flag was not given).
     """
+    return load_with_sources(config_file, environ, flags)[0]
+
+
+def load_with_sources(
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """:func:`load`, and where each value that is not a default came from (setting name ->
+    ``config file PATH: key``, ``environment SMTP_X`` or ``flag --x``; the last one wins)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}  # key -> where its value came from, for error messages
@@ -653,7 +663,7 @@ def load(
             raise ConfigError(f"flag --{flag_name(key)}: unknown setting")
         sources[key] = f"flag --{flag_name(key)}"
         values[key] = _parse_one(sources[key], key, raw)
-    return check(Config(**values), sources)
+    return check(Config(**values), sources), sources
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -717,8 +727,25 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
     return config
 
 
+MASK = "********"
+
+
+def without_password(url: str) -> str:
+    """``url`` with the password of its user part (``scheme://user:password@host``) masked."""
+    scheme, separator, rest = url.partition("://")
+    user_part, at, host = rest.rpartition("@")
+    if not separator or not at or ":" not in user_part:
+        return url
+    return f"{scheme}://{user_part.partition(':')[0]}:{MASK}@{host}"
+
+
 def describe(config: Config) -> Iterable[tuple[str, str, object]]:
-    """``(key, env name, value)`` for every setting, for ``mailsrv check-config``."""
+    """``(key, env name, value)`` for every setting, for ``mailsrv check-config``: secret
+    settings masked, and the password of a URL's user part."""
     for key, spec in SETTINGS.items():
         value = getattr(config, key)
-        yield key, env_name(key), "********" if spec.metadata["secret"] and value else value
+        if spec.metadata["secret"] and value:
+            value = MASK
+        elif isinstance(value, str) and "://" in value:
+            value = without_password(value)
+        yield key, env_name(key), value

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mailsrv.config import SETTINGS, Config, ConfigError, env_name, load
+from mailsrv.config import SETTINGS, Config, ConfigError, describe, env_name, load
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "etc" / "mailsrv.toml"
@@ -789,3 +789,74 @@ def test_check_config_loads_the_tls_pair(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith(f"mailsrv: tls_key: {key}: not a PEM private key")
     assert result.stderr.count("\n") == 1
+
+
+# --- check-config --show: values with their sources, secrets masked -----------------------------
+
+SECRET = "s3cr3t-value-that-must-not-show"
+WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+# For every secret setting: the environment that makes it valid, with the secret in it.
+SECRET_CASES = {
+    "relay_password": {
+        "SMTP_RELAY_HOST": "smarthost.example:587",
+        "SMTP_RELAY_USER": "relay-user",
+        "SMTP_RELAY_PASSWORD": SECRET,
+    },
+    "metrics_token": {"SMTP_METRICS_TOKEN": SECRET},
+    "webhook_secret": {
+        "SMTP_WEBHOOK_URL": "https://hooks.example/in",
+        "SMTP_WEBHOOK_SECRET": WHSEC,
+    },
+}
+
+
+def test_every_secret_setting_has_a_masking_case() -> None:
+    secrets = {key for key, spec in SETTINGS.items() if spec.metadata["secret"]}
+    assert secrets == set(SECRET_CASES)
+
+
+@pytest.mark.parametrize("key", sorted(SECRET_CASES))
+def test_check_config_show_masks_every_secret(tmp_path: Path, key: str) -> None:
+    env = SECRET_CASES[key]
+    secret = env[env_name(key)]
+    for args in (("check-config",), ("check-config", "--show")):
+        result = run_mailsrv(tmp_path, *args, env=env)
+        assert result.returncode == 0, result.stderr
+        assert secret not in result.stdout + result.stderr
+        line = next(x for x in result.stdout.splitlines() if x.startswith(f"{env_name(key)}="))
+        assert line.startswith(f"{env_name(key)}=********")
+
+
+def test_check_config_show_says_where_each_value_came_from(tmp_path: Path) -> None:
+    path = write(tmp_path, 'port = 3025\nlocal_domains = ["example.org"]\n')
+    result = run_mailsrv(
+        tmp_path, "--config", path, "check-config", "--show", env={"SMTP_SUBMISSION_PORT": "3587"}
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"SMTP_PORT=3025  # config file {path}: port" in lines
+    assert "SMTP_SUBMISSION_PORT=3587  # environment SMTP_SUBMISSION_PORT" in lines
+    assert "SMTP_HOST=::  # default" in lines
+    assert all("  # " in line for line in lines)
+    assert {line.partition("=")[0] for line in lines} == {env_name(key) for key in SETTINGS}
+
+
+def test_check_config_show_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
+    result = run_mailsrv(tmp_path, "check-config", "--show", env={"SMTP_PORT": "abc"})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "SMTP_PORT" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://mail:pw@db.example/mail", "postgresql://mail:********@db.example/mail"),
+        ("postgresql://mail@db.example/mail", "postgresql://mail@db.example/mail"),
+        ("postgresql://db.example/mail", "postgresql://db.example/mail"),
+        ("postgresql://a:b:c@db.example/x", "postgresql://a:********@db.example/x"),
+    ],
+)
+def test_described_urls_keep_no_password(url: str, shown: str) -> None:
+    described = {key: value for key, _env, value in describe(Config(db_url=url))}
+    assert described["db_url"] == shown

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from mailsrv.config import ConfigError, describe, display_path, load
+from mailsrv.config import ConfigError, describe, display_path, load_with_sources, without_password
 from mailsrv.preflight import PreflightError, check
 
 
@@ -22,6 +22,11 @@ def register(commands: Any) -> None:
         "check-config", help="validate the configuration and print the merged result"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="print each value with where it came from (default, file, environment, flag)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -33,20 +38,24 @@ def _show(value: object) -> str:
         )
     if isinstance(value, bool):
         return "true" if value else "false"
-    return display_path(str(value))  # a path from the environment may not be UTF-8
+    # Endpoint and other values print as text; a URL in them keeps no password.
+    return without_password(display_path(str(value)))  # an env path may not be UTF-8
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate the settings and run the start-up checks; print ``KEY=value`` lines; exit 2
     with one line on a bad configuration."""
     try:
-        config = load(args.config, os.environ)
+        config, sources = load_with_sources(args.config, os.environ)
         check(config)
     except (ConfigError, PreflightError) as e:
         print(f"mailsrv: {e}", file=sys.stderr)
         return 2
     if not args.quiet:
-        for _key, env, value in describe(config):
-            print(f"{env}={_show(value)}")
+        for key, env, value in describe(config):
+            line = f"{env}={_show(value)}"
+            if args.show:
+                line += f"  # {sources.get(key, 'default')}"
+            print(line)
         print("configuration OK", file=sys.stderr)
     return 0
