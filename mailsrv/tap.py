@@ -7,6 +7,7 @@ reactor (as clock, thread runner, TCP listener) and the :class:`~mailsrv.config.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import resource
 import signal
@@ -54,7 +55,7 @@ from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
 from mailsrv.startup import StartupSummary
 from mailsrv.threads import ThreadPoolService
-from mailsrv.tls import CertificateWatcher
+from mailsrv.tls import CertificateWatcher, ReloadingServerTLS
 from mailsrv.webhook.service import build_webhooks
 
 _log = Logger(namespace="mailsrv")
@@ -185,6 +186,7 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     if tls is not None:
         CertificateWatcher(tls, reactor, config.tls_reload_interval).setServiceParent(root)
         reload_hooks.append(tls.reload)
+        metrics.before_scrape(functools.partial(export_certificate_expiry, tls, metrics))
     policy = RecipientPolicy(config, store)
     queue_sink = QueueSink(queue_store)
     maildir_sink = MaildirSink(MaildirStore(config.mail_dir, config.server_name))
@@ -249,6 +251,11 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
+
+
+def export_certificate_expiry(tls: ReloadingServerTLS, metrics: Metrics) -> None:
+    """Set the certificate-expiry gauge from the certificate in use (at each scrape)."""
+    metrics.tls_certificate_expiry.set(tls.expires_at or 0)
 
 
 def ops_http(

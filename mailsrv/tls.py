@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
@@ -119,6 +120,17 @@ def load_context(cert_path: str, key_path: str) -> SSL.Context:
     return context
 
 
+def certificate_expiry(cert_path: str) -> float | None:
+    """When the first certificate of the PEM chain at ``cert_path`` expires (Unix time), or
+    None if it cannot be read (the context loader reports that)."""
+    try:
+        data = _read("tls_cert", cert_path)
+        certificate = x509.load_pem_x509_certificate(data)
+    except (TLSConfigError, ValueError):
+        return None
+    return certificate.not_valid_after_utc.timestamp()
+
+
 @dataclass(frozen=True)
 class _FileStamp:
     cert: tuple[float, int]
@@ -142,6 +154,8 @@ class ReloadingServerTLS:
         self.key_path = key_path
         self._context = load_context(cert_path, key_path)
         self._stamp = _stamp(cert_path, key_path)
+        self.expires_at = certificate_expiry(cert_path)
+        """When the certificate in use expires (Unix time), for the ops metrics."""
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         """A new server connection on the current context."""
@@ -156,6 +170,7 @@ class ReloadingServerTLS:
             return False
         self._context = context
         self._stamp = _stamp(self.cert_path, self.key_path)
+        self.expires_at = certificate_expiry(self.cert_path)
         _log.info("TLS certificate reloaded from {cert}", cert=self.cert_path)
         return True
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_process import Server, can_connect, free_port, make_server, wait_for
@@ -213,4 +214,7 @@ def test_tls_handshakes_and_sessions_are_counted(
     sessions = "mailsrv_sessions_total"
     assert moved(sessions, (("auth", "no"), ("listener", "mx"), ("tls", "yes"))) == 1
     assert moved(sessions, (("auth", "no"), ("listener", "mx"), ("tls", "no"))) == 1
+    expected = x509.load_pem_x509_certificate(certs.chain.read_bytes()).not_valid_after_utc
+    expiry = after[("mailsrv_tls_certificate_expiry_timestamp_seconds", ())]
+    assert expiry == expected.timestamp()
     assert server.stop() == -15

@@ -137,6 +137,11 @@ class Metrics:
             ["listener", "tls", "auth"],
             registry=registry,
         )
+        self.tls_certificate_expiry = Gauge(
+            f"{PREFIX}_tls_certificate_expiry_timestamp_seconds",
+            "When the server's TLS certificate in use expires (Unix time; 0 without TLS)",
+            registry=registry,
+        )
         self.relay_queue = Gauge(
             f"{PREFIX}_relay_queue_recipients",
             "Recipients in the relay queue, by state (pending, deferred, held)",
