@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -50,6 +51,7 @@ from mailsrv.relay.queue_lock import QueueBusy, QueueLock
 from mailsrv.relay.queue_store import FileQueueStore
 from mailsrv.relay.service import build_relay
 from mailsrv.relay.sink import QueueSink
+from mailsrv.reload import ConfigReloader
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
@@ -147,7 +149,12 @@ def raise_file_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def build_service(config: Config, reactor: Any, checked: Checked) -> MailService:
+def build_service(
+    config: Config,
+    reactor: Any,
+    checked: Checked,
+    reload_config: Callable[[Callable[[Config], None]], ConfigReloader] | None = None,
+) -> MailService:
     """Compose the service tree for ``config`` on ``reactor`` (SystemExit on a bad setup).
 
     ``checked`` comes from :func:`mailsrv.preflight.check`: the TLS pair and the hasher it
@@ -248,6 +255,8 @@ def build_service(config: Config, reactor: Any, checked: Checked) -> MailService
     StartupSummary(config, checked.store, store_service, smtp).setServiceParent(root)
     if config.metrics_port:
         ops_http(config, reactor, metrics, threads, smtp, store).setServiceParent(root)
+    if reload_config is not None:  # SIGHUP also re-reads the configuration (mailsrv.reload)
+        reload_hooks.append(reload_config(server.reconfigure))
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
@@ -324,7 +333,8 @@ def exit_status_hook(root: MailService) -> None:
 
 
 def install_reload_signal(hooks: list[Any], reactor: Any) -> None:
-    """SIGHUP runs ``hooks`` in the reactor thread: reload the TLS certificate, reopen the log."""
+    """SIGHUP runs ``hooks`` in the reactor thread: reload the TLS certificate, reopen the log,
+    re-read the configuration."""
 
     def reload_all() -> None:
         for hook in hooks:
@@ -349,6 +359,11 @@ def makeService(options: Options) -> MailService:
     except (ConfigError, PreflightError) as e:
         raise SystemExit(f"mailsrv: {e}") from None
     raise_file_limit(config.max_connections * 2 + 256)
-    root = build_service(config, reactor, checked)
+    flags = options.flags()
+
+    def reloader(apply: Callable[[Config], None]) -> ConfigReloader:
+        return ConfigReloader(config, apply, options["config"], os.environ, flags)
+
+    root = build_service(config, reactor, checked, reloader)
     atexit.register(exit_status_hook, root)
     return root

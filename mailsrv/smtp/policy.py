@@ -51,6 +51,10 @@ class RecipientPolicy:
         for alias, target in config.aliases:
             self._aliases[alias].append(target)
 
+    def reconfigured(self, config: Config) -> RecipientPolicy:
+        """A policy for ``config``'s domains, mailboxes and aliases over the same user store."""
+        return RecipientPolicy(config, self._store)
+
     def is_local(self, domain: str) -> bool:
         """True when ``domain`` (canonical, ``mailsrv.identity``) is delivered here."""
         return domain in self.local_domains

@@ -96,6 +96,14 @@ class SMTPServer:
         self._id_tag = "".join(secrets.choice(_QUEUE_ID_ALPHABET) for _ in range(4))
         self._drain_waiters: list[Deferred[None]] = []
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: sessions that start from now on use ``config`` (its domains, mailboxes,
+        aliases, trusted networks and per-session limits); open sessions keep theirs.  Only
+        settings in :data:`mailsrv.reload.RELOADABLE` may differ from the running ones."""
+        self.config = config
+        self.policy = self.policy.reconfigured(config)
+        self.trusted = TrustedNetworks(config.trusted_networks)
+
     # -- identifiers and delivery ---------------------------------------------------------------
 
     def new_queue_id(self) -> str:

@@ -158,7 +158,8 @@ class SMTPSession(SecurityCommands, Protocol):
         preadmitted: bool = False,
     ) -> None:
         self.server = server
-        self.config = server.config
+        self.config = server.config  # the session keeps the view it started with (reload)
+        self.policy = server.policy
         self.clock = server.clock
         self.listener = listener
         self._metrics = server.metrics.listener(listener)
@@ -614,10 +615,10 @@ class SMTPSession(SecurityCommands, Protocol):
             return e.reply
         address = path.address
         assert address is not None
-        if not address.domain and self.server.policy.primary_domain:
+        if not address.domain and self.policy.primary_domain:
             # RFC 5321 section 4.5.1: <postmaster> alone means the postmaster of this server;
             # trace headers and logs show the address it was taken to mean.
-            address = replace(address, domain=self.server.policy.primary_domain)
+            address = replace(address, domain=self.policy.primary_domain)
         if not address.is_ascii and not transaction.smtputf8:
             return replies.NON_ASCII_ADDRESS
         if len(transaction.recipients) >= self.config.max_recipients:
@@ -627,7 +628,7 @@ class SMTPSession(SecurityCommands, Protocol):
             notify if isinstance(notify, frozenset) else frozenset(),
             orcpt if isinstance(orcpt, tuple) else None,
         )
-        decision = self.server.policy.resolve(address)
+        decision = self.policy.resolve(address)
         if not isinstance(decision, Deferred):
             return self._recipient_decided(decision, transaction, address, dsn)
         decided: Deferred[Response] = decision.addCallback(
