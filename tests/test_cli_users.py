@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import select
@@ -366,3 +367,112 @@ def test_password_prompt_on_a_terminal(sqlite_cli: Cli) -> None:
     code, output = run_on_terminal(sqlite_cli.env, ["users", "passwd", ALICE], ["one", "two"])
     assert code == 1 and "mailsrv: the passwords do not match" in output
     assert PasswordHasher(CHEAP_PROFILE).verify(PLAINTEXT, sqlite_cli.row(ALICE)[1]).ok
+
+
+# --- users import ------------------------------------------------------------------------------
+
+
+def exported_hashes() -> dict[str, str]:
+    """Hashes as other servers export them, each of the password ``PLAINTEXT``."""
+    from passlib.hash import argon2, bcrypt, sha512_crypt
+
+    return {
+        "argon2id": argon2.using(type="ID", rounds=1, memory_cost=8, parallelism=1).hash(PLAINTEXT),
+        "bcrypt": "{BLF-CRYPT}" + bcrypt.using(rounds=4).hash(PLAINTEXT),
+        "sha512": "{SHA512-CRYPT}" + sha512_crypt.using(rounds=1000).hash(PLAINTEXT),
+        "sha512-bare": sha512_crypt.using(rounds=1000).hash(PLAINTEXT),
+    }
+
+
+def test_import_keeps_existing_hashes_that_still_verify(cli: Cli, tmp_path: Path) -> None:
+    from mailsrv.auth.passwords import CHEAP_PROFILE, PasswordHasher
+
+    hashes = exported_hashes()
+    path = tmp_path / "accounts.csv"
+    path.write_text(
+        "address,hash,enabled\n"
+        f"a1@example.org,{hashes['argon2id']},true\n"
+        f"B2@Example.ORG,{hashes['bcrypt']},yes\n"
+        f"c3@example.org,{hashes['sha512']},false\n"
+        f"d4@example.org,{hashes['sha512-bare']}\n"
+    )
+    out = cli.ok("users", "import", str(path))
+    assert one_line(out) == "imported 4 account(s); 0 row(s) rejected"
+    rows = {r[0]: r for r in cli.rows()}
+    assert set(rows) == {"a1@example.org", "b2@example.org", "c3@example.org", "d4@example.org"}
+    assert rows["b2@example.org"][1] == hashes["bcrypt"], "stored as given, prefix and all"
+    assert [rows[k][3] for k in sorted(rows)] == [True, True, False, True]
+    hasher = PasswordHasher(CHEAP_PROFILE)
+    for login, row in rows.items():
+        assert hasher.verify(PLAINTEXT, row[1]).ok, login
+        assert not hasher.verify("wrong", row[1]).ok, login
+
+
+def test_import_json_lines_and_stdin(cli: Cli) -> None:
+    hashes = exported_hashes()
+    lines = [
+        json.dumps({"address": "j1@example.org", "hash": hashes["bcrypt"]}),
+        json.dumps({"address": "j2@example.org", "hash": hashes["argon2id"], "enabled": False}),
+    ]
+    out = cli.ok("users", "import", "-", stdin="\n".join(lines) + "\n")
+    assert one_line(out) == "imported 2 account(s); 0 row(s) rejected"
+    assert [(r[0], r[3]) for r in cli.rows()] == [
+        ("j1@example.org", True),
+        ("j2@example.org", False),
+    ]
+
+
+def test_import_rejects_bad_rows_one_line_each_and_dry_run_writes_nothing(
+    sqlite_cli: Cli, tmp_path: Path
+) -> None:
+    hashes = exported_hashes()
+    sqlite_cli.ok("users", "add", "taken@example.org", "--password-stdin", stdin="pw\n")
+    path = tmp_path / "accounts.csv"
+    path.write_text(
+        "# exported from the old server\n"
+        f"good@example.org,{hashes['bcrypt']}\n"  # line 2
+        "plain@example.org,secret\n"  # 3: a plaintext password, not a hash
+        f"argon2i@example.org,{hashes['argon2id'].replace('argon2id', 'argon2i')}\n"  # 4
+        f"not an address,{hashes['bcrypt']}\n"  # 5
+        f"taken@example.org,{hashes['bcrypt']}\n"  # 6
+        f"GOOD@example.org,{hashes['sha512']}\n"  # 7: the same login again
+        f"flag@example.org,{hashes['bcrypt']},maybe\n"  # 8
+        "onlyone@example.org\n"  # 9
+        "$6$salt\n"  # 10
+    )
+    before = sqlite_cli.rows()
+    dry = sqlite_cli("users", "import", str(path), "--dry-run")
+    assert dry.code == 1
+    assert dry.out == "would import 1 account(s); 8 row(s) rejected\n"
+    assert sqlite_cli.rows() == before, "a dry run writes nothing"
+    errors = dry.err.splitlines()
+    assert [e.split(": line ")[1].split(":")[0] for e in errors[:-1]] == [
+        "3",
+        "4",
+        "5",
+        "6",
+        "7",
+        "8",
+        "9",
+        "10",
+    ]
+    assert "is also on line 2" in errors[4] and "already exists" in errors[3]
+    assert errors[-1] == f"mailsrv: 8 row(s) of {path} not imported"
+    real = sqlite_cli("users", "import", str(path))
+    assert real.code == 1 and real.out == "imported 1 account(s); 8 row(s) rejected\n"
+    assert [r[0] for r in sqlite_cli.rows()] == ["good@example.org", "taken@example.org"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "No such file or directory"), (b"\xff\xfe", "not UTF-8 text")],
+)
+def test_import_of_a_missing_or_binary_file_is_one_line(
+    sqlite_cli: Cli, tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "accounts.csv"
+    if content is not None:
+        path.write_bytes(content)
+    result = sqlite_cli("users", "import", str(path))
+    assert result.code == 2
+    assert one_line(result.err) == f"mailsrv: {path}: {message}"

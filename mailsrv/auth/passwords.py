@@ -44,6 +44,32 @@ def normalize_imported_hash(stored: str) -> str:
     return stored
 
 
+_IMPORTABLE = CryptContext(schemes=["argon2", "bcrypt", "sha512_crypt"])
+
+
+def importable_scheme(stored: str) -> str | None:
+    """The scheme of a hash another server exported (``argon2id``, ``bcrypt``,
+    ``sha512_crypt``; with or without a Dovecot ``{SCHEME}`` prefix), or None when
+    :class:`PasswordHasher` could not verify it.  Only Argon2's ``id`` variant is taken."""
+    candidate = normalize_imported_hash(stored.strip())
+    try:
+        scheme = _IMPORTABLE.identify(candidate, required=False)
+    except (ValueError, TypeError):
+        return None
+    if scheme is None:
+        return None
+    if scheme == "argon2" and not candidate.startswith("$argon2id$"):
+        return None
+    handler = _IMPORTABLE.handler(scheme)
+    try:
+        parsed = handler.from_string(candidate)
+    except (ValueError, TypeError):
+        return None
+    if not getattr(parsed, "checksum", None):
+        return None  # a salt and settings with no hash: nothing to verify against
+    return "argon2id" if scheme == "argon2" else str(scheme)
+
+
 class PasswordHasher:
     """Hash and verify passwords; blocking, call from a thread."""
 

@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from mailsrv.auth.factory import describe_error, store_location
+from mailsrv.auth.store import DuplicateAccount
+from mailsrv.cli.user_import import parse_rows
 from mailsrv.config import Config, ConfigError, load
 from mailsrv.identity import InvalidAddress, canonical_address, display_address
 
@@ -107,6 +109,18 @@ def register(commands: Any) -> None:
     action("enable", _enable, "let an account log in again").add_argument("login")
     action("disable", _disable, "stop an account from logging in").add_argument("login")
 
+    importing = action(
+        "import",
+        _import,
+        "create accounts from FILE with the password hashes they already have (CSV"
+        " address,hash[,enabled] or JSON lines; Argon2id, bcrypt, SHA512-crypt, Dovecot"
+        " {SCHEME} prefixes)",
+    )
+    importing.add_argument("file", metavar="FILE", help="the accounts file, or - for stdin")
+    importing.add_argument(
+        "--dry-run", action="store_true", help="check every row and say what would be imported"
+    )
+
     alias = actions.add_parser("alias", help="manage aliases (addresses delivered to an account)")
     alias_actions = alias.add_subparsers(dest="alias_action", metavar="ACTION", required=True)
     alias_add = alias_actions.add_parser("add", help="deliver ADDRESS to the account LOGIN")
@@ -134,10 +148,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _error(str(e))
         return EXIT_USAGE
-    try:  # refuse bad addresses before touching the database
+    try:  # refuse bad addresses and unreadable files before touching the database
         for name in ("login", "address"):
             if isinstance(getattr(args, name, None), str):
                 address(getattr(args, name))
+        if getattr(args, "action", None) is _import:
+            args.import_rows = parse_rows(read_import_file(args.file))
     except CommandError as e:
         _error(str(e))
         return e.status
@@ -328,6 +344,48 @@ async def _enable(ctx: Context) -> None:
 
 async def _disable(ctx: Context) -> None:
     await _set_enabled(ctx, False)
+
+
+def read_import_file(path: str) -> str:
+    """The text of the accounts file (``-``: standard input), or CommandError."""
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise CommandError(f"{path}: not UTF-8 text", EXIT_USAGE) from None
+    except OSError as e:
+        raise CommandError(f"{path}: {e.strerror}", EXIT_USAGE) from None
+
+
+async def _import(ctx: Context) -> None:
+    rows, rejected = ctx.args.import_rows
+    reasons = {r.line: r.reason for r in rejected}
+    imported = 0
+    for row in rows:
+        taken = await ctx.store.get_account(row.login) or await ctx.store.find_owner(row.login)
+        if taken is not None:
+            reasons[row.line] = f"{row.login} already exists (account {taken.login})"
+            continue
+        if ctx.args.dry_run:
+            imported += 1
+            continue
+        try:
+            await ctx.store.add_account(row.login, row.password_hash, None, False, ctx.now())
+        except DuplicateAccount:
+            reasons[row.line] = f"{row.login} already exists"
+            continue
+        if not row.enabled:
+            await ctx.store.set_enabled(row.login, False, ctx.now())
+        imported += 1
+    where = "standard input" if ctx.args.file == "-" else ctx.args.file
+    for line in sorted(reasons):
+        _error(f"{where}: line {line}: {reasons[line]}")
+    verb = "would import" if ctx.args.dry_run else "imported"
+    ctx.say(f"{verb} {imported} account(s); {len(reasons)} row(s) rejected")
+    if reasons:
+        raise CommandError(f"{len(reasons)} row(s) of {where} not imported")
 
 
 async def _alias_add(ctx: Context) -> None:
