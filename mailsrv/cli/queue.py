@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import Counter
 from typing import Any
 
 from mailsrv.cli import reach
-from mailsrv.cli.reach import CommandError, duration, error, now, printable
-from mailsrv.config import Config, ConfigError, load
-from mailsrv.relay.control import ControlError, Request, parse_request, perform
+from mailsrv.cli.reach import CommandError, duration, now, printable
+from mailsrv.config import Config
+from mailsrv.relay.control import Request, parse_request, perform
 from mailsrv.relay.queue_store import NoSuchMessage, QueueError
 from mailsrv.relay.records import QueueRecord, State, from_dict
 
 EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 def register(commands: Any) -> None:
@@ -65,21 +62,13 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``mailsrv queue`` action; returns the exit status."""
-    try:
-        config = load(args.config, os.environ)
-    except ConfigError as e:
-        error(str(e))
-        return EXIT_USAGE
-    try:
-        request = parse_request(
+    return reach.command(
+        args.config,
+        lambda: parse_request(
             {"action": args.queue_action, "queue_id": args.queue_id, "recipient": args.recipient}
-        )
-    except (CommandError, QueueError, ControlError) as e:
-        error(str(e))
-        return EXIT_ERROR
-    return reach.answer(
-        lambda: _perform(config, request),
-        lambda response: _render(args, request, response),
+        ),
+        _perform,
+        lambda request, response: _render(args, request, response),
         (QueueError,),
         "unreadable queue record",
     )

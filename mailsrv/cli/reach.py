@@ -15,11 +15,13 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from mailsrv.config import Config
 from mailsrv.relay.control import Sendable, ask
 from mailsrv.relay.queue_lock import direct_access
+
+R = TypeVar("R")
 
 OnFiles = Callable[[Any], Awaitable[dict[str, Any]]]
 """Does the request on the files, given a running reactor; the response object."""
@@ -122,6 +124,39 @@ def now() -> float:
 
     seconds: float = reactor.seconds()
     return seconds
+
+
+def command(
+    config_file: str | None,
+    parse: Callable[[], R],
+    perform_request: Callable[[Config, R], dict[str, Any]],
+    show: Callable[[R, dict[str, Any]], None],
+    refused: tuple[type[Exception], ...],
+    unreadable: str,
+) -> int:
+    """One admin command from start to exit status: load the configuration (2 and one line if
+    it is bad), ``parse`` the request (1 and one line if it is refused, ``refused`` included),
+    then :func:`answer` it with ``perform_request`` and ``show``."""
+    from mailsrv.config import ConfigError, load
+    from mailsrv.relay.control import ControlError
+
+    try:
+        config = load(config_file, os.environ)
+    except ConfigError as e:
+        error(str(e))
+        return 2
+    caught: tuple[type[Exception], ...] = (CommandError, ControlError, *refused)
+    try:
+        request = parse()
+    except caught as e:
+        error(str(e))
+        return 1
+    return answer(
+        lambda: perform_request(config, request),
+        lambda response: show(request, response),
+        refused,
+        unreadable,
+    )
 
 
 def answer(

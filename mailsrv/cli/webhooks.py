@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import Counter
 from typing import Any
 
 from mailsrv.cli import reach
-from mailsrv.cli.reach import CommandError, duration, error, now, printable
-from mailsrv.config import Config, ConfigError, load
-from mailsrv.relay.control import ControlError
+from mailsrv.cli.reach import duration, now, printable
+from mailsrv.config import Config
 from mailsrv.webhook.control import WebhookRequest, parse_request, perform
 from mailsrv.webhook.entries import EntryState, OutboxEntry, from_dict
 from mailsrv.webhook.outbox_store import OutboxError
@@ -36,8 +34,6 @@ from mailsrv.webhook.signing import (
 )
 
 EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 def register(commands: Any) -> None:
@@ -87,21 +83,13 @@ def run_secret(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``mailsrv webhooks`` action; returns the exit status."""
-    try:
-        config = load(args.config, os.environ)
-    except ConfigError as e:
-        error(str(e))
-        return EXIT_USAGE
-    try:
-        request = parse_request(
+    return reach.command(
+        args.config,
+        lambda: parse_request(
             {"action": f"webhooks.{args.webhooks_action}", "id": args.id, "endpoint": args.endpoint}
-        )
-    except (CommandError, OutboxError, ControlError) as e:
-        error(str(e))
-        return EXIT_ERROR
-    return reach.answer(
-        lambda: _perform(config, request),
-        lambda response: _render(args, request, response),
+        ),
+        _perform,
+        lambda request, response: _render(args, request, response),
         (OutboxError,),
         "unreadable outbox entry",
     )
