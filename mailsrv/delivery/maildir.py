@@ -12,10 +12,8 @@ thread.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,18 +21,10 @@ from zope.interface import implementer
 
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.sinks import Failures, ICommitSink, StagedMessage
-from mailsrv.filemodes import PRIVATE_FILE, make_private_dirs
+from mailsrv.filemodes import make_private_dirs
+from mailsrv.fileops import fsync_directory, link_or_copy
 
 _SUBDIRS = ("tmp", "new", "cur")
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a directory's entries (creations, renames, links) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _host_for_name(hostname: str) -> str:
@@ -107,12 +97,12 @@ class MaildirStore:
                 maildir = self.maildir(mailbox)
                 target = maildir / "new" / self.unique_name(now, size)
                 try:
-                    _link_or_copy(spool_file, target)
+                    link_or_copy(spool_file, target, maildir / "tmp" / target.name)
                 except FileNotFoundError:
                     if not spool_file.exists():
                         raise
                     self.ensure(maildir)  # first delivery, or the Maildir was removed
-                    _link_or_copy(spool_file, target)
+                    link_or_copy(spool_file, target, maildir / "tmp" / target.name)
                 delivered.append(target)
         except BaseException:
             self.remove(delivered)
@@ -126,32 +116,6 @@ class MaildirStore:
                 path.unlink()
             except FileNotFoundError:
                 pass
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target``; across filesystems copy via tmp/ with fsync.
-
-    A copy is ``0600``, like the spool file a link shares.
-    """
-    try:
-        os.link(source, target)
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-    else:
-        return
-    temporary = target.parent.parent / "tmp" / target.name
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE)
-    try:
-        with open(source, "rb") as src, open(fd, "wb", closefd=False) as dst:
-            shutil.copyfileobj(src, dst)
-        os.fsync(fd)
-        os.rename(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
 
 
 @implementer(ICommitSink)

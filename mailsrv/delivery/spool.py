@@ -23,8 +23,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from mailsrv.delivery.maildir import fsync_directory
 from mailsrv.filemodes import make_private_dirs
+from mailsrv.fileops import fsync_directory, write_all
 from mailsrv.threads import RunInThread
 
 __all__ = ["RunInThread", "Spool", "SpoolFile"]  # RunInThread: its old home, for importers
@@ -111,7 +111,7 @@ class SpoolFile:
     def _write_blocking(self, chunk: bytes) -> None:
         if self._failure is not None:
             return
-        _write_all(self._open_blocking(), chunk)
+        write_all(self._open_blocking(), chunk)
 
     def _written(self, _: object, size: int) -> None:
         self._in_flight -= size
@@ -146,7 +146,7 @@ class SpoolFile:
     def _close_blocking(self, rest: bytes) -> Path:
         fd = self._open_blocking()
         try:
-            _write_all(fd, rest)
+            write_all(fd, rest)
             os.fsync(fd)
         finally:
             self._close_fd()
@@ -173,7 +173,7 @@ class SpoolFile:
         """Write ``rest`` and close, without fsync (the committer syncs whole batches)."""
         fd = self._open_blocking()
         try:
-            _write_all(fd, rest)
+            write_all(fd, rest)
         finally:
             self._close_fd()
 
@@ -203,11 +203,3 @@ class SpoolFile:
             self.path.unlink()
         except FileNotFoundError:
             pass
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until every byte of ``data`` is written."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]

@@ -57,16 +57,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsrv.delivery.fssync import filesystem_syncer
-from mailsrv.delivery.maildir import fsync_directory
 from mailsrv.filemodes import make_private_dirs
+from mailsrv.fileops import fsync_directory, fsync_file, link_or_copy, unlink_if_present
 from mailsrv.jsonstore.fields import RecordError
-from mailsrv.jsonstore.files import (
-    TMP_SUFFIX,
-    fsync_file,
-    link_or_copy,
-    unlink_if_present,
-    write_temporary,
-)
+from mailsrv.jsonstore.files import TMP_SUFFIX, write_temporary
 from mailsrv.threads import RunInThread
 
 R = TypeVar("R")
@@ -220,7 +214,7 @@ class RecordDirectory(Generic[R]):
             raise FileExistsError(errno.EEXIST, f"{self.what} exists already", str(path))
         if body_source is not None:
             body = self.body_path(key)
-            link_or_copy(body_source, body)
+            link_or_copy(body_source, body, body.with_name(body.name + TMP_SUFFIX))
             if durable:
                 fsync_file(body)
         os.replace(write_temporary(path, self.encode(record), durable), path)

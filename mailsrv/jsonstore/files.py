@@ -1,26 +1,18 @@
-"""Small blocking file operations shared by the record stores: whole writes, fsync, hard links."""
+"""Atomic record writes for the record stores: a temporary file, then a rename (the primitives
+are :mod:`mailsrv.fileops`)."""
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 from pathlib import Path
 
 from mailsrv.filemodes import PRIVATE_FILE
+from mailsrv.fileops import write_all
 
 TMP_SUFFIX = ".tmp"
 """What a file being written is called until it is renamed over its real name."""
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write every byte of ``data`` to ``fd`` (``os.write`` may write less)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def write_temporary(path: Path, data: bytes, durable: bool) -> Path:
@@ -38,37 +30,3 @@ def write_temporary(path: Path, data: bytes, durable: bool) -> Path:
     finally:
         os.close(fd)
     return temporary
-
-
-def fsync_file(path: Path) -> None:
-    """Make the content of the file ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target``; across filesystems copy (with fsync) and rename."""
-    try:
-        os.link(source, target)
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-        temporary = target.with_name(target.name + TMP_SUFFIX)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE)
-        with open(source, "rb") as src, open(fd, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.rename(temporary, target)
-
-
-def unlink_if_present(path: Path) -> bool:
-    """Remove ``path``; False if it was not there."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True

@@ -223,7 +223,7 @@ def _recipient_dict(recipient: RecipientStatus) -> dict[str, Any]:
 
 
 def encode(record: QueueRecord) -> bytes:
-    """``record`` as indented UTF-8 JSON with a final newline."""
+    """``record`` as stored: :func:`mailsrv.jsonstore.fields.encode_json` of its fields."""
     return encode_json(to_dict(record))
 
 

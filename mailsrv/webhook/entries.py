@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -43,6 +44,7 @@ from mailsrv.webhook.endpoints import (
     MESSAGE_QUEUED,
     MESSAGE_RECEIVED,
     NAME_PATTERN,
+    Endpoint,
 )
 
 ENTRY_VERSION = 1
@@ -151,6 +153,27 @@ class OutboxEntry:
         return isinstance(self.source, MessageSource) and self.state is not EntryState.DONE
 
 
+def new_entries(
+    event_id: str,
+    event_type: str,
+    happened: float,
+    source: MessageSource | DeliverySource,
+    endpoints: Sequence[Endpoint],
+) -> list[OutboxEntry]:
+    """One pending entry of the event per endpoint, each due at its first retry delay."""
+    return [
+        OutboxEntry(
+            event_id=event_id,
+            endpoint=endpoint.name,
+            type=event_type,
+            created_at=happened,
+            source=source,
+            next_attempt=happened + endpoint.retry.delays[0],
+        )
+        for endpoint in endpoints
+    ]
+
+
 # --- JSON ----------------------------------------------------------------------------------
 
 _ENTRY_KEYS = frozenset(
@@ -227,7 +250,7 @@ def to_dict(entry: OutboxEntry) -> dict[str, Any]:
 
 
 def encode(entry: OutboxEntry) -> bytes:
-    """``entry`` as indented UTF-8 JSON with a final newline."""
+    """``entry`` as stored: :func:`mailsrv.jsonstore.fields.encode_json` of its fields."""
     return encode_json(to_dict(entry))
 
 

@@ -28,7 +28,12 @@ from mailsrv.webhook.endpoints import (
     MESSAGE_DELIVERED,
     Endpoint,
 )
-from mailsrv.webhook.entries import DeliverySource, OutboxEntry, delivery_event_id
+from mailsrv.webhook.entries import (
+    DeliverySource,
+    OutboxEntry,
+    delivery_event_id,
+    new_entries,
+)
 from mailsrv.webhook.outbox_store import OutboxStore
 
 _log = Logger(namespace="mailsrv.webhook")
@@ -80,17 +85,7 @@ class RelayEvents:
                 orcpt=status.dsn.orcpt,
             )
             event_id = delivery_event_id(record.queue_id, status.address, status.attempts)
-            for endpoint in wanting:
-                entries.append(
-                    OutboxEntry(
-                        event_id=event_id,
-                        endpoint=endpoint.name,
-                        type=event_type,
-                        created_at=happened,
-                        source=source,
-                        next_attempt=happened + endpoint.retry.delays[0],
-                    )
-                )
+            entries += new_entries(event_id, event_type, happened, source, wanting)
         return entries
 
     def outcomes(

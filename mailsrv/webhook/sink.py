@@ -20,7 +20,7 @@ from zope.interface import implementer
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.sinks import Failures, ICommitSink, StagedMessage
 from mailsrv.webhook.endpoints import MESSAGE_QUEUED, MESSAGE_RECEIVED, Endpoint
-from mailsrv.webhook.entries import MessageSource, OutboxEntry
+from mailsrv.webhook.entries import MessageSource, OutboxEntry, new_entries
 from mailsrv.webhook.outbox_store import OutboxStore
 from mailsrv.webhook.payload import new_event_id
 
@@ -77,17 +77,7 @@ class OutboxSink:
                 paths = self._maildir_paths(staged)
                 maildir = tuple((mailbox, os.fspath(path)) for mailbox, path in paths.items())
             source = MessageSource(message, maildir)
-            for endpoint in wanting:
-                entries.append(
-                    OutboxEntry(
-                        event_id=event_id,
-                        endpoint=endpoint.name,
-                        type=event_type,
-                        created_at=message.received_at,
-                        source=source,
-                        next_attempt=message.received_at + endpoint.retry.delays[0],
-                    )
-                )
+            entries += new_entries(event_id, event_type, message.received_at, source, wanting)
         return entries
 
     def write(self, batch: Sequence[StagedMessage]) -> Failures:
