@@ -321,18 +321,32 @@ class DropPortAnnouncements:
         return keep
 
 
+class LevelFilter:
+    """The level below which events are dropped; :meth:`set` changes it (a reload)."""
+
+    def __init__(self, level: str) -> None:
+        self.level = level
+        self.predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
+
+    def set(self, level: str) -> None:
+        """Drop events below ``level`` from now on (one of the ``log_level`` choices)."""
+        self.predicate.setLogLevelForNamespace("", _LEVELS[level])
+        self.level = level
+
+
 def make_observer(
-    level: str,
+    level: str | LevelFilter,
     fmt: str,
     stream: IO[str] | ReopenableLogFile | None = None,
     call_later: Callable[..., object] | None = None,
 ) -> ILogObserver:
     """An observer writing ``fmt`` ("text" or "json") lines at ``level`` or above to ``stream``.
 
-    ``call_later`` lets lines from the reactor thread share one flush per reactor turn.
+    ``call_later`` lets lines from the reactor thread share one flush per reactor turn; a
+    :class:`LevelFilter` given as ``level`` can change the level while the observer runs.
     """
     out = sys.stdout if stream is None else stream
     formatter = json_line_formatter if fmt == "json" else text_line_formatter()
     base = LineObserver(out, formatter, call_later)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    return FilteringLogObserver(base, [predicate, DropPortAnnouncements()])
+    levels = level if isinstance(level, LevelFilter) else LevelFilter(level)
+    return FilteringLogObserver(base, [levels.predicate, DropPortAnnouncements()])

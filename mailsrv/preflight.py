@@ -26,6 +26,7 @@ from mailsrv.auth.factory import describe_error, make_hasher, store_location
 from mailsrv.auth.passwords import PasswordHasher
 from mailsrv.config import Config, display_path
 from mailsrv.tls import ReloadingServerTLS, TLSConfigError
+from mailsrv.trust import TrustError, load_trust_root
 
 PG_CONNECT_TIMEOUT = 10  # seconds; libpq's connect_timeout
 
@@ -57,6 +58,7 @@ def check(config: Config) -> Checked:
     if not config.db_url:
         check_sqlite_path(config.sqlite_path)
     tls = check_tls(config)
+    check_trust_files(config)
     hasher = check_argon2(config)
     return Checked(tls, hasher, check_store(config))
 
@@ -149,6 +151,22 @@ def check_tls(config: Config) -> ReloadingServerTLS | None:
         return ReloadingServerTLS(config.tls_cert, config.tls_key)
     except TLSConfigError as e:
         raise PreflightError(str(e)) from None
+
+
+def check_trust_files(config: Config) -> None:
+    """The CA bundles outbound TLS verifies against (``relay_ca_file``, each webhook
+    endpoint's ``ca_file``) are readable PEM certificates."""
+    if config.relay_ca_file:
+        try:
+            load_trust_root(config.relay_ca_file)
+        except TrustError as e:
+            raise PreflightError(f"relay_ca_file: {e}") from None
+    for endpoint in config.webhook_endpoints:
+        if endpoint.ca_file:
+            try:
+                load_trust_root(endpoint.ca_file)
+            except TrustError as e:
+                raise PreflightError(f"webhook {endpoint.name}: ca_file: {e}") from None
 
 
 def check_argon2(config: Config) -> PasswordHasher:

@@ -66,6 +66,22 @@ class LocalLimits:
             max_keys=config.auth_throttle_max_keys,
         )
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the new limits apply from the next decision on; counts are kept."""
+        self.connections.max_total = config.max_connections
+        self.connections.max_per_ip = config.max_connections_per_ip
+        for limiter, limit in (
+            (self.connection_rate, config.connection_rate_per_ip),
+            (self.message_rate, config.message_rate_per_ip),
+        ):
+            limiter.limit, limiter.window = limit, config.rate_window
+        self.auth_throttle.reconfigure(
+            config.auth_max_failures_per_ip,
+            config.auth_max_failures_per_account,
+            config.auth_failure_window,
+            config.auth_max_in_flight_per_client,
+        )
+
     def check_admission(self, ip: str, trusted: bool) -> str | None:
         """The synchronous core of :meth:`admit`."""
         if self.connections.total_full():

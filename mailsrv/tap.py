@@ -12,7 +12,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -37,7 +37,7 @@ from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.delivery.maildir import MaildirSink, MaildirStore
 from mailsrv.delivery.sinks import ICommitSink
 from mailsrv.filemodes import warn_loose_modes
-from mailsrv.logsetup import ReopenableLogFile, make_observer
+from mailsrv.logsetup import LevelFilter, ReopenableLogFile, make_observer
 from mailsrv.ops import readiness
 from mailsrv.ops.http import OpsHTTPService, OpsResource
 from mailsrv.ops.metrics import Metrics
@@ -51,7 +51,7 @@ from mailsrv.relay.queue_lock import QueueBusy, QueueLock
 from mailsrv.relay.queue_store import FileQueueStore
 from mailsrv.relay.service import build_relay
 from mailsrv.relay.sink import QueueSink
-from mailsrv.reload import ConfigReloader
+from mailsrv.reload import ConfigReloader, ReloadStep
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
@@ -103,6 +103,7 @@ class MailService(MultiService):
         self.config = config
         self._reactor = reactor
         self._log_stream = log_stream
+        self.log_levels = LevelFilter(config.log_level)
         self.failed = False
         self.setName("mailsrv")
 
@@ -111,6 +112,12 @@ class MailService(MultiService):
         self.failed = True
         if self._reactor is not None and self._reactor.running:
             self._reactor.stop()
+
+    def reload_step(self, config: Config, changed: frozenset[str]) -> Callable[[], None] | None:
+        """A reload's log part (a :data:`mailsrv.reload.ReloadStep`): the new ``log_level``."""
+        if "log_level" not in changed:
+            return None
+        return functools.partial(self.log_levels.set, config.log_level)
 
     def flush_logs(self) -> None:
         """Flush the log stream (before an exit that skips Python's own flushing)."""
@@ -122,7 +129,7 @@ class MailService(MultiService):
         if hasattr(parent, "setComponent"):
             call_later = self._reactor.callLater if self._reactor is not None else None
             observer = make_observer(
-                self.config.log_level, self.config.log_format, self._log_stream, call_later
+                self.log_levels, self.config.log_format, self._log_stream, call_later
             )
             parent.setComponent(ILogObserver, observer)
         super().setServiceParent(parent)
@@ -153,7 +160,7 @@ def build_service(
     config: Config,
     reactor: Any,
     checked: Checked,
-    reload_config: Callable[[Callable[[Config], None]], ConfigReloader] | None = None,
+    reload_config: Callable[[Sequence[ReloadStep]], ConfigReloader] | None = None,
 ) -> MailService:
     """Compose the service tree for ``config`` on ``reactor`` (SystemExit on a bad setup).
 
@@ -256,7 +263,8 @@ def build_service(
     if config.metrics_port:
         ops_http(config, reactor, metrics, threads, smtp, store).setServiceParent(root)
     if reload_config is not None:  # SIGHUP also re-reads the configuration (mailsrv.reload)
-        reload_hooks.append(reload_config(server.reconfigure))
+        steps = [root.reload_step, server.reload_step, relay.reload_step, webhooks.reload_step]
+        reload_hooks.append(reload_config(steps))
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
@@ -361,8 +369,8 @@ def makeService(options: Options) -> MailService:
     raise_file_limit(config.max_connections * 2 + 256)
     flags = options.flags()
 
-    def reloader(apply: Callable[[Config], None]) -> ConfigReloader:
-        return ConfigReloader(config, apply, options["config"], os.environ, flags)
+    def reloader(steps: Sequence[ReloadStep]) -> ConfigReloader:
+        return ConfigReloader(config, steps, options["config"], os.environ, flags)
 
     root = build_service(config, reactor, checked, reloader)
     atexit.register(exit_status_hook, root)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import signal
 import smtplib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.logger import capturedLogs
 
-from mailsrv.config import Config, load
+from mailsrv.config import Config, ConfigError, load
 from mailsrv.reload import RELOADABLE, ConfigReloader
 from tests.test_process import READY_TIMEOUT, Server, free_port, wait_for
 
@@ -23,18 +24,29 @@ WIDER = (
 
 @dataclass
 class Applied:
+    """A reload step that notes what it installed (and can refuse, like a bad CA file)."""
+
     configs: list[Config]
+    changes: list[frozenset[str]] = field(default_factory=list)
+    refuse: str = ""
 
-    def __call__(self, config: Config) -> None:
-        self.configs.append(config)
+    def __call__(self, config: Config, changed: frozenset[str]) -> Callable[[], None]:
+        if self.refuse:
+            raise ConfigError(self.refuse)
+
+        def install() -> None:
+            self.configs.append(config)
+            self.changes.append(changed)
+
+        return install
 
 
-def reloader(tmp_path: Path, text: str) -> tuple[ConfigReloader, Path, Applied]:
+def reloader(tmp_path: Path, text: str, *more: Applied) -> tuple[ConfigReloader, Path, Applied]:
     path = tmp_path / "mailsrv.toml"
     path.write_text(text)
     applied = Applied([])
     current = load(str(path), {})
-    return ConfigReloader(current, applied, str(path), {}), path, applied
+    return ConfigReloader(current, [applied, *more], str(path), {}), path, applied
 
 
 def test_reloadable_changes_are_applied_and_the_rest_named(tmp_path: Path) -> None:
@@ -54,6 +66,29 @@ def test_reloadable_changes_are_applied_and_the_rest_named(tmp_path: Path) -> No
         "configuration reloaded: applied local_domains, mailboxes, max_recipients;"
         " needs a restart (running values kept): port"
     )
+
+
+def test_the_steps_are_told_which_settings_changed(tmp_path: Path) -> None:
+    reload, path, applied = reloader(tmp_path, BASE)
+    path.write_text(BASE + 'relay_host = "smarthost.example:2525"\nlog_level = "debug"\n')
+    assert reload() is not None
+    assert applied.changes == [frozenset({"relay_host", "log_level"})]
+    assert applied.configs[0].relay_host == "smarthost.example:2525"
+
+
+def test_a_step_that_cannot_prepare_refuses_the_whole_reload(tmp_path: Path) -> None:
+    refusing = Applied([], refuse="relay_ca_file: /nowhere.pem: No such file or directory")
+    reload, path, applied = reloader(tmp_path, BASE, refusing)
+    path.write_text(WIDER)
+    with capturedLogs() as events:
+        assert reload() is None
+    assert applied.configs == [], "no step installs anything when one cannot prepare"
+    (event,) = [e for e in events if e.get("log_level") is not None]
+    assert event["error"] == "relay_ca_file: /nowhere.pem: No such file or directory"
+    assert reload.current.local_domains == ("example.org",)
+    refusing.refuse = ""
+    assert reload() is not None
+    assert [c.local_domains for c in applied.configs] == [("example.org", "example.net")]
 
 
 def test_nothing_changed_is_said(tmp_path: Path) -> None:

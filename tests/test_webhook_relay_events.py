@@ -35,6 +35,10 @@ class Watching:
         self.rig = rig
         self.queue_attempts_then: list[int] = []
 
+    @property
+    def listening(self) -> bool:
+        return self.inner.listening
+
     def outcomes(
         self, record: QueueRecord, recipients: Sequence[RecipientStatus]
     ) -> Deferred[None]:

@@ -95,6 +95,12 @@ class AuthThrottle:
         self.max_in_flight = max_in_flight
         self._in_flight: dict[str, int] = {}
 
+    def reconfigure(self, per_ip: int, per_account: int, window: float, max_in_flight: int) -> None:
+        """A reload: new budgets and window from the next decision on; failures are kept."""
+        self._by_ip.limit, self._by_ip.window = per_ip, window
+        self._by_account.limit, self._by_account.window = per_account, window
+        self.max_in_flight = max_in_flight
+
     def ip_blocked(self, ip: str) -> bool:
         """True when the client of ``ip`` has used up its failures."""
         return self._by_ip.count(client_key(ip)) >= self._by_ip.limit

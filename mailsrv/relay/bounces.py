@@ -129,6 +129,11 @@ class DsnSubmitter:
         self._max_full_size = max_full_size
         self._lifetime = lifetime
 
+    def reconfigure(self, max_full_size: int, lifetime: float | None) -> None:
+        """A reload: DSNs composed from now on use these limits."""
+        self._max_full_size = max_full_size
+        self._lifetime = lifetime
+
     def __call__(
         self, record: QueueRecord, recipients: Sequence[RecipientStatus]
     ) -> Deferred[None]:

@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from mailsrv.relay.records import QueueRecord, RecipientStatus
 
 
 class IOutcomeListener(Interface):
     """Told of every recipient's attempt outcome before the queue stores it."""
+
+    listening = Attribute("False while the listener wants no outcome: it is not told then.")
 
     def outcomes(record: QueueRecord, recipients: Sequence[RecipientStatus]) -> Deferred[None]:
         """``record`` as it is about to be stored, and the recipients of it whose attempt just

@@ -214,6 +214,8 @@ class RelayScheduler(Service):
         self._running_work: set[Deferred[Any]] = set()
         self._sending: set[Deferred[Any]] = set()
         self._open: set[Any] = set()
+        self._generation = 0  # of the settings: a reload makes the next one
+        self._opened_in: dict[Any, int] = {}  # connection -> the generation it was opened in
         self._queued_since_start: set[str] = set()  # only while the start-up load runs
         self._loading = True
         self._stopping = False
@@ -331,6 +333,43 @@ class RelayScheduler(Service):
                 self.dead.revive(key)
         return count
 
+    def reconfigure(
+        self,
+        next_hop: Any,
+        connector: IRelayConnector,
+        retry: RetryPolicy,
+        settings: SchedulerSettings,
+    ) -> None:
+        """A reload: attempts from now on use these parts and settings.
+
+        A transaction in flight finishes on its connection, which then closes; idle
+        connections close now; recipients waiting for a connection are routed again (the next
+        hop may have changed).  Retry times already set stay; a new ``min_backoff`` is also the
+        new hold of unreachable destinations.
+        """
+        self._next_hop = next_hop
+        self._connector = connector
+        self._retry = retry
+        self.settings = settings
+        self.dead.hold = retry.min_backoff
+        self._generation += 1
+        now = self._clock.seconds()
+        for destination in list(self._destinations.values()):
+            for connection, timer in destination.idle:
+                timer.cancel()
+                self._forget(connection)
+            destination.idle.clear()
+            for work in destination.ready:
+                self._in_flight.difference_update((work.queue_id, a) for a in work.addresses)
+                self._schedule(work.queue_id, now)
+            destination.ready.clear()
+            if not destination.active:
+                del self._destinations[destination.key]
+
+    def _current(self, connection: Any) -> bool:
+        """True when ``connection`` was opened with the settings in force."""
+        return self._opened_in.get(connection) == self._generation
+
     def replaced(self, record: QueueRecord | None, queue_id: str) -> None:
         """An operator changed (or, with None, deleted) a record: follow the change."""
         if record is None or record.done:
@@ -412,16 +451,17 @@ class RelayScheduler(Service):
         work.addBoth(done)
 
     async def _route(self, queue_id: str, domain: str, addresses: list[str]) -> None:
+        generation = self._generation
         try:
             route = await self._next_hop.route(domain)
         except NextHopError as e:
-            if self._stopping:
-                self._in_flight.difference_update((queue_id, a) for a in addresses)
+            if self._stopping or generation != self._generation:
+                self._route_again(queue_id, addresses)
                 return
             await self._fail_all(queue_id, addresses, _reply_line(e.reply), e.permanent, "")
             return
-        if self._stopping:
-            self._in_flight.difference_update((queue_id, a) for a in addresses)
+        if self._stopping or generation != self._generation:
+            self._route_again(queue_id, addresses)
             return
         suspension = self.dead.suspended(route.destination)
         if suspension is not None:
@@ -445,6 +485,12 @@ class RelayScheduler(Service):
             destination.ready.append(_Work(queue_id, tuple(addresses[start : start + size])))
         self._pump(destination)
 
+    def _route_again(self, queue_id: str, addresses: list[str]) -> None:
+        """A route looked up before a reload (or during the stop) is not used."""
+        self._in_flight.difference_update((queue_id, a) for a in addresses)
+        if not self._stopping:
+            self._schedule(queue_id, self._clock.seconds())
+
     def _pump(self, destination: _Destination) -> None:
         while destination.ready and destination.idle:
             connection, timer = destination.idle.pop()
@@ -466,6 +512,7 @@ class RelayScheduler(Service):
             self._track(Deferred.fromCoroutine(self._connect_and_work(destination)), True)
 
     async def _connect_and_work(self, destination: _Destination) -> None:
+        generation = self._generation
         try:
             try:
                 connection = await self._connector.connect(destination.route)
@@ -488,17 +535,23 @@ class RelayScheduler(Service):
             return
         self.dead.revive(destination.key)
         self._open.add(connection)
+        self._opened_in[connection] = generation
         await self._work_on(destination, connection)
 
     async def _work_on(self, destination: _Destination, connection: Any) -> None:
         """Send ready work over ``connection`` until none is left, then park it as idle."""
         try:
-            while destination.ready and connection.reusable and not self._stopping:
+            while (
+                destination.ready
+                and connection.reusable
+                and not self._stopping
+                and self._current(connection)
+            ):
                 work = destination.ready.popleft()
                 await self._send(destination, connection, work)
         finally:
             destination.active -= 1
-        if connection.reusable and not self._stopping:
+        if connection.reusable and not self._stopping and self._current(connection):
             timer = self._clock.callLater(
                 self.settings.idle_timeout, self._close_idle, destination, connection
             )
@@ -513,6 +566,7 @@ class RelayScheduler(Service):
     def _forget(self, connection: Any) -> None:
         """A connection leaves the pool: closed (QUIT if it can), no longer counted."""
         self._open.discard(connection)
+        self._opened_in.pop(connection, None)
         self._connections -= 1
         connection.close()
 
@@ -769,7 +823,7 @@ class RelayScheduler(Service):
     ) -> Callable[[QueueRecord], QueueRecord]:
         """Tell the listener (if any) what ``change`` will store; the change to store in its
         place (the same result, unless the record changed meanwhile)."""
-        if self.outcome_listener is None:
+        if self.outcome_listener is None or not self.outcome_listener.listening:
             return change
         current = await self._store.get(queue_id)
         if current is None:

@@ -7,42 +7,73 @@ for blocking work.
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailsrv.config import Config, split_host_port
+from mailsrv.config import Config, ConfigError, split_host_port
 from mailsrv.ops.metrics import Metrics
+from mailsrv.relay.bounces import DsnSubmitter
 from mailsrv.relay.connector import Connector
 from mailsrv.relay.courier import ClientConnector
 from mailsrv.relay.options import mx_options, smarthost_options
 from mailsrv.relay.queue_store import FileQueueStore
 from mailsrv.relay.resolver import NextHop, make_resolver
 from mailsrv.relay.retry import RetryPolicy
-from mailsrv.relay.scheduler import RelayScheduler, SchedulerSettings, SubmitDsns
+from mailsrv.relay.scheduler import RelayScheduler, SchedulerSettings
+from mailsrv.relay.tlsclient import TLSClientConfigError
 from mailsrv.threads import RunInThread
+
+RELAY_SETTINGS = frozenset(
+    {
+        "relay_host",
+        "relay_user",
+        "relay_password",
+        "relay_tls",
+        "relay_ca_file",
+        "relay_mx_tls",
+        "relay_mx_port",
+        "dns_servers",
+        "relay_dns_timeout",
+        "relay_min_backoff",
+        "relay_max_backoff",
+        "relay_queue_lifetime",
+        "relay_delay_warning",
+        "relay_recipients_per_transaction",
+        "relay_destination_concurrency",
+        "relay_concurrency",
+        "relay_connect_timeout",
+        "relay_greeting_timeout",
+        "relay_command_timeout",
+        "relay_mail_timeout",
+        "relay_rcpt_timeout",
+        "relay_data_timeout",
+        "relay_data_block_timeout",
+        "relay_data_done_timeout",
+        "relay_connection_idle",
+        "relay_bounce_size_limit",
+    }
+)
+"""The reloadable settings the relay's parts are built from."""
 
 
 @dataclass(frozen=True)
-class Relay:
-    """The relay's parts that the rest of the tree refers to."""
+class RelayParts:
+    """What the scheduler delivers with, built from the configuration."""
 
-    store: FileQueueStore
-    scheduler: RelayScheduler
+    next_hop: NextHop
+    connector: ClientConnector
+    retry: RetryPolicy
+    settings: SchedulerSettings
 
 
-def build_relay(
-    config: Config,
-    reactor: Any,
-    run_in_thread: RunInThread,
-    store: FileQueueStore,
-    submit_dsns: SubmitDsns,
-    metrics: Metrics | None = None,
-) -> Relay:
-    """The scheduler over ``store``, delivering through a smarthost or by MX as configured.
+def relay_parts(config: Config, reactor: Any, run_in_thread: RunInThread) -> RelayParts:
+    """The next hop, connectors, retry policy and scheduler settings of ``config``.
 
-    The queue is recovered from disk here, before the reactor runs: nothing is staged while
-    the recovery removes what interrupted writes left."""
+    Reads ``relay_ca_file`` (blocking); raises :class:`ConfigError` with one line when it
+    cannot be used."""
     rng = random.SystemRandom()
     servers = [split_host_port(server, 53) for server in config.dns_servers]
     smarthost = split_host_port(config.relay_host, 25) if config.relay_host else None
@@ -54,10 +85,13 @@ def build_relay(
         timeout=config.relay_dns_timeout,
         smarthost=smarthost,
     )
-    connector = ClientConnector(
-        Connector(reactor, mx_options(config), run_in_thread),
-        Connector(reactor, smarthost_options(config), run_in_thread) if smarthost else None,
-    )
+    try:
+        connector = ClientConnector(
+            Connector(reactor, mx_options(config), run_in_thread),
+            Connector(reactor, smarthost_options(config), run_in_thread) if smarthost else None,
+        )
+    except TLSClientConfigError as e:
+        raise ConfigError(str(e)) from None
     retry = RetryPolicy(
         min_backoff=config.relay_min_backoff,
         max_backoff=config.relay_max_backoff,
@@ -71,16 +105,58 @@ def build_relay(
         stop_grace=config.shutdown_grace,
         delay_warning=config.relay_delay_warning,
     )
+    return RelayParts(next_hop, connector, retry, settings)
+
+
+@dataclass(frozen=True)
+class Relay:
+    """The relay's parts that the rest of the tree refers to."""
+
+    store: FileQueueStore
+    scheduler: RelayScheduler
+    bounces: DsnSubmitter
+    rebuild: Callable[[Config], RelayParts]
+
+    def reload_step(self, config: Config, changed: frozenset[str]) -> Callable[[], None] | None:
+        """A reload's relay part (a :data:`mailsrv.reload.ReloadStep`): the next attempts use
+        ``config``'s relay settings when they changed."""
+        if not changed & RELAY_SETTINGS:
+            return None
+        parts = self.rebuild(config)
+
+        def install() -> None:
+            self.scheduler.reconfigure(parts.next_hop, parts.connector, parts.retry, parts.settings)
+            self.bounces.reconfigure(config.relay_bounce_size_limit, config.relay_queue_lifetime)
+
+        return install
+
+
+def build_relay(
+    config: Config,
+    reactor: Any,
+    run_in_thread: RunInThread,
+    store: FileQueueStore,
+    bounces: DsnSubmitter,
+    metrics: Metrics | None = None,
+) -> Relay:
+    """The scheduler over ``store``, delivering through a smarthost or by MX as configured,
+    its DSNs composed by ``bounces``.
+
+    The queue is recovered from disk here, before the reactor runs: nothing is staged while
+    the recovery removes what interrupted writes left.  Raises :class:`ConfigError` when
+    ``relay_ca_file`` cannot be used."""
+    parts = relay_parts(config, reactor, run_in_thread)
     scheduler = RelayScheduler(
         store,
-        next_hop,
-        connector,
-        retry,
+        parts.next_hop,
+        parts.connector,
+        parts.retry,
         reactor,
-        rng,
-        submit_dsns,
-        settings,
+        random.SystemRandom(),
+        bounces,
+        parts.settings,
         loaded=store.load_now(),
         metrics=metrics,
     )
-    return Relay(store, scheduler)
+    rebuild = functools.partial(relay_parts, reactor=reactor, run_in_thread=run_in_thread)
+    return Relay(store, scheduler, bounces, rebuild)

@@ -14,8 +14,10 @@ short timeouts at once.  Stress ends when the sessions fall a tenth of the thres
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.portal import Portal
@@ -90,19 +92,31 @@ class SMTPServer:
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self.stressed = False
-        self._stress_on = max(1, (config.max_connections * config.stress_threshold + 99) // 100)
-        self._stress_off = self._stress_on - self._stress_on // 10
+        self._set_stress_thresholds(config)
         self._counter = itertools.count()
         self._id_tag = "".join(secrets.choice(_QUEUE_ID_ALPHABET) for _ in range(4))
         self._drain_waiters: list[Deferred[None]] = []
 
+    def _set_stress_thresholds(self, config: Config) -> None:
+        self._stress_on = max(1, (config.max_connections * config.stress_threshold + 99) // 100)
+        self._stress_off = self._stress_on - self._stress_on // 10
+
     def reconfigure(self, config: Config) -> None:
         """A reload: sessions that start from now on use ``config`` (its domains, mailboxes,
-        aliases, trusted networks and per-session limits); open sessions keep theirs.  Only
-        settings in :data:`mailsrv.reload.RELOADABLE` may differ from the running ones."""
+        aliases, trusted networks and per-session limits); open sessions keep theirs.  The
+        limits all sessions share (connection caps, rates, AUTH failure budgets) take the new
+        values at once and keep their counts.  Only settings in
+        :data:`mailsrv.reload.RELOADABLE` may differ from the running ones."""
         self.config = config
         self.policy = self.policy.reconfigured(config)
         self.trusted = TrustedNetworks(config.trusted_networks)
+        self._set_stress_thresholds(config)
+        if isinstance(self.limits, LocalLimits):
+            self.limits.reconfigure(config)
+
+    def reload_step(self, config: Config, changed: frozenset[str]) -> Callable[[], None]:
+        """A reload's SMTP part (a :data:`mailsrv.reload.ReloadStep`): :meth:`reconfigure`."""
+        return functools.partial(self.reconfigure, config)
 
     # -- identifiers and delivery ---------------------------------------------------------------
 

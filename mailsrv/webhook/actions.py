@@ -102,6 +102,10 @@ class OutboxActions:
         self._clock = clock
         self._dispatcher = dispatcher
 
+    def reconfigure(self, endpoints: Sequence[Endpoint]) -> None:
+        """A reload: ``endpoints`` are the configured ones from now on."""
+        self._endpoints = {endpoint.name: endpoint for endpoint in endpoints}
+
     def list_entries(self) -> Deferred[OutboxView]:
         return Deferred.fromCoroutine(self._list())
 

@@ -84,6 +84,8 @@ class _Lane:
     attempts: set[Deferred[Any]] = field(default_factory=set)
     timer: IDelayedCall | None = None
     disabled: DisabledEndpoint | None = None
+    removed: bool = False
+    """The endpoint left the configuration (a reload); attempts in flight still finish."""
 
 
 class WebhookDispatcher(Service):
@@ -126,6 +128,10 @@ class WebhookDispatcher(Service):
         self._attempts: set[Deferred[Any]] = set()
         self._background: set[Deferred[Any]] = set()
         self._stopping = False
+        self._kept: dict[str, dict[str, OutboxEntry]] = {}
+        """Pending entries of endpoints not configured (now), by endpoint: on disk, not sent."""
+        self._kept_states: dict[str, DisabledEndpoint] = {}
+        """The disabled states of endpoints not configured (now)."""
         self.setName("webhooks")
 
     # -- service ----------------------------------------------------------------------------
@@ -135,16 +141,10 @@ class WebhookDispatcher(Service):
         self._stopping = False
         for state in self._disabled_at_start:
             lane = self._lanes.get(state.name)
-            if lane is not None and lane.endpoint.url != state.url:
-                _log.info(
-                    "webhook endpoint {endpoint} is enabled again: its URL changed since it "
-                    "answered {reason}",
-                    endpoint=state.name,
-                    reason=state.reason,
-                )
-                self._in_background(self._states.remove(state.name))
-            elif lane is not None:
-                lane.disabled = state
+            if lane is None:
+                self._kept_states[state.name] = state
+            else:
+                self._restore_state(lane, state)
         self._disabled_at_start = []
         loaded, self._loaded = self._loaded, []
         unknown: dict[str, int] = {}
@@ -157,6 +157,7 @@ class WebhookDispatcher(Service):
                     self.pending[entry.key] = entry
                 else:
                     unknown[entry.endpoint] = unknown.get(entry.endpoint, 0) + 1
+                    self._kept.setdefault(entry.endpoint, {})[entry.key] = entry
         for name, count in sorted(unknown.items()):
             _log.warn(
                 "{count} pending webhook event(s) for endpoint {endpoint}, which is not "
@@ -175,6 +176,19 @@ class WebhookDispatcher(Service):
                 endpoints=len(self._lanes),
                 pending=len(self.pending),
             )
+
+    def _restore_state(self, lane: _Lane, state: DisabledEndpoint) -> None:
+        """``lane`` was disabled as ``state`` says: it stays so, unless its URL changed."""
+        if lane.endpoint.url != state.url:
+            _log.info(
+                "webhook endpoint {endpoint} is enabled again: its URL changed since it "
+                "answered {reason}",
+                endpoint=state.name,
+                reason=state.reason,
+            )
+            self._in_background(self._states.remove(state.name))
+        else:
+            lane.disabled = state
 
     def stopService(self) -> Deferred[None]:
         """Stop scheduling; wait up to ``stop_grace`` seconds for attempts in flight (and the
@@ -220,6 +234,68 @@ class WebhookDispatcher(Service):
             self.pending[entry.key] = entry
             if entry.key not in self._flying:
                 self._schedule(lane, entry.key, entry.next_attempt or now)
+
+    def reconfigure(self, endpoints: Sequence[Endpoint]) -> None:
+        """A reload: send to ``endpoints`` from now on.
+
+        A changed endpoint's next attempts use its new settings (attempts in flight finish with
+        the old ones; a disabled endpoint whose URL changed is enabled again).  A removed
+        endpoint's pending events stay in the outbox, not sent, and are sent again if it comes
+        back under the same name, as at a start with a smaller configuration.
+        """
+        wanted = {endpoint.name: endpoint for endpoint in endpoints}
+        for name, gone in list(self._lanes.items()):
+            if name not in wanted:
+                self._remove_lane(gone)
+        for name, endpoint in wanted.items():
+            lane = self._lanes.get(name)
+            if lane is None:
+                self._add_lane(endpoint)
+                continue
+            old, lane.endpoint = lane.endpoint, endpoint
+            if lane.disabled is not None and old.url != endpoint.url:
+                state, lane.disabled = lane.disabled, None
+                self._restore_state(lane, state)
+            self._pump(lane)
+
+    def _remove_lane(self, lane: _Lane) -> None:
+        name = lane.endpoint.name
+        del self._lanes[name]
+        lane.removed = True
+        if lane.timer is not None and lane.timer.active():
+            lane.timer.cancel()
+        lane.timer = None
+        lane.due.clear()
+        kept = self._kept.setdefault(name, {})
+        for key, entry in list(self.pending.items()):
+            if entry.endpoint == name and key not in self._flying:
+                kept[key] = self.pending.pop(key)
+                self._when.pop(key, None)
+        if lane.disabled is not None:
+            self._kept_states[name] = lane.disabled
+        _log.info(
+            "webhook endpoint {endpoint} is no longer configured: {count} pending event(s) "
+            "kept, not sent",
+            endpoint=name,
+            count=len(kept),
+        )
+
+    def _add_lane(self, endpoint: Endpoint) -> None:
+        lane = self._lanes[endpoint.name] = _Lane(endpoint)
+        state = self._kept_states.pop(endpoint.name, None)
+        if state is not None:
+            self._restore_state(lane, state)
+        kept = self._kept.pop(endpoint.name, {})
+        now = self._clock.seconds()
+        for key, entry in kept.items():
+            self.pending[key] = entry
+            self._schedule(lane, key, entry.next_attempt or now)
+        _log.info(
+            "webhook endpoint {endpoint} added: {count} pending event(s)",
+            endpoint=endpoint.name,
+            count=len(kept),
+        )
+        self._pump(lane)
 
     def redriven(self, entries: Iterable[OutboxEntry]) -> None:
         """An operator made entries pending again (durably): send them."""
@@ -354,10 +430,11 @@ class WebhookDispatcher(Service):
             lane.in_flight -= 1
             self._pump(lane)
 
-    def _outcome(self, entry: OutboxEntry, result: AttemptResult) -> tuple[OutboxEntry, str]:
-        """The entry after ``result``, and the log line's verdict."""
+    def _outcome(
+        self, endpoint: Endpoint, entry: OutboxEntry, result: AttemptResult
+    ) -> tuple[OutboxEntry, str]:
+        """The entry after ``result`` (an attempt to ``endpoint``), and the log line's verdict."""
         now = self._clock.seconds()
-        endpoint = self._lanes[entry.endpoint].endpoint
         attempts = entry.attempts + 1
         seen: dict[str, Any] = {
             "last_attempt": now,
@@ -382,7 +459,7 @@ class WebhookDispatcher(Service):
         return replace(entry, next_attempt=next_time, attempts=attempts, **seen), verdict
 
     async def _record(self, lane: _Lane, entry: OutboxEntry, result: AttemptResult) -> None:
-        new, verdict = self._outcome(entry, result)
+        new, verdict = self._outcome(lane.endpoint, entry, result)
         self._count(new, result)
         if new.state is EntryState.DONE:
             self.recent.append(new)
@@ -413,9 +490,14 @@ class WebhookDispatcher(Service):
             _log.warn(text, **fields)
         else:
             _log.info(text, **fields)
-        if new.state is EntryState.PENDING:
+        # An endpoint removed by a reload while this attempt ran may be back by now.
+        current = self._lanes.get(new.endpoint) if lane.removed else lane
+        if new.state is EntryState.PENDING and current is None:
+            self.pending.pop(new.key, None)
+            self._kept.setdefault(new.endpoint, {})[new.key] = new
+        elif new.state is EntryState.PENDING and current is not None:
             self.pending[new.key] = new
-            self._schedule(lane, new.key, new.next_attempt or self._clock.seconds())
+            self._schedule(current, new.key, new.next_attempt or self._clock.seconds())
         else:
             self.pending.pop(new.key, None)
         if result.outcome is Outcome.DISABLE and lane.disabled is None:
@@ -445,6 +527,8 @@ class WebhookDispatcher(Service):
             reason=f"HTTP {result.status} Gone",
         )
         lane.disabled = state
+        if lane.removed and lane.endpoint.name not in self._lanes:
+            self._kept_states[state.name] = state
         if lane.timer is not None and lane.timer.active():
             lane.timer.cancel()
         lane.timer = None

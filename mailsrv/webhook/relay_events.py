@@ -44,6 +44,7 @@ _EVENT_TYPES = {
     State.DEFERRED: MESSAGE_DEFERRED,
     State.HELD: MESSAGE_DEFERRED,  # held by an operator while the attempt was in flight
 }
+_RELAY_EVENT_TYPES = frozenset(_EVENT_TYPES.values())
 
 
 @implementer(IOutcomeListener)
@@ -61,6 +62,15 @@ class RelayEvents:
         self._endpoints = tuple(endpoints)
         self._added = added
         self._clock = clock
+
+    @property
+    def listening(self) -> bool:
+        """True when an endpoint wants relay outcomes (otherwise the scheduler need not ask)."""
+        return any(endpoint.events & _RELAY_EVENT_TYPES for endpoint in self._endpoints)
+
+    def reconfigure(self, endpoints: Sequence[Endpoint]) -> None:
+        """A reload: outcomes from now on are written for ``endpoints``."""
+        self._endpoints = tuple(endpoints)
 
     def entries_for(
         self, record: QueueRecord, recipients: Sequence[RecipientStatus]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import email.utils
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from enum import Enum
@@ -238,6 +238,23 @@ class WebhookSender:
         pool = self._pools[key]
         pool.maxPersistentPerHost = max(pool.maxPersistentPerHost, endpoint.concurrency)
         return client
+
+    def renewed(self, endpoints: Sequence[Endpoint]) -> Callable[[], None]:
+        """Clients for ``endpoints`` made afresh, their CA bundles read again (blocking; raises
+        :class:`~mailsrv.trust.TrustError`); what it returns installs them, and closes the idle
+        connections of the old ones (requests in flight finish on theirs)."""
+        fresh = WebhookSender(self._reactor, self._clock, self._idle_timeout)
+        for endpoint in endpoints:
+            fresh.prepare(endpoint)
+
+        def install() -> None:
+            old = list(self._pools.values())
+            self._pools, self._clients = fresh._pools, fresh._clients
+            self._signers = fresh._signers
+            for pool in old:
+                pool.closeCachedConnections()
+
+        return install
 
     def prepare(self, endpoint: Endpoint) -> None:
         """Make ``endpoint``'s client now (it reads the CA bundle: blocking, so at start)."""

@@ -11,10 +11,11 @@ configured, so that entries left from an earlier configuration stay visible to
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailsrv.config import Config
+from mailsrv.config import Config, ConfigError
 from mailsrv.ops.metrics import Metrics
 from mailsrv.threads import RunInThread
 from mailsrv.webhook.actions import OutboxActions
@@ -22,16 +23,17 @@ from mailsrv.webhook.build import PayloadBuilder
 from mailsrv.webhook.control import Handler, handlers
 from mailsrv.webhook.dispatcher import WebhookDispatcher
 from mailsrv.webhook.endpoint_state import DisabledEndpoints
-from mailsrv.webhook.endpoints import MESSAGE_BOUNCED, MESSAGE_DEFERRED, MESSAGE_DELIVERED
 from mailsrv.webhook.outbox_store import OutboxStore
 from mailsrv.webhook.relay_events import RelayEvents
 from mailsrv.webhook.sender import WebhookSender
 from mailsrv.webhook.sink import MaildirPaths, OutboxSink
+from mailsrv.webhook.trust import TrustError
 
 ENDPOINTS_DIR = "endpoints"
 """Where, under the outbox, disabled endpoints are remembered."""
 
-RELAY_EVENTS = frozenset({MESSAGE_DELIVERED, MESSAGE_DEFERRED, MESSAGE_BOUNCED})
+WEBHOOK_SETTINGS = frozenset({"webhook_url", "webhook_secret", "webhooks"})
+"""The settings that name the endpoints."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,33 @@ class Webhooks:
     states: DisabledEndpoints
     sink: OutboxSink
     dispatcher: WebhookDispatcher
-    relay_events: RelayEvents | None
-    """The relay scheduler's outcome listener; None when no endpoint wants relay outcomes."""
+    relay_events: RelayEvents
+    """The relay scheduler's outcome listener (not listening while no endpoint wants relay
+    outcomes)."""
     actions: OutboxActions
     control: dict[str, Handler]
+    sender: WebhookSender
+
+    def reload_step(self, config: Config, changed: frozenset[str]) -> Callable[[], None] | None:
+        """A reload's webhook part (a :data:`mailsrv.reload.ReloadStep`): the endpoints of
+        ``config`` when they changed, their CA bundles read now (a bad one refuses the
+        reload)."""
+        if not changed & WEBHOOK_SETTINGS:
+            return None
+        endpoints = config.webhook_endpoints
+        try:
+            install_clients = self.sender.renewed(endpoints)
+        except TrustError as e:
+            raise ConfigError(f"webhooks: ca_file: {e}") from None
+
+        def install() -> None:
+            install_clients()
+            self.sink.reconfigure(endpoints)
+            self.relay_events.reconfigure(endpoints)
+            self.actions.reconfigure(endpoints)
+            self.dispatcher.reconfigure(endpoints)
+
+        return install
 
 
 def open_stores(
@@ -89,8 +114,8 @@ def build_webhooks(
     )
     sink = OutboxSink(store, endpoints, maildir_paths)
     sink.listen(dispatcher.added)
-    relay_events = None
-    if any(endpoint.events & RELAY_EVENTS for endpoint in endpoints):
-        relay_events = RelayEvents(store, endpoints, dispatcher.added, reactor)
+    relay_events = RelayEvents(store, endpoints, dispatcher.added, reactor)
     actions = OutboxActions(store, states, endpoints, reactor, dispatcher)
-    return Webhooks(store, states, sink, dispatcher, relay_events, actions, handlers(actions))
+    return Webhooks(
+        store, states, sink, dispatcher, relay_events, actions, handlers(actions), sender
+    )

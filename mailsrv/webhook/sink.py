@@ -54,6 +54,11 @@ class OutboxSink:
         self._staged: dict[str, list[OutboxEntry]] = {}
         self._listeners: list[Callable[[list[OutboxEntry]], None]] = []
 
+    def reconfigure(self, endpoints: Sequence[Endpoint]) -> None:
+        """A reload: batches written from now on get entries for ``endpoints`` (the tuple is
+        replaced whole, so the committer thread sees the old one or the new one)."""
+        self._endpoints = tuple(endpoints)
+
     def listen(self, added: Callable[[list[OutboxEntry]], None]) -> None:
         """Call ``added`` with the new entries of every committed batch (the dispatcher)."""
         self._listeners.append(added)
