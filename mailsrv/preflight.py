@@ -154,19 +154,13 @@ def check_tls(config: Config) -> ReloadingServerTLS | None:
 
 
 def check_trust_files(config: Config) -> None:
-    """The CA bundles outbound TLS verifies against (``relay_ca_file``, each webhook
-    endpoint's ``ca_file``) are readable PEM certificates."""
+    """The CA bundle relay TLS verifies against (``relay_ca_file``) holds readable PEM
+    certificates (a webhook endpoint's ``ca_file`` is read with the configuration)."""
     if config.relay_ca_file:
         try:
             load_trust_root(config.relay_ca_file)
         except TrustError as e:
             raise PreflightError(f"relay_ca_file: {e}") from None
-    for endpoint in config.webhook_endpoints:
-        if endpoint.ca_file:
-            try:
-                load_trust_root(endpoint.ca_file)
-            except TrustError as e:
-                raise PreflightError(f"webhook {endpoint.name}: ca_file: {e}") from None
 
 
 def check_argon2(config: Config) -> PasswordHasher:

@@ -349,6 +349,16 @@ CASES = [
         "environment SMTP_ARGON2_TIME_COST: must be between 1 and 100, got 1000",
     ),
     Case(
+        "relay-ca-file-missing",
+        lambda t: {"SMTP_RELAY_HOST": "smarthost.example", "SMTP_RELAY_CA_FILE": f"{t}/ca.pem"},
+        "relay_ca_file: {tmp}/ca.pem: No such file or directory",
+    ),
+    Case(
+        "relay-ca-file-not-pem",
+        lambda t: {"SMTP_RELAY_CA_FILE": str(_file(t / "ca.pem", b"not a certificate"))},
+        "relay_ca_file: {tmp}/ca.pem: no PEM certificate in it",
+    ),
+    Case(
         "local-domains-empty",
         lambda t: {"SMTP_LOCAL_DOMAINS": ""},
         "environment SMTP_LOCAL_DOMAINS: empty: at least one local domain is needed",
