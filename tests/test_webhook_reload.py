@@ -153,5 +153,5 @@ def test_a_ca_bundle_that_cannot_be_read_is_refused_before_anything_changes(
 ) -> None:
     sender = WebhookSender(task.Clock())
     bad = endpoint("tls", "https://127.0.0.1:9/hook", ca_file=str(tmp_path / "missing.pem"))
-    with pytest.raises(TrustError, match="missing.pem"):
+    with pytest.raises(TrustError, match=r"missing\.pem"):
         sender.renewed([bad])
