@@ -170,6 +170,21 @@ def parse_domains(raw: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_domain(item) for item in _items(raw)))
 
 
+_DNSBL_ACTIONS = ("refuse", "tag")
+
+
+def parse_dnsbl_zones(raw: object) -> tuple[tuple[str, str], ...]:
+    """Comma-separated ``zone`` or ``zone=refuse|tag`` items (refuse when not said)."""
+    zones: dict[str, str] = {}
+    for item in _items(raw):
+        name, _, action = item.partition("=")
+        action = action.strip().lower() or "refuse"
+        if action not in _DNSBL_ACTIONS:
+            raise ValueError(f"{item!r}: the action is refuse or tag, got {action!r}")
+        zones[_domain(name.strip())] = action
+    return tuple(zones.items())
+
+
 def _mailbox(text: str) -> str:
     try:
         return canonical_address(text)
@@ -350,6 +365,28 @@ class Config:
         120, parse_int(1, 1_000_000), "Messages per client IP per rate window"
     )
     rate_window: float = setting(60.0, parse_seconds(1.0), "Sliding window for per-IP rates (s)")
+    dnsbl_zones: tuple[tuple[str, str], ...] = setting(
+        (),
+        parse_dnsbl_zones,
+        "DNS blocklists asked at connect on the MX port: zone[=refuse|tag], comma-separated",
+    )
+    dnsbl_timeout: float = setting(
+        3.0,
+        parse_seconds(0.1),
+        "Longest wait for DNSBL answers before the greeting (then: not listed)",
+    )
+    greylist: bool = setting(
+        False, parse_bool, "Greylist unknown (client network, sender, recipient) at RCPT on the MX"
+    )
+    greylist_delay: float = setting(
+        300.0, parse_seconds(1.0), "How long a greylisted sender must wait before a retry passes"
+    )
+    greylist_expiry: float = setting(
+        86_400.0, parse_seconds(60.0), "Time after the first attempt within which a retry passes"
+    )
+    greylist_lifetime: float = setting(
+        36 * 86_400.0, parse_seconds(3600.0), "How long a passed triplet is remembered (renewed)"
+    )
     max_message_size: int = setting(
         10 * 1024 * 1024, parse_size(1024), "Largest message accepted (bytes; K/M/G allowed)"
     )

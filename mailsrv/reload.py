@@ -48,6 +48,13 @@ RELOADABLE = frozenset(
         "allow_plaintext_auth",
         "auth_on_mx",
         "enable_cram_md5",
+        # MX screening, read by each session from its configuration
+        "dnsbl_zones",
+        "dnsbl_timeout",
+        "greylist",
+        "greylist_delay",
+        "greylist_expiry",
+        "greylist_lifetime",
         # limits every session shares (the counts so far are kept)
         "max_connections",
         "max_connections_per_ip",

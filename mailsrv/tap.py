@@ -31,6 +31,7 @@ from mailsrv.config import (
     env_name,
     flag_name,
     load,
+    split_host_port,
 )
 from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.fssync import filesystem_syncer
@@ -49,9 +50,13 @@ from mailsrv.relay.control import QueueControlService, socket_path_problem
 from mailsrv.relay.local_success import LocalSuccessSink
 from mailsrv.relay.queue_lock import QueueBusy, QueueLock
 from mailsrv.relay.queue_store import FileQueueStore
+from mailsrv.relay.resolver import make_resolver
 from mailsrv.relay.service import build_relay
 from mailsrv.relay.sink import QueueSink
 from mailsrv.reload import ConfigReloader, ReloadStep
+from mailsrv.screening.dnsbl import DnsblChecker
+from mailsrv.screening.expiry import GreylistExpiry
+from mailsrv.screening.greylist import Greylist, IGreylistStore
 from mailsrv.smtp.listeners import SMTPListenerService
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.smtp.server import SMTPServer
@@ -227,7 +232,10 @@ def build_service(
         relay=True,
         identities=AccountIdentities(store),
         metrics=metrics,
+        dnsbl=DnsblChecker(screening_resolver(config, reactor), reactor),
+        greylist=Greylist(IGreylistStore(store)),
     )
+    GreylistExpiry(server, reactor).setServiceParent(root)
     bounces = DsnSubmitter(
         server,
         queue_store.body_path,
@@ -268,6 +276,12 @@ def build_service(
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
+
+
+def screening_resolver(config: Config, reactor: Any) -> Any:
+    """The resolver of the DNSBL lookups (``dns_servers``, or resolv.conf's)."""
+    servers = [split_host_port(server, 53) for server in config.dns_servers]
+    return make_resolver(reactor, servers)
 
 
 def export_certificate_expiry(tls: ReloadingServerTLS, metrics: Metrics) -> None:

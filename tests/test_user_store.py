@@ -21,7 +21,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import gatherResults
 from zope.interface.verify import verifyObject
 
-from mailsrv.auth import cram
+from mailsrv.auth import cram, migrations
 from mailsrv.auth.pg_store import PostgresUserStore, is_connection_error
 from mailsrv.auth.sqlite_store import SQLiteUserStore
 from mailsrv.auth.store import Account, DuplicateAccount, IUserStore, StoreError, UnknownAccount
@@ -29,6 +29,10 @@ from mailsrv.auth.store import Account, DuplicateAccount, IUserStore, StoreError
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
 CAROL = "carol@example.net"
+
+
+LATEST = migrations.latest("sqlite")
+assert LATEST == migrations.latest("postgresql")
 
 
 @dataclass
@@ -308,17 +312,17 @@ async def test_list_ordering(store: Any) -> None:
 async def test_migrations_are_idempotent_on_reopen(backend: Backend) -> None:
     first = backend.make()
     await first.open()
-    assert await first.schema_version() == 1
+    assert await first.schema_version() == LATEST
     await add(first, ALICE)
     await first.close()
     again = backend.make()
     await again.open()
     try:
-        assert await again.schema_version() == 1
+        assert await again.schema_version() == LATEST
         assert (await again.get_account(ALICE)).login == ALICE
     finally:
         await again.close()
-    assert backend.query("SELECT version FROM schema_version") == [(1,)]
+    assert backend.query("SELECT version FROM schema_version") == [(LATEST,)]
 
 
 @pytest_twisted.ensureDeferred
@@ -328,11 +332,11 @@ async def test_concurrent_openers_migrate_once(backend: Backend) -> None:
         await gatherResults([s.open() for s in stores])
         await add(stores[0], ALICE)
         for s in stores:
-            assert await s.schema_version() == 1
+            assert await s.schema_version() == LATEST
             assert (await s.get_account(ALICE)).login == ALICE
     finally:
         await gatherResults([s.close() for s in stores])
-    assert backend.query("SELECT version FROM schema_version") == [(1,)]
+    assert backend.query("SELECT version FROM schema_version") == [(LATEST,)]
 
 
 @pytest_twisted.ensureDeferred

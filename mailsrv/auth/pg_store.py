@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from mailsrv.auth import migrations as m
 from mailsrv.auth.store import Account, IUserStore, StoreError
+from mailsrv.screening import greylist
 
 T = TypeVar("T")
 
@@ -207,7 +208,7 @@ class _Pool(txpostgres.ConnectionPool):  # type: ignore[misc]
             c.close()
 
 
-@implementer(IUserStore)
+@implementer(IUserStore, greylist.IGreylistStore)
 class PostgresUserStore:
     """Accounts and aliases in PostgreSQL (``dsn``: a libpq URL or key=value string)."""
 
@@ -442,6 +443,24 @@ class PostgresUserStore:
             m.no_such_alias(key or address),
         )
 
+    # --- greylisting (mailsrv.screening.greylist) -------------------------------------------
+
+    def greylist_attempt(
+        self, key: str, now: float, delay: float, expiry: float, lifetime: float
+    ) -> Deferred[greylist.Seen]:
+        # One statement in autocommit: repeating it after a lost answer records one more
+        # attempt of the same second, which changes no verdict.
+        params = greylist.attempt_parameters(key, now, delay, expiry, lifetime)
+        d = Deferred.fromCoroutine(
+            self._retrying(
+                lambda pool: pool.runQuery(greylist.ATTEMPT_POSTGRESQL, params), idempotent=True
+            )
+        )
+        return d.addCallback(lambda rows: greylist.seen_from_row(tuple(rows[0])))
+
+    def greylist_expire(self, now: float) -> Deferred[int]:
+        return self._transaction(_greylist_expire, now)
+
 
 # --- helpers and transactions ------------------------------------------------------------------
 
@@ -549,3 +568,8 @@ async def _add_alias(cursor: Any, address: str, login: str, missing: Exception, 
         if e.pgcode == FOREIGN_KEY_VIOLATION:
             raise missing from None
         raise
+
+
+async def _greylist_expire(cursor: Any, now: float) -> int:
+    await cursor.execute(greylist.EXPIRE_POSTGRESQL, (now,))
+    return int(cursor.rowcount)

@@ -24,13 +24,14 @@ from zope.interface import implementer
 from mailsrv.auth import migrations as m
 from mailsrv.auth.store import Account, IUserStore, StoreError
 from mailsrv.filemodes import create_private_file, make_private_dirs
+from mailsrv.screening import greylist
 
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
 
 
-@implementer(IUserStore)
+@implementer(IUserStore, greylist.IGreylistStore)
 class SQLiteUserStore:
     """Accounts and aliases in an SQLite file (created with its directory on open)."""
 
@@ -219,6 +220,17 @@ class SQLiteUserStore:
     def remove_alias(self, address: str) -> Deferred[None]:
         return self._write(_remove_alias, _key_or_empty(address), address)
 
+    # --- greylisting (mailsrv.screening.greylist) -------------------------------------------
+
+    def greylist_attempt(
+        self, key: str, now: float, delay: float, expiry: float, lifetime: float
+    ) -> Deferred[greylist.Seen]:
+        params = greylist.attempt_parameters(key, now, delay, expiry, lifetime)
+        return self._write(_greylist_attempt, params)
+
+    def greylist_expire(self, now: float) -> Deferred[int]:
+        return self._write(_greylist_expire, now)
+
 
 # --- the SQL, run in the writer thread ---------------------------------------------------------
 
@@ -352,3 +364,12 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
                 raise
             pause.wait(0.02)
     conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _greylist_attempt(conn: sqlite3.Connection, params: dict[str, object]) -> greylist.Seen:
+    row = conn.execute(greylist.ATTEMPT_SQLITE, params).fetchone()
+    return greylist.seen_from_row(tuple(row))
+
+
+def _greylist_expire(conn: sqlite3.Connection, now: float) -> int:
+    return conn.execute(greylist.EXPIRE_SQLITE, (now,)).rowcount

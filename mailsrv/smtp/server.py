@@ -34,6 +34,8 @@ from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.spool import Spool, SpoolFile
 from mailsrv.limits import TrustedNetworks
 from mailsrv.ops.metrics import Metrics
+from mailsrv.screening.dnsbl import DnsblChecker
+from mailsrv.screening.greylist import Greylist
 from mailsrv.shared_limits import ILimits, LocalLimits
 from mailsrv.smtp.policy import RecipientPolicy
 from mailsrv.threads import RunInThread
@@ -72,6 +74,8 @@ class SMTPServer:
         relay: bool = False,
         identities: AccountIdentities | None = None,
         metrics: Metrics | None = None,
+        dnsbl: DnsblChecker | None = None,
+        greylist: Greylist | None = None,
     ) -> None:
         self.config = config
         self.relay = relay  # a relay queue is among the committer's sinks
@@ -89,6 +93,8 @@ class SMTPServer:
         self.identities = identities if identities is not None else AccountIdentities(None)
         self.hash_queue = HashQueue(config.auth_hash_threads, config.auth_hash_queue)
         self.metrics = metrics if metrics is not None else Metrics()
+        self.dnsbl = dnsbl  # MX clients are asked about when the configuration names zones
+        self.greylist = greylist  # used when the configuration turns greylisting on
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self.stressed = False

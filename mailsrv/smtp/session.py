@@ -42,6 +42,7 @@ from mailsrv.delivery.envelope import (
 )
 from mailsrv.delivery.spool import SpoolFile
 from mailsrv.limits import normalize_ip
+from mailsrv.screening.greylist import Verdict
 from mailsrv.shared_limits import CONNECTION_LIMIT, CONNECTION_RATE, IP_CONNECTION_LIMIT
 from mailsrv.smtp import replies
 from mailsrv.smtp.address import (
@@ -61,6 +62,7 @@ from mailsrv.smtp.parameters import (
 )
 from mailsrv.smtp.policy import RecipientDecision, remote_domain
 from mailsrv.smtp.replies import Reply, Response
+from mailsrv.smtp.screening import DNSBL_REFUSAL, ScreeningSteps
 from mailsrv.smtp.security import SecurityCommands
 from mailsrv.smtp.server import SMTPServer
 from mailsrv.tls import describe_session
@@ -145,7 +147,7 @@ class Transaction:
 
 
 @implementer(IHandshakeListener)
-class SMTPSession(SecurityCommands, Protocol):
+class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
     """One client connection.  See the module docstring for the design."""
 
     transport: Any = None  # an ITCPTransport (or TLS) that is also an IPushProducer
@@ -227,9 +229,23 @@ class SMTPSession(SecurityCommands, Protocol):
             self._close(_REFUSALS[refusal])
             return
         self._counted = True
+        screening = self._dnsbl_check()
+        if screening is not None:
+            screening.addCallback(self._send_greeting)
+            return
+        self._send_greeting(None)
+
+    def _send_greeting(self, refusal: Reply | None) -> None:
+        """The greeting: ``220``, or the screening's refusal (after which only QUIT works)."""
+        if self._closing:
+            return
         self._busy = False
         self._deadlines.client_turn()
-        self._send(f"220 {self.server.hostname} ESMTP mailsrv ready\r\n".encode())
+        if refusal is not None:
+            self._metrics.refused(DNSBL_REFUSAL)
+            self._send(refusal.format())
+        else:
+            self._send(f"220 {self.server.hostname} ESMTP mailsrv ready\r\n".encode())
         self._process()
 
     def _admission_failed(self, failure: Failure) -> None:
@@ -427,6 +443,9 @@ class SMTPSession(SecurityCommands, Protocol):
         verb = verb.upper()
         if len(line) + 2 > self._line_limit(verb):
             self._respond(replies.LINE_TOO_LONG)
+            return
+        if self.refused_at_greeting and verb != "QUIT":
+            self._respond(replies.REFUSED_SESSION)
             return
         handler: Callable[[str], Response | Deferred[Response]] | None = (
             getattr(self, "do_" + verb, None) if verb in _COMMANDS else None
@@ -646,9 +665,13 @@ class SMTPSession(SecurityCommands, Protocol):
         transaction: Transaction,
         address: Address,
         dsn: DsnRequest,
-    ) -> Response:
+    ) -> Response | Deferred[Response]:
         if transaction is not self.transaction:
             return replies.NEED_MAIL
+        if decision.accepted and self._greylisting_applies():
+            return self._greylist(transaction.sender_text, str(address)).addCallback(
+                self._greylist_decided, decision, transaction, address, dsn
+            )
         if decision.accepted:
             transaction.recipients.append(address)
             route: LocalRoute | RemoteRoute = LocalRoute(decision.mailboxes)
@@ -668,6 +691,22 @@ class SMTPSession(SecurityCommands, Protocol):
                 return replies.RELAY_NOT_AVAILABLE
         return decision.reply
 
+    def _greylist_decided(
+        self,
+        verdict: Verdict,
+        decision: RecipientDecision,
+        transaction: Transaction,
+        address: Address,
+        dsn: DsnRequest,
+    ) -> Response:
+        if transaction is not self.transaction:
+            return replies.NEED_MAIL
+        if not verdict.passed:
+            return self._greylisted_reply(verdict, transaction.sender_text, str(address))
+        transaction.recipients.append(address)
+        transaction.accepted.append(Recipient(str(address), LocalRoute(decision.mailboxes), dsn))
+        return decision.reply
+
     def do_DATA(self, argument: str) -> Response:
         """DATA: receive the message body."""
         if argument:
@@ -682,7 +721,7 @@ class SMTPSession(SecurityCommands, Protocol):
             transaction.queue_id, lambda: self._pause("spool"), lambda: self._resume("spool")
         )
         transaction.spool_file = spool_file
-        trace = self._trace_headers(transaction)
+        trace = self._trace_headers(transaction) + self.dnsbl_header()
         spool_file.write(trace)
         received = trace.partition(b"\n")[2]  # a relay drops Return-Path and sends CRLF
         transaction.trace_wire_size = len(received) + received.count(b"\n")
