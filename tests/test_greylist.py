@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the store fixtures come from tests.test_user_store)
 """Greylisting against both real user stores (SQLite and PostgreSQL), with explicit times, and
 the session's RCPT step over real sockets."""
 
