@@ -124,6 +124,20 @@ def test_counters_move_by_exactly_the_traffic(make_server: Callable[..., Server]
     assert (
         moved("mailsrv_auth_attempts_total", (("mechanism", "PLAIN"), ("result", "failure"))) == 1
     )
+    assert moved("mailsrv_security_events_total", (("event", "auth-failure"),)) == 1
+    # The AUTH throttle's census, read at the scrape: 127.0.0.1 is trusted (not counted), the
+    # account name that does not exist still has its failure on record.
+    throttled = {
+        labels: value
+        for (name, labels), value in after.items()
+        if name == "mailsrv_throttled_clients"
+    }
+    assert throttled == {
+        (("kind", "ip"), ("state", "locked")): 0,
+        (("kind", "ip"), ("state", "delayed")): 0,
+        (("kind", "account"), ("state", "locked")): 0,
+        (("kind", "account"), ("state", "delayed")): 1,
+    }
     assert server.stop() == -15  # SIGTERM re-raised after a clean drain
 
 

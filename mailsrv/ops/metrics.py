@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import generate_latest
@@ -32,6 +33,9 @@ from mailsrv.ops.families import (
     GaugeValue,
     HistogramFamily,
 )
+
+if TYPE_CHECKING:
+    from mailsrv.auth.throttle import ThrottleCensus
 
 PREFIX = "mailsrv"
 
@@ -150,6 +154,21 @@ class Metrics:
             ["listener", "tls", "auth"],
             registry=registry,
         )
+        self.throttled_clients = GaugeFamily(
+            f"{PREFIX}_throttled_clients",
+            "Clients (kind=ip: an IPv4 address or an IPv6 /64) and accounts (kind=account) with"
+            " failed AUTHs in the window: state=locked (at the limit: AUTH refused until they"
+            " age out) or state=delayed (below it: each failure answered late)",
+            ["kind", "state"],
+            registry=registry,
+        )
+        self.security_events = CounterFamily(
+            f"{PREFIX}_security_events",
+            "Security events as logged (refusals by a limit or throttle, AUTH failures, relay"
+            " and sender refusals), by event",
+            ["event"],
+            registry=registry,
+        )
         self.tls_certificate_expiry = GaugeFamily(
             f"{PREFIX}_tls_certificate_expiry_timestamp_seconds",
             "When the server's TLS certificate in use expires (Unix time; 0 without TLS)",
@@ -197,6 +216,7 @@ class Metrics:
             registry=registry,
         )
         self._listeners: dict[str, ListenerMetrics] = {}
+        self._security_events: dict[str, CounterValue] = {}
         self._before_scrape: list[Callable[[], None]] = []
 
     def listener(self, name: str) -> ListenerMetrics:
@@ -223,6 +243,21 @@ class Metrics:
     def auth_attempt(self, mechanism: str, result: str) -> None:
         """Count one AUTH attempt (``mechanism`` is one the server offers: a bounded set)."""
         self.auth_attempts.labels(mechanism or "none", result).inc()
+
+    def security_event(self, event: str) -> None:
+        """Count one security event (``event``: one of the server's fixed event names)."""
+        child = self._security_events.get(event)
+        if child is None:
+            child = self._security_events[event] = self.security_events.labels(event)
+        child.inc()
+
+    def set_throttled(self, census: ThrottleCensus) -> None:
+        """Set the throttled-clients gauge from the AUTH throttle's census."""
+        gauge = self.throttled_clients
+        gauge.labels("ip", "locked").set(census.clients_locked)
+        gauge.labels("ip", "delayed").set(census.clients_delayed)
+        gauge.labels("account", "locked").set(census.accounts_locked)
+        gauge.labels("account", "delayed").set(census.accounts_delayed)
 
     def before_scrape(self, refresh: Callable[[], None]) -> None:
         """Call ``refresh`` on the reactor before each scrape (gauges read from a component's
