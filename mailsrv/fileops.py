@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from mailsrv.filemodes import PRIVATE_FILE
@@ -40,9 +41,13 @@ def fsync_directory(path: Path) -> None:
     _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
-def link_or_copy(source: Path, target: Path, temporary: Path) -> None:
-    """Hard-link ``source`` to ``target``; across filesystems copy it to ``temporary`` (``0600``,
-    fsync'd) and rename that to ``target``.  A failed copy leaves no temporary behind."""
+def link_or_copy(source: Path, target: Path, temporary_for: Callable[[Path], Path]) -> None:
+    """Hard-link ``source`` to ``target``; across filesystems copy it to ``temporary_for(target)``
+    (``0600``, fsync'd) and rename that to ``target``.  A failed copy leaves no temporary behind.
+
+    The temporary's path is asked for only when a copy is needed: building paths costs more
+    than the link itself on the commit path.
+    """
     try:
         os.link(source, target)
     except OSError as e:
@@ -50,6 +55,7 @@ def link_or_copy(source: Path, target: Path, temporary: Path) -> None:
             raise
     else:
         return
+    temporary = temporary_for(target)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE)
     try:
         with open(source, "rb") as src, open(fd, "wb", closefd=False) as dst:

@@ -122,6 +122,20 @@ class RateLimiter:
         self._trim(events, self._clock.seconds())
         return len(events)
 
+    def census(self) -> tuple[int, int]:
+        """How many keys have events within the window, and how many of those are at the
+        limit (one walk over the keys, which also drops the events that left the window)."""
+        horizon = self._clock.seconds() - self.window
+        active = at_limit = 0
+        for events in self._events.values():
+            while events and events[0] <= horizon:
+                events.popleft()
+            if events:
+                active += 1
+                if len(events) >= self.limit:
+                    at_limit += 1
+        return active, at_limit
+
     def expire(self) -> None:
         """Forget keys whose events have all left the window (call periodically)."""
         now = self._clock.seconds()

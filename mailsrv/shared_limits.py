@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
-from mailsrv.auth.throttle import AuthAttempt, AuthThrottle
+from mailsrv.auth.throttle import AuthAttempt, AuthThrottle, ThrottleCensus
 from mailsrv.config import Config
 from mailsrv.limits import ConnectionCounter, RateLimiter
 
@@ -114,6 +114,10 @@ class LocalLimits:
 
     def auth_finished(self, attempt: AuthAttempt, outcome: str) -> None:
         self.auth_throttle.finish(attempt, outcome)
+
+    def census(self) -> ThrottleCensus:
+        """Who the AUTH throttle holds back now (for the metrics, at each scrape)."""
+        return self.auth_throttle.census()
 
     def expire(self) -> None:
         """Forget state that left its window (run on a timer in the main process)."""

@@ -71,12 +71,15 @@ async def start_server(
     portal: Any = None,
     policy: Any = None,
     identities: Any = None,
+    clock: Any = None,
 ) -> RunningServer:
     """Start the SMTP service tree for ``config`` with ephemeral ports.
 
     ``tls`` is a :class:`mailsrv.tls.ReloadingServerTLS` (needed for STARTTLS and ``smtps``),
     ``portal`` a cred Portal (needed for AUTH), ``policy`` a RecipientPolicy (e.g. with a store),
-    ``identities`` an AccountIdentities (the AUTH throttle's view of the store).
+    ``identities`` an AccountIdentities (the AUTH throttle's view of the store), ``clock`` the
+    server's time (default: the reactor; a ``task.Clock`` drives timers and limits by hand
+    while the sockets stay real).
     """
     from twisted.internet import reactor
 
@@ -97,7 +100,7 @@ async def start_server(
     committer.setServiceParent(root)
     server = SMTPServer(
         config,
-        reactor,
+        reactor if clock is None else clock,
         threads.run,
         committer,
         policy=policy,

@@ -3,12 +3,14 @@
 ``pg_cluster`` (session scope) runs ``initdb`` into a temporary directory (as the ``postgres``
 user when the tests run as root: initdb refuses root), starts it on a free port of 127.0.0.1
 with ``fsync=off``, and stops it (``-m fast``) at the end.  ``pg_dsn`` gives every test a fresh,
-empty database.  Without the server binaries the PostgreSQL tests are skipped with a reason,
-except under CI (``$CI`` set), where they fail instead: CI must never skip them.
+empty database; ``own_pg_cluster`` is a cluster of one test's own, which it may stop and
+start.  Without the server binaries the PostgreSQL tests are skipped with a reason, except
+under CI (``$CI`` set), where they fail instead: CI must never skip them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -126,9 +128,10 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"PostgreSQL tests skipped: {reason}")
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    """Start a throwaway PostgreSQL cluster for the whole session."""
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[PgCluster]:
+    """initdb a new cluster in a temporary directory, start it, and stop and remove it after
+    (skip, or fail under CI, without the binaries)."""
     bindir = find_bindir()
     if bindir is None:
         _unavailable("no PostgreSQL server binaries (initdb, pg_ctl); install postgresql")
@@ -183,6 +186,21 @@ def pg_cluster() -> Iterator[PgCluster]:
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """Start a throwaway PostgreSQL cluster for the whole session."""
+    with throwaway_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[PgCluster]:
+    """A cluster of this test's own, which it may stop and start without disturbing the
+    session's cluster (about a second to make)."""
+    with throwaway_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

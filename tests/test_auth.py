@@ -97,9 +97,15 @@ class AuthServer:
 
 
 async def start_auth_server(
-    tmp_path: Path, store: Any, certs: CertFiles, runner: Any = None, **overrides: Any
+    tmp_path: Path,
+    store: Any,
+    certs: CertFiles,
+    runner: Any = None,
+    clock: Any = None,
+    **overrides: Any,
 ) -> AuthServer:
-    """``runner`` runs the password hashing (default: Twisted's thread pool)."""
+    """``runner`` runs the password hashing (default: Twisted's thread pool); ``clock`` is
+    the server's time (default: the reactor)."""
     from twisted.internet import reactor
 
     settings: dict[str, Any] = {
@@ -126,6 +132,7 @@ async def start_auth_server(
         portal=portal,
         policy=RecipientPolicy(config, store),
         identities=AccountIdentities(store),
+        clock=clock,
     )
     return AuthServer(running, store, hasher, certs)
 

@@ -7,6 +7,7 @@ import base64
 import json
 import smtplib
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -17,7 +18,10 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from mailsrv.ops.readiness import STORE_TIMEOUT
+from tests.conftest_pg import PgCluster
 from tests.test_process import Server, can_connect, free_port, make_server, wait_for
+from tests.test_submission_process import PASSWORD, users
 
 __all__ = ["make_server"]  # the fixture, used by name
 
@@ -124,6 +128,20 @@ def test_counters_move_by_exactly_the_traffic(make_server: Callable[..., Server]
     assert (
         moved("mailsrv_auth_attempts_total", (("mechanism", "PLAIN"), ("result", "failure"))) == 1
     )
+    assert moved("mailsrv_security_events_total", (("event", "auth-failure"),)) == 1
+    # The AUTH throttle's census, read at the scrape: 127.0.0.1 is trusted (not counted), the
+    # account name that does not exist still has its failure on record.
+    throttled = {
+        labels: value
+        for (name, labels), value in after.items()
+        if name == "mailsrv_throttled_clients"
+    }
+    assert throttled == {
+        (("kind", "ip"), ("state", "locked")): 0,
+        (("kind", "ip"), ("state", "delayed")): 0,
+        (("kind", "account"), ("state", "locked")): 0,
+        (("kind", "account"), ("state", "delayed")): 1,
+    }
     assert server.stop() == -15  # SIGTERM re-raised after a clean drain
 
 
@@ -217,4 +235,62 @@ def test_tls_handshakes_and_sessions_are_counted(
     expected = x509.load_pem_x509_certificate(certs.chain.read_bytes()).not_valid_after_utc
     expiry = after[("mailsrv_tls_certificate_expiry_timestamp_seconds", ())]
     assert expiry == expected.timestamp()
+    assert server.stop() == -15
+
+
+# --- /readyz and AUTH across a PostgreSQL outage -----------------------------------------------
+
+AUTH_WITHIN = 15.0  # seconds an AUTH may wait for the database (reconnect_wait is 10 s)
+
+
+def auth_plain(port: int, login: str, password: str) -> tuple[int, float]:
+    """One AUTH PLAIN on a fresh session: the reply code and how long it took."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("laptop.example.net")
+        token = base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+        started = time.monotonic()
+        code, _ = client.docmd("AUTH", "PLAIN " + token)
+        return code, time.monotonic() - started
+
+
+def readyz(port: int) -> tuple[Answer, float]:
+    """GET /readyz and how long the answer took."""
+    started = time.monotonic()
+    answer = request(port, "/readyz")
+    return answer, time.monotonic() - started
+
+
+def test_readyz_and_auth_follow_postgresql_down_and_back(
+    make_server: Callable[..., Server], own_pg_cluster: PgCluster
+) -> None:
+    cluster = own_pg_cluster  # this test's own: stopping it disturbs no other test
+    server, port = start(
+        make_server, SMTP_DB_URL=cluster.create_database(), SMTP_MAILBOXES="", **AUTH_ENV
+    )
+    users(server, "add", "alice@example.org", password=PASSWORD)
+    ready, _ = readyz(port)
+    assert ready.status == 200, ready.body
+    assert auth_plain(server.submission_port, "alice@example.org", PASSWORD)[0] == 235
+
+    cluster.stop()
+    ready, took = readyz(port)
+    assert ready.status == 503, ready.body
+    # Answered at once with the reason, not after the check's timeout.
+    assert took < STORE_TIMEOUT
+    report = json.loads(ready.body)
+    assert report["ready"] is False
+    failing = {name: check for name, check in report["checks"].items() if not check["ok"]}
+    assert set(failing) == {"user_store"}, report
+    assert failing["user_store"]["detail"].startswith(
+        "StoreError: no connection to PostgreSQL, reconnecting"
+    ), failing
+    assert request(port, "/healthz").status == 200  # the reactor still turns
+    code, took = auth_plain(server.submission_port, "alice@example.org", PASSWORD)
+    assert code == 454  # 4.7.0 try again later: not a 535, not a hang
+    assert took < AUTH_WITHIN
+
+    cluster.start()  # the same data directory and port: the pool reconnects by itself
+    wait_for(lambda: readyz(port)[0].status == 200, 30, "/readyz to be 200 again")
+    assert auth_plain(server.submission_port, "alice@example.org", PASSWORD)[0] == 235
+    assert PASSWORD not in server.output()
     assert server.stop() == -15

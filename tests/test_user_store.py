@@ -1,7 +1,7 @@
 """One behaviour suite for the user store, run against SQLite and against PostgreSQL.
 
 Both implementations must behave identically, so every test here runs on both (``backend`` is
-parametrized); only the restart test is PostgreSQL-specific.
+parametrized); only the restart and outage tests are PostgreSQL-specific.
 """
 
 from __future__ import annotations
@@ -404,5 +404,28 @@ async def test_calls_made_while_postgresql_is_down_wait_for_it(pg_backend: Backe
         assert (await read).login == ALICE
         assert (await write).login == BOB
         assert [a.login for a in await opened.list_accounts()] == [ALICE, BOB]
+    finally:
+        await opened.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_schema_version_fails_at_once_while_postgresql_is_down(own_pg_cluster: Any) -> None:
+    # The readiness probe's query: it must say "unreachable" now, not wait for a reconnect
+    # as the other reads do (their wait here would be a minute).
+    cluster = own_pg_cluster
+    opened = PostgresUserStore(cluster.create_database(), reactor, reconnect_wait=60.0)
+    await opened.open()
+    try:
+        version = await opened.schema_version()
+        assert version > 0
+        await threads.deferToThread(cluster.stop)
+        started = reactor.seconds()
+        error = await raises(StoreError, opened.schema_version())
+        assert reactor.seconds() - started < 5
+        assert str(error).startswith("no connection to PostgreSQL, reconnecting")
+        read = opened.get_account(ALICE)  # an ordinary read waits for the database instead
+        await threads.deferToThread(cluster.start)
+        assert await read is None
+        assert await opened.schema_version() == version
     finally:
         await opened.close()

@@ -302,14 +302,20 @@ class PostgresUserStore:
             if timer.active():
                 timer.cancel()
 
-    async def _retrying(self, operation: Callable[[_Pool], Deferred[T]], idempotent: bool) -> T:
+    async def _retrying(
+        self,
+        operation: Callable[[_Pool], Deferred[T]],
+        idempotent: bool,
+        wait: float | None = None,
+    ) -> T:
         """Run ``operation``; on a dead connection wait for a reconnect and try again.
 
-        Attempts that never reached the server are repeated until ``reconnect_wait`` runs
-        out.  An idempotent read that failed after it was sent is retried once more; a write
-        that failed after it was sent is not retried (its COMMIT may have happened).
+        Attempts that never reached the server are repeated until ``wait`` seconds (default
+        ``reconnect_wait``) run out.  An idempotent read that failed after it was sent is
+        retried once more; a write that failed after it was sent is not retried (its COMMIT
+        may have happened).
         """
-        deadline = self._reactor.seconds() + self.reconnect_wait
+        deadline = self._reactor.seconds() + (self.reconnect_wait if wait is None else wait)
         sent_retry = idempotent
         while True:
             pool = await self._ready()
@@ -344,9 +350,19 @@ class PostgresUserStore:
         )
 
     def schema_version(self) -> Deferred[int]:
-        """The recorded schema version (for tests and diagnostics)."""
-        d = self._query("SELECT max(version) FROM schema_version")
-        return d.addCallback(lambda rows: int(rows[0][0]) if rows and rows[0][0] else 0)
+        """The recorded schema version (diagnostics, and the ops listener's readiness check).
+
+        Unlike the other reads it does not wait for a lost connection to come back: with no
+        live connection it fails at once with a StoreError that says so, so ``/readyz``
+        answers 503 with the reason instead of waiting out its timeout.
+        """
+        sql = "SELECT max(version) FROM schema_version"
+        d = Deferred.fromCoroutine(
+            self._retrying(lambda pool: pool.runQuery(sql), idempotent=True, wait=0.0)
+        )
+        return d.addCallbacks(
+            lambda rows: int(rows[0][0]) if rows and rows[0][0] else 0, _unreachable
+        )
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -463,6 +479,16 @@ class PostgresUserStore:
 
 
 # --- helpers and transactions ------------------------------------------------------------------
+
+
+def _unreachable(failure: Failure) -> Failure:
+    """A connection error as a StoreError that says the database is unreachable."""
+    error = failure.value
+    if not isinstance(error, BaseException) or not is_connection_error(error):
+        return failure
+    lines = str(error).strip().splitlines()
+    why = f": {lines[0]}" if lines else ""
+    return Failure(StoreError(f"no connection to PostgreSQL, reconnecting{why}"))
 
 
 def _release(d: Deferred[None]) -> None:

@@ -78,6 +78,21 @@ class AuthAttempt:
     priority: int
 
 
+@dataclass(frozen=True)
+class ThrottleCensus:
+    """Who the AUTH throttle holds back now.
+
+    *Locked*: at the limit, so AUTH is refused before any password work until failures leave
+    the window.  *Delayed*: failures on record but below the limit, so the next failure is
+    answered late.  Clients are as :func:`client_key` counts them (IPv6: per /64).
+    """
+
+    clients_locked: int
+    clients_delayed: int
+    accounts_locked: int
+    accounts_delayed: int
+
+
 class AuthThrottle:
     """Counts AUTH failures by client and by account within a sliding window."""
 
@@ -130,6 +145,14 @@ class AuthThrottle:
     def tracked(self) -> tuple[int, int]:
         """How many clients and accounts have failures on record."""
         return len(self._by_ip), len(self._by_account)
+
+    def census(self) -> ThrottleCensus:
+        """Clients and accounts with failures in the window, locked out or only delayed."""
+        ips, ips_locked = self._by_ip.census()
+        accounts, accounts_locked = self._by_account.census()
+        return ThrottleCensus(
+            ips_locked, ips - ips_locked, accounts_locked, accounts - accounts_locked
+        )
 
     def begin(self, ip: str, identity: str, count_ip: bool = True) -> AuthAttempt | str:
         """Admit one attempt (counted as a failure from now on), or say why not."""

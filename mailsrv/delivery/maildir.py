@@ -27,6 +27,11 @@ from mailsrv.fileops import fsync_directory, link_or_copy
 _SUBDIRS = ("tmp", "new", "cur")
 
 
+def _in_tmp(target: Path) -> Path:
+    """Where a copy of ``new/NAME`` is written before its rename: ``tmp/NAME``."""
+    return target.parent.parent / "tmp" / target.name
+
+
 def _host_for_name(hostname: str) -> str:
     """The host part of a Maildir name, with ``/`` and ``:`` escaped as the spec says."""
     return hostname.replace("/", "\\057").replace(":", "\\072")
@@ -97,12 +102,12 @@ class MaildirStore:
                 maildir = self.maildir(mailbox)
                 target = maildir / "new" / self.unique_name(now, size)
                 try:
-                    link_or_copy(spool_file, target, maildir / "tmp" / target.name)
+                    link_or_copy(spool_file, target, _in_tmp)
                 except FileNotFoundError:
                     if not spool_file.exists():
                         raise
                     self.ensure(maildir)  # first delivery, or the Maildir was removed
-                    link_or_copy(spool_file, target, maildir / "tmp" / target.name)
+                    link_or_copy(spool_file, target, _in_tmp)
                 delivered.append(target)
         except BaseException:
             self.remove(delivered)

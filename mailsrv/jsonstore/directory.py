@@ -214,7 +214,7 @@ class RecordDirectory(Generic[R]):
             raise FileExistsError(errno.EEXIST, f"{self.what} exists already", str(path))
         if body_source is not None:
             body = self.body_path(key)
-            link_or_copy(body_source, body, body.with_name(body.name + TMP_SUFFIX))
+            link_or_copy(body_source, body, _temporary)
             if durable:
                 fsync_file(body)
         os.replace(write_temporary(path, self.encode(record), durable), path)
@@ -539,3 +539,8 @@ class RecordDirectory(Generic[R]):
 
 def _coroutine(coroutine: Coroutine[Any, Any, Any]) -> Deferred[Any]:
     return Deferred.fromCoroutine(coroutine)
+
+
+def _temporary(body: Path) -> Path:
+    """Where a copy of a body is written before its rename (beside it, with TMP_SUFFIX)."""
+    return body.with_name(body.name + TMP_SUFFIX)

@@ -10,15 +10,32 @@ Label values are bounded: listener names, refusal reasons, reply codes from the 
 :mod:`mailsrv.smtp.replies`, SASL mechanism names.  Never an
 address, a host name or an IP.  Hot paths use label children prepared once
 (:meth:`Metrics.listener`), not a ``.labels()`` look-up per event.
+
+The metrics are :mod:`mailsrv.ops.families` (plain numbers the reactor thread updates, made
+into samples when a scrape collects them), not prometheus_client's locked objects: an update
+costs an attribute increment.  prometheus_client renders the exposition and gives the
+process collector.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import generate_latest
+
+from mailsrv.ops.families import (
+    CounterFamily,
+    CounterValue,
+    GaugeFamily,
+    GaugeValue,
+    HistogramFamily,
+)
+
+if TYPE_CHECKING:
+    from mailsrv.auth.throttle import ThrottleCensus
 
 PREFIX = "mailsrv"
 
@@ -33,11 +50,11 @@ class ListenerMetrics:
 
     name: str
     metrics: Metrics
-    connections: Counter
-    current: Gauge
-    accepted: Counter
-    _refused: dict[str, Counter] = field(default_factory=dict)
-    _rejected: dict[str, Counter] = field(default_factory=dict)
+    connections: CounterValue
+    current: GaugeValue
+    accepted: CounterValue
+    _refused: dict[str, CounterValue] = field(default_factory=dict)
+    _rejected: dict[str, CounterValue] = field(default_factory=dict)
 
     def refused(self, reason: str) -> None:
         """Count a connection refused before the greeting (``reason``: a limit's name)."""
@@ -69,121 +86,137 @@ class Metrics:
         registry = self.registry
         if process:
             ProcessCollector(registry=registry)
-        self.connections = Counter(
+        self.connections = CounterFamily(
             f"{PREFIX}_connections",
             "SMTP connections accepted by the listener (before admission)",
             ["listener"],
             registry=registry,
         )
-        self.connections_current = Gauge(
+        self.connections_current = GaugeFamily(
             f"{PREFIX}_connections_current",
             "SMTP sessions open now",
             ["listener"],
             registry=registry,
         )
-        self.connections_refused = Counter(
+        self.connections_refused = CounterFamily(
             f"{PREFIX}_connections_refused",
             "SMTP connections refused by a connection cap or rate, by limit",
             ["listener", "reason"],
             registry=registry,
         )
-        self.messages_accepted = Counter(
+        self.messages_accepted = CounterFamily(
             f"{PREFIX}_messages_accepted",
             "Messages committed and answered 250",
             ["listener"],
             registry=registry,
         )
-        self.messages_rejected = Counter(
+        self.messages_rejected = CounterFamily(
             f"{PREFIX}_messages_rejected",
             "4xx/5xx replies to MAIL, RCPT, DATA and the end of DATA, by enhanced status code",
             ["listener", "class"],
             registry=registry,
         )
-        self.message_size = Histogram(
+        self.message_size = HistogramFamily(
             f"{PREFIX}_message_size_bytes",
             "Size of accepted messages as received (bytes)",
             buckets=_SIZE_BUCKETS,
             registry=registry,
         )
-        self.accept_latency = Histogram(
+        self.accept_latency = HistogramFamily(
             f"{PREFIX}_accept_latency_seconds",
             "Time from the end of DATA to the 250 (the durable commit)",
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
-        self.commit_batch = Histogram(
+        self.commit_batch = HistogramFamily(
             f"{PREFIX}_commit_batch_messages",
             "Messages per group-commit batch",
             buckets=_BATCH_BUCKETS,
             registry=registry,
         )
-        self.auth_attempts = Counter(
+        self.auth_attempts = CounterFamily(
             f"{PREFIX}_auth_attempts",
             "SMTP AUTH attempts, by SASL mechanism and result",
             ["mechanism", "result"],
             registry=registry,
         )
-        self.tls_handshakes = Counter(
+        self.tls_handshakes = CounterFamily(
             f"{PREFIX}_tls_handshakes",
             "Server-side TLS handshakes (implicit TLS and STARTTLS), by protocol version and "
             "result (ok, or failed: the connection ended before the handshake did)",
             ["listener", "version", "result"],
             registry=registry,
         )
-        self.sessions = Counter(
+        self.sessions = CounterFamily(
             f"{PREFIX}_sessions",
             "SMTP sessions that were admitted, counted when they end: by listener, whether TLS "
             "was up and whether the client authenticated",
             ["listener", "tls", "auth"],
             registry=registry,
         )
-        self.tls_certificate_expiry = Gauge(
+        self.throttled_clients = GaugeFamily(
+            f"{PREFIX}_throttled_clients",
+            "Clients (kind=ip: an IPv4 address or an IPv6 /64) and accounts (kind=account) with"
+            " failed AUTHs in the window: state=locked (at the limit: AUTH refused until they"
+            " age out) or state=delayed (below it: each failure answered late)",
+            ["kind", "state"],
+            registry=registry,
+        )
+        self.security_events = CounterFamily(
+            f"{PREFIX}_security_events",
+            "Security events as logged (refusals by a limit or throttle, AUTH failures, relay"
+            " and sender refusals), by event",
+            ["event"],
+            registry=registry,
+        )
+        self.tls_certificate_expiry = GaugeFamily(
             f"{PREFIX}_tls_certificate_expiry_timestamp_seconds",
             "When the server's TLS certificate in use expires (Unix time; 0 without TLS)",
             registry=registry,
         )
-        self.relay_queue = Gauge(
+        self.relay_queue = GaugeFamily(
             f"{PREFIX}_relay_queue_recipients",
             "Recipients in the relay queue, by state (pending, deferred, held)",
             ["state"],
             registry=registry,
         )
-        self.relay_queue_messages = Gauge(
+        self.relay_queue_messages = GaugeFamily(
             f"{PREFIX}_relay_queue_messages",
             "Messages in the relay queue",
             registry=registry,
         )
-        self.relay_oldest_age = Gauge(
+        self.relay_oldest_age = GaugeFamily(
             f"{PREFIX}_relay_oldest_message_age_seconds",
             "Age of the oldest message in the relay queue (0 when it is empty)",
             registry=registry,
         )
-        self.relay_attempts = Counter(
+        self.relay_attempts = CounterFamily(
             f"{PREFIX}_relay_attempts",
             "Relay delivery attempts per recipient, by result (sent, deferred, bounced)",
             ["result"],
             registry=registry,
         )
-        self.webhook_deliveries = Counter(
+        self.webhook_deliveries = CounterFamily(
             f"{PREFIX}_webhook_deliveries",
             "Webhook delivery attempts, by endpoint and result (delivered, retry, dead, disabled)",
             ["endpoint", "result"],
             registry=registry,
         )
-        self.webhook_latency = Histogram(
+        self.webhook_latency = HistogramFamily(
             f"{PREFIX}_webhook_latency_seconds",
             "Time from a webhook request to its response (or failure), by endpoint",
             ["endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
-        self.webhook_dead_letters = Counter(
+        self.webhook_dead_letters = CounterFamily(
             f"{PREFIX}_webhook_dead_letters",
             "Webhook events that became dead letters, by endpoint",
             ["endpoint"],
             registry=registry,
         )
         self._listeners: dict[str, ListenerMetrics] = {}
+        self._security_events: dict[str, CounterValue] = {}
         self._before_scrape: list[Callable[[], None]] = []
 
     def listener(self, name: str) -> ListenerMetrics:
@@ -210,6 +243,21 @@ class Metrics:
     def auth_attempt(self, mechanism: str, result: str) -> None:
         """Count one AUTH attempt (``mechanism`` is one the server offers: a bounded set)."""
         self.auth_attempts.labels(mechanism or "none", result).inc()
+
+    def security_event(self, event: str) -> None:
+        """Count one security event (``event``: one of the server's fixed event names)."""
+        child = self._security_events.get(event)
+        if child is None:
+            child = self._security_events[event] = self.security_events.labels(event)
+        child.inc()
+
+    def set_throttled(self, census: ThrottleCensus) -> None:
+        """Set the throttled-clients gauge from the AUTH throttle's census."""
+        gauge = self.throttled_clients
+        gauge.labels("ip", "locked").set(census.clients_locked)
+        gauge.labels("ip", "delayed").set(census.clients_delayed)
+        gauge.labels("account", "locked").set(census.accounts_locked)
+        gauge.labels("account", "delayed").set(census.accounts_delayed)
 
     def before_scrape(self, refresh: Callable[[], None]) -> None:
         """Call ``refresh`` on the reactor before each scrape (gauges read from a component's

@@ -95,6 +95,8 @@ class SMTPServer:
         self.metrics = metrics if metrics is not None else Metrics()
         self.dnsbl = dnsbl  # MX clients are asked about when the configuration names zones
         self.greylist = greylist  # used when the configuration turns greylisting on
+        if isinstance(self.limits, LocalLimits):
+            self.metrics.before_scrape(self._export_throttled)
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self.stressed = False
@@ -150,10 +152,16 @@ class SMTPServer:
         The text line shows every field that has a value (``login=... mechanism=...``), not
         only the event name; JSON lines carry them as keys either way.
         """
+        self.metrics.security_event(event)
         shown = "".join(f" {key}={{{key}}}" for key, value in fields.items() if value is not None)
         _log.warn(
             "security {event} from {client_ip}" + shown, event=event, client_ip=host, **fields
         )
+
+    def _export_throttled(self) -> None:
+        """Set the throttled-clients gauge from the limits in this process (at each scrape)."""
+        if isinstance(self.limits, LocalLimits):
+            self.metrics.set_throttled(self.limits.census())
 
     def expire_limits(self) -> None:
         """Forget rate-limit state that left its window (run on a timer)."""

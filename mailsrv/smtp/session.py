@@ -467,8 +467,9 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
             self._busy = True
             result.addErrback(self._command_failed, verb)
             if verb in _TRANSACTION_VERBS:
-                result.addCallback(self._count_refusal)
-            result.addCallback(self._async_reply)
+                result.addCallback(self._async_transaction_reply)
+            else:
+                result.addCallback(self._async_reply)
         else:
             if verb in _TRANSACTION_VERBS:
                 self._count_refusal(result)
@@ -479,6 +480,11 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
         if isinstance(response, Reply) and response.code >= 400:
             self._metrics.rejected(reply_class(response))
         return response
+
+    def _async_transaction_reply(self, response: Response) -> None:
+        """:meth:`_async_reply` for MAIL, RCPT and DATA, counting a refusal (one callback)."""
+        self._count_refusal(response)
+        self._async_reply(response)
 
     def _command_failed(self, failure: Failure, verb: str) -> Reply:
         _log.failure("command {verb} failed", failure, verb=verb)
