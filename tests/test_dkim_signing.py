@@ -7,13 +7,27 @@ import base64
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dkim
 import pytest
+import pytest_twisted
 from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer
+from twisted.logger import capturedLogs
+from zope.interface.verify import verifyObject
 
+from mailsrv.delivery.envelope import (
+    AcceptedMessage,
+    ClientFacts,
+    LocalRoute,
+    Recipient,
+    RemoteRoute,
+)
+from mailsrv.delivery.sinks import ICommitPreparer, PendingBody
 from mailsrv.dkim.keys import KeyDirectory, KeyRing, KeyType, StoredKey
 from mailsrv.dkim.record import compare, txt_strings, txt_value, zone_line
+from mailsrv.dkim.signer import DkimSigner, signs_for
 from mailsrv.dkim.signing import (
     choose_keys,
     from_domain,
@@ -22,6 +36,7 @@ from mailsrv.dkim.signing import (
     signed_fields,
 )
 from mailsrv.relay.body import wire_form
+from mailsrv.relay.bounces import DSN_LISTENER
 from tests.test_relay_body import unstuff
 
 RSA, ED = KeyType.RSA, KeyType.ED25519
@@ -245,3 +260,58 @@ def test_which_key_signs(
     assert {k.domain for k in keys} == ({signer} if signer else set())
     if signer == "example.org":
         assert [k.selector for k in keys] == ["s1", "e1"]  # both active keys, RSA first
+
+
+# --- the commit step -------------------------------------------------------------------------
+
+
+def message_from(client: ClientFacts, remote: bool = True) -> AcceptedMessage:
+    route = RemoteRoute("remote.test") if remote else LocalRoute(("alice@example.org",))
+    recipient = "bob@remote.test" if remote else "alice@example.org"
+    return AcceptedMessage(
+        "Q1", "alice@example.org", (Recipient(recipient, route),), client, 0.0, len(STORED)
+    )
+
+
+TRUSTED = ClientFacts("127.0.0.1", "laptop", "mx", trusted=True)
+ACCOUNT = ClientFacts("192.0.2.7", "laptop", "submission", login="alice@example.org")
+DSN = ClientFacts("127.0.0.1", "mx.example.org", DSN_LISTENER)
+STRANGER = ClientFacts("192.0.2.9", "mx.remote.test", "mx")
+
+
+def test_only_relayed_mail_from_accounts_trusted_networks_and_mailsrv_is_signed() -> None:
+    assert signs_for(message_from(TRUSTED))
+    assert signs_for(message_from(ACCOUNT))
+    assert signs_for(message_from(DSN))
+    assert not signs_for(message_from(STRANGER))  # MX mail (and its alias forwarding)
+    assert not signs_for(message_from(TRUSTED, remote=False))  # stays here
+
+
+def run_now(function: Callable[..., object], *args: object) -> Any:
+    return defer.maybeDeferred(function, *args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_signer_adds_the_signature_or_goes_without_it(
+    ring: KeyRing, tmp_path: Path
+) -> None:
+    signer = DkimSigner(KeyDirectory(tmp_path / "none"), ring, run_now, run_now)
+    assert verifyObject(ICommitPreparer, signer)
+    body = PendingBody(tmp_path / "not written yet", STORED)
+    assert signer.prepare(message_from(STRANGER), body) is None
+    signed = signer.prepare(message_from(TRUSTED), body)
+    assert signed is not None
+    message = await signed
+    zone = dns_from_zone_lines(*(zone_line(k) for k in ring.keys if k.domain == "example.org"))
+    assert dkim.verify(received(STORED, message.relay_headers), dnsfunc=zone)
+    # A header dkimpy cannot parse: the message goes unsigned, with a warning.
+    broken = PendingBody(body.path, STORED.replace(b"X-Mailer: not signed\n", b"no colon\n"))
+    with capturedLogs() as events:
+        unsigned = await signer.prepare(message_from(TRUSTED), broken)  # type: ignore[misc]
+    assert unsigned.relay_headers == b""
+    [warning] = [e for e in events if "without a DKIM signature" in e["log_format"]]
+    assert "MessageFormatError" in warning["error"]
+    assert (signer.signed, signer.unsigned) == (1, 1)
+    # No key at all: nothing to do for anyone.
+    empty = DkimSigner(KeyDirectory(tmp_path / "none"), KeyRing(), run_now, run_now)
+    assert empty.prepare(message_from(TRUSTED), body) is None
