@@ -593,6 +593,11 @@ class Config:
         return Path(self.data_dir) / "outbox"
 
     @property
+    def dkim_dir(self) -> Path:
+        """The DKIM signing keys: ``<domain>/<selector>.<type>.key`` (see mailsrv.dkim.keys)."""
+        return Path(self.data_dir) / "dkim"
+
+    @property
     def queue_socket(self) -> Path:
         """Where the running server listens for ``mailsrv queue``."""
         return Path(self.queue_control_socket or self.queue_dir / "control.sock")

@@ -70,10 +70,10 @@ def loose_modes(paths: Iterable[Path]) -> list[tuple[Path, int]]:
 
 
 def private_paths(config: Config) -> list[Path]:
-    """What must stay private: the data, spool, mail, queue and outbox directories, the SQLite
-    files."""
+    """What must stay private: the data, spool, mail, queue, outbox and DKIM key directories,
+    the SQLite files."""
     paths = [Path(config.data_dir), config.spool_dir, config.spool_dir / "incoming"]
-    paths += [config.mail_dir, config.queue_dir, config.outbox_dir]
+    paths += [config.mail_dir, config.queue_dir, config.outbox_dir, config.dkim_dir]
     if not config.db_url:
         database = config.sqlite_path
         paths.extend(database.with_name(database.name + suffix) for suffix in ("", "-wal", "-shm"))

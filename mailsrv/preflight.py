@@ -1,8 +1,8 @@
 """Start-up checks: what the configuration needs from the machine, checked before anything runs.
 
 :mod:`mailsrv.config` checks the values; this module checks that the world agrees with them:
-the data directory, the user database (the SQLite file or the PostgreSQL server), the TLS pair
-and the Argon2 parameters.  ``twistd mailsrv`` and ``mailsrv check-config`` both call
+the data directory, the user database (the SQLite file or the PostgreSQL server), the TLS pair,
+the Argon2 parameters and the DKIM keys.  ``twistd mailsrv`` and ``mailsrv check-config`` both call
 :func:`check`, so a configuration that check-config passes starts, and both print the same one
 line (a :class:`PreflightError`) when it does not.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -25,6 +25,8 @@ from mailsrv.auth import migrations
 from mailsrv.auth.factory import describe_error, make_hasher, store_location
 from mailsrv.auth.passwords import PasswordHasher
 from mailsrv.config import Config, display_path
+from mailsrv.dkim.keys import KeyDirectory, KeyRing
+from mailsrv.dkim.names import DkimError
 from mailsrv.tls import ReloadingServerTLS, TLSConfigError
 from mailsrv.trust import TrustError, load_trust_root
 
@@ -50,6 +52,7 @@ class Checked:
     tls: ReloadingServerTLS | None
     hasher: PasswordHasher
     store: StoreFacts
+    dkim: KeyRing = field(default_factory=KeyRing)
 
 
 def check(config: Config) -> Checked:
@@ -60,7 +63,8 @@ def check(config: Config) -> Checked:
     tls = check_tls(config)
     check_trust_files(config)
     hasher = check_argon2(config)
-    return Checked(tls, hasher, check_store(config))
+    dkim = check_dkim_keys(config)
+    return Checked(tls, hasher, check_store(config), dkim)
 
 
 # --- directories --------------------------------------------------------------------------------
@@ -161,6 +165,14 @@ def check_trust_files(config: Config) -> None:
             load_trust_root(config.relay_ca_file)
         except TrustError as e:
             raise PreflightError(f"relay_ca_file: {e}") from None
+
+
+def check_dkim_keys(config: Config) -> KeyRing:
+    """The DKIM keys under ``<data_dir>/dkim``, each readable and usable (none is fine)."""
+    try:
+        return KeyDirectory(config.dkim_dir).load()
+    except DkimError as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_argon2(config: Config) -> PasswordHasher:

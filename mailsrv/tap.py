@@ -37,6 +37,8 @@ from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.delivery.maildir import MaildirSink, MaildirStore
 from mailsrv.delivery.sinks import ICommitSink
+from mailsrv.dkim.keys import KeyDirectory
+from mailsrv.dkim.signer import DkimSigner
 from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import LevelFilter, ReopenableLogFile, make_observer
 from mailsrv.ops import readiness
@@ -219,7 +221,15 @@ def build_service(
     )
     sinks: list[ICommitSink] = [maildir_sink, queue_sink, local_success, webhooks.sink]
     sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir, config.outbox_dir)
-    committer = GroupCommitter(reactor, sinks, sync, metrics)
+    # DKIM signing runs in worker processes too: dkimpy's RSA is pure Python (mailsrv.dkim.signer).
+    signing_workers = ProcessPoolService(reactor, "mailsrv-dkim-sign", 2)
+    signing_workers.setServiceParent(root)
+    signer = DkimSigner(
+        KeyDirectory(config.dkim_dir), checked.dkim, threads.run, signing_workers.run
+    )
+    signer.setServiceParent(root)
+    reload_hooks.append(signer.reload)
+    committer = GroupCommitter(reactor, sinks, sync, metrics, preparers=[signer])
     committer.setServiceParent(root)
     server = SMTPServer(
         config,
@@ -251,7 +261,11 @@ def build_service(
     webhooks.dispatcher.setServiceParent(root)
     actions = StoreActions(queue_store, reactor, threads.run, relay.scheduler)
     control = QueueControlService(
-        config.queue_socket, actions, reactor, queue_lock, more=webhooks.control
+        config.queue_socket,
+        actions,
+        reactor,
+        queue_lock,
+        more={**webhooks.control, **signer.control},
     )
     control.setServiceParent(root)
     warn_loose_modes(config)

@@ -10,6 +10,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,13 @@ from mailsrv.delivery.envelope import (
 )
 from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.delivery.maildir import MaildirSink, MaildirStore
-from mailsrv.delivery.sinks import Failures, ICommitSink, StagedMessage
+from mailsrv.delivery.sinks import (
+    Failures,
+    ICommitPreparer,
+    ICommitSink,
+    PendingBody,
+    StagedMessage,
+)
 from mailsrv.delivery.spool import Spool, SpoolFile
 from tests.conftest import make_config
 
@@ -155,6 +162,7 @@ class Rig:
         sync: Any = None,
         extra: Sequence[ICommitSink] = (),
         wrap: Callable[[MaildirSink], ICommitSink] | None = None,
+        preparers: Sequence[ICommitPreparer] = (),
     ) -> None:
         from twisted.internet import reactor
 
@@ -170,7 +178,9 @@ class Rig:
             (sync or real)()
 
         first = wrap(self.maildir) if wrap is not None else self.maildir
-        self.committer = GroupCommitter(reactor, [first, *extra], counting_sync)
+        self.committer = GroupCommitter(
+            reactor, [first, *extra], counting_sync, preparers=preparers
+        )
         self.committer.startService()
 
     def message(self, name: str, body: bytes) -> SpoolFile:
@@ -536,6 +546,112 @@ async def test_a_queue_failure_takes_the_local_copies_back(tmp_path: Path) -> No
         await rig.committer.stopService()
     assert rig.new(ALICE) == rig.new(BOB) == []
     assert queue.scheduled == []
+
+
+# --- preparers ---------------------------------------------------------------------------------
+
+
+@implementer(ICommitPreparer)
+class HeaderPreparer:
+    """Reads each pending body whole in a thread and adds a header naming its length; holds
+    the messages in ``hold`` until released; fails those in ``fail``; skips those in ``skip``."""
+
+    name = "test"
+
+    def __init__(self) -> None:
+        self.hold: dict[str, defer.Deferred[None]] = {}
+        self.fail: set[str] = set()
+        self.skip: set[str] = set()
+        self.bodies: dict[str, bytes] = {}
+        self.rests: dict[str, bytes] = {}
+
+    def prepare(
+        self, message: AcceptedMessage, body: PendingBody
+    ) -> defer.Deferred[AcceptedMessage] | None:
+        if message.queue_id in self.skip:
+            return None
+        return defer.Deferred.fromCoroutine(self._prepare(message, body))
+
+    async def _prepare(self, message: AcceptedMessage, body: PendingBody) -> AcceptedMessage:
+        if message.queue_id in self.hold:
+            await self.hold[message.queue_id]
+        if message.queue_id in self.fail:
+            raise OSError(12, "Cannot allocate memory")
+        content: bytes = await threads.deferToThread(read_pending, body)
+        self.bodies[message.queue_id] = content
+        self.rests[message.queue_id] = body.rest
+        return replace(message, relay_headers=f"X-Length: {len(content)}\n".encode())
+
+
+def read_pending(body: PendingBody) -> bytes:
+    written = body.path.read_bytes() if body.path.exists() else b""
+    return written + body.rest
+
+
+@pytest.mark.parametrize("size", [10, 300_000, 600_000])  # in memory, partly, mostly on disk
+@pytest_twisted.ensureDeferred
+async def test_a_preparer_sees_the_whole_body_and_its_version_is_committed(
+    tmp_path: Path, size: int
+) -> None:
+    events: list[Any] = []
+    preparer = HeaderPreparer()
+    records = RecordingSink("records", events)
+    rig = Rig(tmp_path, extra=[records], preparers=[preparer])
+    assert verifyObject(ICommitPreparer, preparer)
+    body = b"Subject: big\n\n" + b"z" * size + b"\n"
+    spool_file = rig.spool.open("QPREP", lambda: None, lambda: None)
+    for start in range(0, len(body), 1000):  # as DATA arrives: the last part stays in memory
+        spool_file.write(body[start : start + 1000])
+    message = accepted("QPREP", (ALICE,), len(body), ("dave@remote.test",))
+    try:
+        committed = await rig.committer.commit(message, spool_file)
+    finally:
+        await rig.committer.stopService()
+    assert preparer.bodies == {"QPREP": body}
+    rest = preparer.rests["QPREP"]
+    assert body.endswith(rest) and 0 < len(rest) <= 256 * 1024  # the spool's chunk
+    assert (rest == body) == (size == 10)
+    assert committed.relay_headers == f"X-Length: {len(body)}\n".encode()
+    assert records.messages == [committed]  # the sinks got the prepared version
+    [copy] = rig.new(ALICE)
+    assert copy.read_bytes() == body  # the body itself is untouched
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_being_prepared_holds_up_no_other(tmp_path: Path) -> None:
+    preparer = HeaderPreparer()
+    preparer.hold["QSLOW"] = defer.Deferred()
+    preparer.skip.add("QSKIP")
+    rig = Rig(tmp_path, preparers=[preparer])
+    try:
+        slow = rig.commit("QSLOW", b"slow\n", (ALICE,))
+        fast = await rig.commit("QFAST", b"fast\n", (ALICE,))
+        skipped = await rig.commit("QSKIP", b"skip\n", (ALICE,))
+        assert not slow.called
+        assert fast.relay_headers == b"X-Length: 5\n"
+        assert skipped.relay_headers == b""  # nothing to do: committed as it came
+        preparer.hold["QSLOW"].callback(None)
+        assert (await slow).relay_headers == b"X-Length: 5\n"
+    finally:
+        await rig.committer.stopService()
+    assert len(rig.new(ALICE)) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_preparer_fails_the_commit_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    events: list[Any] = []
+    preparer = HeaderPreparer()
+    preparer.fail.add("QNOMEM")
+    records = RecordingSink("records", events)
+    rig = Rig(tmp_path, extra=[records], preparers=[preparer])
+    try:
+        with pytest.raises(OSError, match="Cannot allocate memory"):
+            await rig.commit("QNOMEM", b"x\n", (ALICE,))
+    finally:
+        await rig.committer.stopService()
+    assert records.seen == [] and rig.new(ALICE) == []
 
 
 # --- interfaces and the inline committer ---------------------------------------------------------

@@ -108,7 +108,7 @@ def _set(path: str, value: Any) -> dict[str, Any]:
 
 
 BROKEN = [
-    ("version", 3, "version 3 is not supported (this mailsrv reads 1 or 2)"),
+    ("version", 4, "version 4 is not supported (this mailsrv reads 1, 2 or 3)"),
     ("version", "1", "version '1' is not supported"),
     ("version", True, "version True is not supported"),
     ("version", "-", "version None is not supported"),
@@ -148,6 +148,16 @@ BROKEN = [
     ("recipients.0.delay_warned", None, "recipients[0].delay_warned: expected true or false"),
     ("recipients.0.delay_warned", "-", "recipients[0]: missing delay_warned"),
     ("recipients.1.dsn_passed_on", 0, "recipients[1].dsn_passed_on: expected true or false"),
+    ("relay_headers", "-", "record: missing relay_headers"),
+    ("relay_headers", None, "record.relay_headers: expected a string"),
+    ("relay_headers", "DKIM-Signature: v=1", "relay_headers: expected header lines ending in LF"),
+    ("relay_headers", " folded first\n", "relay_headers: expected header lines"),
+    ("relay_headers", "A: 1\n\nB: 2\n", "relay_headers: expected header lines"),
+    ("relay_headers", "A: 1\r\n", "relay_headers: expected header lines"),
+    ("relay_headers", "A: \x00\n", "relay_headers: expected header lines"),
+    ("relay_headers", "A: \u00e9\n", "relay_headers: expected header lines"),
+    ("relay_headers", "No colon\n", "relay_headers: expected header lines"),
+    ("relay_headers", ".\n", "relay_headers: expected header lines"),
 ]
 
 
@@ -166,7 +176,7 @@ def _version_1(record: QueueRecord) -> dict[str, Any]:
     """``record`` as the previous mailsrv wrote it: version 1, without the version 2 fields."""
     raw = to_dict(record)
     raw["version"] = 1
-    del raw["wire_size"]
+    del raw["wire_size"], raw["relay_headers"]
     for recipient in raw["recipients"]:
         del recipient["delay_warned"], recipient["dsn_passed_on"]
     return raw
@@ -184,7 +194,7 @@ def test_a_version_1_record_loads_with_the_new_fields_unset() -> None:
         wire_size=None,
         recipients=tuple(replace(r, delay_warned=False) for r in record.recipients),
     )
-    assert json.loads(encode(old))["version"] == SCHEMA_VERSION == 2  # written back as 2
+    assert json.loads(encode(old))["version"] == SCHEMA_VERSION == 3  # written back as 3
 
 
 @pytest.mark.parametrize(
@@ -216,6 +226,37 @@ def test_version_2_fields_round_trip() -> None:
     )
     assert decode(encode(record)) == record
     assert record.wire_size == record.size_on_wire == 777
+
+
+def test_a_version_2_record_loads_without_relay_headers_and_may_not_carry_them() -> None:
+    record = QueueRecord.from_message(full_message("7ZK2P1QHBCDF007", wire_size=500))
+    assert record is not None
+    raw = to_dict(record)
+    raw["version"] = 2
+    del raw["relay_headers"]
+    assert from_dict(raw) == record
+    raw["relay_headers"] = ""
+    with pytest.raises(RecordError, match="record: unknown relay_headers"):
+        from_dict(raw)
+
+
+SIGNATURE = "DKIM-Signature: v=1; a=rsa-sha256; d=example.org;\n b=AAAA\n BBBB==\n"
+
+
+def test_relay_headers_round_trip_and_count_on_the_wire() -> None:
+    message = replace(
+        full_message("7ZK2P1QHBCDF008", wire_size=1000), relay_headers=SIGNATURE.encode()
+    )
+    record = QueueRecord.from_message(message)
+    assert record is not None
+    assert record.relay_headers == SIGNATURE
+    assert record.wire_size == record.size_on_wire == 1000 + len(SIGNATURE) + 3  # CRLF x3
+    assert decode(encode(record)) == record
+    unknown = replace(message, wire_size=None)
+    counted = QueueRecord.from_message(unknown)
+    assert counted is not None and counted.wire_size is None
+    less_return_path = counted.size - len(f"Return-Path: <{counted.sender}>\n".encode())
+    assert counted.size_on_wire == less_return_path + len(SIGNATURE) + 3
 
 
 def test_size_on_wire_without_a_count_is_the_stored_size_less_return_path() -> None:

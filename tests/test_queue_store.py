@@ -129,7 +129,7 @@ async def test_load_cleans_up_after_a_crash_and_moves_broken_records_aside(
     # A record of a future version (after a downgrade).
     future = commit(store, tmp_path / "spool", accepted())
     raw = json.loads(store.record_path(future.queue_id).read_bytes())
-    store.record_path(future.queue_id).write_text(json.dumps({**raw, "version": 3}))
+    store.record_path(future.queue_id).write_text(json.dumps({**raw, "version": 4}))
     # A record whose body is gone, and a body whose record is gone (removal interrupted).
     bodiless = commit(store, tmp_path / "spool", accepted())
     store.body_path(bodiless.queue_id).unlink()
@@ -155,7 +155,7 @@ async def test_load_cleans_up_after_a_crash_and_moves_broken_records_aside(
     warnings = {e["file"]: e["reason"] for e in events if "reason" in e}
     assert warnings == {
         f"{empty.queue_id}.json": "not JSON: Expecting value at line 1 column 1",
-        f"{future.queue_id}.json": "version 3 is not supported (this mailsrv reads 1 or 2)",
+        f"{future.queue_id}.json": "version 4 is not supported (this mailsrv reads 1, 2 or 3)",
         f"{bodiless.queue_id}.json": "its body is missing",
     }
     assert any(e.get("file") == torn.name for e in events)

@@ -135,6 +135,28 @@ async def test_sender_streams_a_file_through_a_producer(tmp_path: Path) -> None:
     assert len(progress) >= len(stored) // 16384
 
 
+SIGNATURE = b"DKIM-Signature: v=1; a=ed25519-sha256; d=example.org;\n b=AAAA\n BBBB==\n"
+
+
+@pytest.mark.parametrize("first", [b"Subject: x\n", b".dot\n", TRACE])
+@pytest_twisted.ensureDeferred
+async def test_headers_go_first_above_the_body_without_return_path(
+    tmp_path: Path, first: bytes
+) -> None:
+    path = tmp_path / "body"
+    stored = first + b"From: a@example.org\n\n.body\n"
+    path.write_bytes(stored)
+    transport = StringTransport()
+    sender = BodySender(path, transport, threads.deferToThread, headers=SIGNATURE)
+    written = await sender.start()
+    wire = transport.value()
+    assert wire == wire_form(stored, SIGNATURE)
+    assert written == len(wire)
+    assert unstuff(wire) == SIGNATURE + expected(stored)
+    assert wire.startswith(b"DKIM-Signature: v=1;")
+    assert b"Return-Path" not in wire
+
+
 @pytest_twisted.ensureDeferred
 async def test_sender_waits_while_paused(tmp_path: Path) -> None:
     from twisted.internet import reactor, task

@@ -1,5 +1,5 @@
 """The ``mailsrv`` admin command.  Subcommands: ``check-config``, ``users``, ``queue``,
-``webhooks``.
+``webhooks``, ``dkim``.
 
 Every subcommand reads the same config file and ``SMTP_*`` environment as the server, and on
 error prints one line to standard error and exits non-zero.
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from mailsrv import __version__
-from mailsrv.cli import check_config, queue, users, webhooks
+from mailsrv.cli import check_config, dkim, queue, users, webhooks
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     users.register(commands)
     queue.register(commands)
     webhooks.register(commands)
+    dkim.register(commands)
     return parser
 
 

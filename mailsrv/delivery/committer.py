@@ -16,6 +16,10 @@ own thread:
 6. drop the spool names and, in one call into the reactor, fire every message's Deferred (the
    250 or the 451), then give each sink the committed messages (``committed``).
 
+Before a message is handed to the thread, the committer's preparers
+(:class:`~mailsrv.delivery.sinks.ICommitPreparer`) may replace it with a version made from its
+body (the DKIM signatures of its relayed copies), each in its own time, off the reactor.
+
 A batch waits only for the one before it, so the batch size grows with the load.  The sync
 (:func:`~mailsrv.delivery.fssync.filesystem_syncer`) covers each filesystem holding the spool,
 the Maildirs or a sink's records, so a mail directory mounted elsewhere is durable before the
@@ -44,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsrv.delivery.envelope import AcceptedMessage
-from mailsrv.delivery.sinks import ICommitSink, StagedMessage
+from mailsrv.delivery.sinks import ICommitPreparer, ICommitSink, PendingBody, StagedMessage
 from mailsrv.delivery.spool import SpoolFile
 from mailsrv.ops.metrics import Metrics
 
@@ -77,10 +81,12 @@ class GroupCommitter(Service):
         sinks: Sequence[ICommitSink],
         sync: Callable[[], None],
         metrics: Metrics | None = None,
+        preparers: Sequence[ICommitPreparer] = (),
     ) -> None:
         self._reactor = reactor
         self._batch_sizes = (metrics if metrics is not None else Metrics()).commit_batch
         self.sinks = tuple(sinks)
+        self.preparers = tuple(preparers)
         self._sync = sync
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -102,7 +108,8 @@ class GroupCommitter(Service):
         """
         result: Deferred[AcceptedMessage] = Deferred()
 
-        def enqueue(rest: bytes) -> None:
+        def enqueue(prepared: tuple[AcceptedMessage, bytes]) -> None:
+            message, rest = prepared
             if not self.running:
                 result.errback(Failure(RuntimeError("the committer is not running")))
             elif self._reactor is None:
@@ -112,8 +119,27 @@ class GroupCommitter(Service):
             else:
                 self._queue.put(_Job(message, spool_file, rest, result))
 
-        spool_file.detach().addCallbacks(enqueue, result.errback)
+        def prepare(rest: bytes) -> Deferred[tuple[AcceptedMessage, bytes]]:
+            return Deferred.fromCoroutine(
+                self._prepare(message, PendingBody(spool_file.path, rest))
+            )
+
+        detached = spool_file.detach()
+        if self.preparers:
+            detached.addCallback(prepare).addCallbacks(enqueue, result.errback)
+        else:
+            detached.addCallbacks(lambda rest: enqueue((message, rest)), result.errback)
         return result
+
+    async def _prepare(
+        self, message: AcceptedMessage, body: PendingBody
+    ) -> tuple[AcceptedMessage, bytes]:
+        """``message`` as every preparer made it, in order, with the body's rest."""
+        for preparer in self.preparers:
+            prepared = preparer.prepare(message, body)
+            if prepared is not None:
+                message = await prepared
+        return message, body.rest
 
     def startService(self) -> None:
         super().startService()

@@ -105,6 +105,9 @@ class AcceptedMessage:
     size in bytes (trace headers included); ``envid`` and ``ret`` the RFC 3461 MAIL parameters;
     ``wire_size`` the size a next hop's SIZE limit applies to (RFC 1870: CRLF line ends, the
     ``Received`` header but not ``Return-Path``, dots not doubled), None when not counted.
+    ``relay_headers`` are header lines (stored form: LF line ends) that only the copies leaving
+    through the relay carry, on top of the body: the DKIM signatures (:mod:`mailsrv.dkim`);
+    ``size`` and ``wire_size`` do not count them, and local copies never have them.
     """
 
     queue_id: str
@@ -118,6 +121,7 @@ class AcceptedMessage:
     envid: str | None = None
     ret: Ret | None = None
     wire_size: int | None = None
+    relay_headers: bytes = b""
 
     @property
     def local_mailboxes(self) -> tuple[str, ...]:

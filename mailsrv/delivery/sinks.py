@@ -44,6 +44,11 @@ A sink that only wraps blocking store methods is a few lines; for a relay queue 
 
 A store that is not on this machine's disk (the PostgreSQL queue of a cluster) cannot share
 the syncs and answers with Deferreds: that is :class:`IAsyncCommitSink`, described below.
+
+Before a message joins a batch, each :class:`ICommitPreparer` may give the committer a new
+version of it, made from its body off the reactor: the DKIM signer
+(:mod:`mailsrv.dkim.signer`) adds the signatures its relayed copies carry.  This costs the
+batch nothing: a message being prepared waits on its own, and the others commit meanwhile.
 """
 
 from __future__ import annotations
@@ -77,6 +82,28 @@ class StagedMessage:
     def queue_id(self) -> str:
         """The message's queue id (what :data:`Failures` is keyed by)."""
         return self.message.queue_id
+
+
+@dataclass(frozen=True)
+class PendingBody:
+    """A body at the end of DATA, before the committer finishes it: its start is in the spool
+    file ``path`` (which does not exist yet when all of it is still in memory) and its end,
+    ``rest``, in memory.  The file is not written to while the body is pending."""
+
+    path: Path
+    rest: bytes
+
+
+class ICommitPreparer(Interface):
+    """Makes the version of an accepted message that is committed, before it joins a batch."""
+
+    name = Attribute("A short name for logs: 'dkim'.")
+
+    def prepare(message: AcceptedMessage, body: PendingBody) -> Deferred[AcceptedMessage] | None:
+        """Reactor thread: None when there is nothing to do for ``message`` (decided at once,
+        without blocking), else a Deferred of the message to commit instead; its work runs in
+        threads or processes, never on the reactor.  A failure fails the commit (a 451), so a
+        preparer that can go without its part returns the message unchanged instead."""
 
 
 class ICommitSink(Interface):

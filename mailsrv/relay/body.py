@@ -8,11 +8,13 @@ after a chunk boundary, or on the very first line, is stuffed) and whether the l
 in a CR (so a CRLF split between two chunks stays one line ending).  Every line ending it finds
 (CRLF, bare LF, bare CR) leaves as one CRLF, so nothing stored can end the data early.
 
-:class:`BodySender` reads the file in chunks in a thread and writes them as a streaming
-producer, so a 50 MiB message costs one chunk of memory and the reactor never blocks on disk.
-Opening the file goes with its first read, and a short read (the end of the file) closes it in
-the same thread job: a body that fits in one chunk, the common case, costs one trip to a thread
-rather than four (open, read, the empty read at the end, close).
+:class:`BodySender` sends the header lines it is given first (the DKIM signatures, which are
+stored with the queue record, not in the body file that local copies share), then reads the
+file in chunks in a thread and writes them as a streaming producer, so a 50 MiB message costs
+one chunk of memory and the reactor never blocks on disk.  Opening the file goes with its
+first read, and a short read (the end of the file) closes it in the same thread job: a body
+that fits in one chunk, the common case, costs one trip to a thread rather than four (open,
+read, the empty read at the end, close).
 """
 
 from __future__ import annotations
@@ -120,11 +122,15 @@ class ReturnPathDropper:
         return head
 
 
-def wire_form(stored: bytes) -> bytes:
-    """The whole DATA payload for a stored body (for tests and small bodies)."""
+def wire_form(stored: bytes, headers: bytes = b"") -> bytes:
+    """The whole DATA payload for a stored body with ``headers`` on top (for tests and small
+    bodies)."""
     dropper, encoder = ReturnPathDropper(), WireEncoder()
     return (
-        encoder.encode(dropper.feed(stored)) + encoder.encode(dropper.finish()) + encoder.finish()
+        encoder.encode(headers)
+        + encoder.encode(dropper.feed(stored))
+        + encoder.encode(dropper.finish())
+        + encoder.finish()
     )
 
 
@@ -148,7 +154,7 @@ class BodySender:
     It fails if the file cannot be read (the caller must then drop the connection: the data
     cannot be ended cleanly), or with :class:`TransmissionStopped` after :meth:`stop` or when
     the consumer went away.  ``on_progress`` is called after every write, for the caller's
-    data-block timer.
+    data-block timer.  ``headers`` (stored form) go first, before the file's content.
     """
 
     def __init__(
@@ -158,8 +164,10 @@ class BodySender:
         run_in_thread: RunInThread,
         on_progress: Callable[[], None] = lambda: None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        headers: bytes = b"",
     ) -> None:
         self._path = path
+        self._headers = headers
         self._consumer = consumer
         self._run = run_in_thread
         self._on_progress = on_progress
@@ -176,6 +184,7 @@ class BodySender:
     def start(self) -> Deferred[int]:
         """Open the file and read its first chunk (in a thread), and start streaming."""
         self._consumer.registerProducer(self, True)
+        self._write(self._encoder.encode(self._headers))
         self._reading = True
         self._run(_open_and_read, self._path, self._chunk_size).addCallbacks(
             self._got, self._failed

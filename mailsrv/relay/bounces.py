@@ -43,6 +43,9 @@ from mailsrv.smtp.policy import remote_domain
 
 _log = Logger(namespace="mailsrv.relay")
 
+DSN_LISTENER = "dsn"
+"""The ``listener`` in the client facts of a DSN: mailsrv itself sent it."""
+
 
 def outcomes_to_report(
     recipients: Sequence[RecipientStatus], retry_until: float | None = None
@@ -211,7 +214,7 @@ class DsnSubmitter:
             queue_id=queue_id,
             sender="",
             recipients=(Recipient(sender, route),),
-            client=ClientFacts(ip="127.0.0.1", helo=server.hostname, listener="dsn"),
+            client=ClientFacts(ip="127.0.0.1", helo=server.hostname, listener=DSN_LISTENER),
             received_at=now,
             size=len(body),
             smtputf8=not sender.isascii(),

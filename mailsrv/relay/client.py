@@ -436,6 +436,7 @@ class SMTPConnection:
             self._run,
             on_progress=self._kick_block_timer,
             chunk_size=self._options.chunk_size,
+            headers=message.headers,
         )
         self._block_timer = self._clock.callLater(timeouts.data_block, self._block_timed_out)
 

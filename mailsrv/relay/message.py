@@ -39,7 +39,8 @@ class OutboundMessage:
     extension.  ``smtputf8`` says that the
     envelope or headers need SMTPUTF8 (RFC 6531); ``eight_bit`` that the body is 8BITMIME.
     ``envid`` and ``ret`` are the RFC 3461 MAIL parameters (``ret`` is ``"FULL"``, ``"HDRS"``
-    or None).
+    or None).  ``headers`` are header lines (stored form, LF line ends) sent before the body:
+    its DKIM signatures, counted in ``size``.
     """
 
     queue_id: str
@@ -51,6 +52,7 @@ class OutboundMessage:
     eight_bit: bool = False
     envid: str | None = None
     ret: str | None = None
+    headers: bytes = b""
 
 
 @dataclass(frozen=True)

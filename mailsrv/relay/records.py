@@ -20,7 +20,9 @@ strict: a missing or unknown key, a wrong type, an unknown state or ``version`` 
 Versions: 2 added ``wire_size`` (the RFC 1870 size of the message on the wire) and, per
 recipient, ``delay_warned`` and ``dsn_passed_on``.  A version 1 record (written before the
 upgrade) still loads, with ``wire_size`` null and both flags false; it is written back as
-version 2 at its next change.
+version 2 at its next change.  3 added ``relay_headers``: the header lines (the DKIM
+signatures, LF line ends) sent on top of the stored body, which ``wire_size`` counts; a version
+1 or 2 record loads with none.
 """
 
 from __future__ import annotations
@@ -48,13 +50,15 @@ from mailsrv.delivery.envelope_json import (
 from mailsrv.jsonstore.fields import Fields, decode_json, encode_json, enum_value
 from mailsrv.jsonstore.fields import RecordError as RecordError  # the queue's readers use it
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The ``version`` written in every record."""
 
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 """The versions :func:`decode` reads; a record of any other version is refused."""
 
 _QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# Header lines: a field name and colon, or a folded continuation (not first), each ending in LF.
+_HEADER_LINES = re.compile(r"(?:[!-9;-~]+:[ \t!-~]*\n)(?:[!-9;-~]+:[ \t!-~]*\n|[ \t][ \t!-~]*\n)*")
 
 
 def valid_queue_id(text: str) -> bool:
@@ -118,7 +122,10 @@ class QueueRecord:
     ret: Ret | None = None
     wire_size: int | None = None
     """The message's size on the wire (RFC 1870: CRLF line ends, no ``Return-Path``, dots not
-    doubled); None when unknown (a version 1 record), see :attr:`size_on_wire`."""
+    doubled, :attr:`relay_headers` included); None when unknown (a version 1 record), see
+    :attr:`size_on_wire`."""
+    relay_headers: str = ""
+    """Header lines sent before the stored body (the DKIM signatures), LF line ends, ASCII."""
 
     @classmethod
     def from_message(cls, message: AcceptedMessage) -> QueueRecord | None:
@@ -130,6 +137,10 @@ class QueueRecord:
         )
         if not recipients:
             return None
+        relay_headers = message.relay_headers.decode("ascii")
+        wire_size = message.wire_size
+        if wire_size is not None:
+            wire_size += headers_wire_size(relay_headers)
         return cls(
             queue_id=message.queue_id,
             created_at=message.received_at,
@@ -141,7 +152,8 @@ class QueueRecord:
             body_8bit=message.body_8bit,
             envid=message.envid,
             ret=message.ret,
-            wire_size=message.wire_size,
+            wire_size=wire_size,
+            relay_headers=relay_headers,
         )
 
     @property
@@ -154,7 +166,8 @@ class QueueRecord:
         """
         if self.wire_size is not None:
             return self.wire_size
-        return max(0, self.size - len(f"Return-Path: <{self.sender}>\n".encode()))
+        stored = max(0, self.size - len(f"Return-Path: <{self.sender}>\n".encode()))
+        return stored + headers_wire_size(self.relay_headers)
 
     @property
     def unfinished(self) -> tuple[RecipientStatus, ...]:
@@ -185,6 +198,18 @@ class QueueRecord:
         )
 
 
+def headers_wire_size(headers: str) -> int:
+    """The size on the wire of header lines in the stored form (each LF goes as CRLF)."""
+    return len(headers) + headers.count("\n")
+
+
+def valid_relay_headers(text: str) -> bool:
+    """True when ``text`` is whole header lines (or nothing) that are safe to send as they are:
+    printable ASCII, each line a ``Name:`` field or a folded continuation, LF-terminated, no
+    empty line (which would end the header section)."""
+    return not text or _HEADER_LINES.fullmatch(text) is not None
+
+
 # --- JSON ----------------------------------------------------------------------------------
 
 
@@ -201,6 +226,7 @@ def to_dict(record: QueueRecord) -> dict[str, Any]:
         "envid": record.envid,
         "ret": record.ret.value if record.ret is not None else None,
         "wire_size": record.wire_size,
+        "relay_headers": record.relay_headers,
         "client": client_to_dict(record.client),
         "recipients": [_recipient_dict(r) for r in record.recipients],
     }
@@ -254,6 +280,9 @@ def from_dict(raw: object) -> QueueRecord:
     if len({r.address for r in recipients}) != len(recipients):
         raise RecordError("recipients: an address is listed twice")
     ret = top.optional_text("ret")
+    relay_headers = top.text("relay_headers", True, True) if version >= 3 else ""
+    if not valid_relay_headers(relay_headers):
+        raise RecordError("relay_headers: expected header lines ending in LF")
     return QueueRecord(
         queue_id=queue_id,
         created_at=top.number("created_at"),
@@ -266,6 +295,7 @@ def from_dict(raw: object) -> QueueRecord:
         envid=top.optional_text("envid"),
         ret=enum_value(Ret, ret, "ret") if ret is not None else None,
         wire_size=top.optional_count("wire_size") if version >= 2 else None,
+        relay_headers=relay_headers,
     )
 
 
@@ -274,7 +304,8 @@ def _version(raw: object) -> int:
         raise RecordError("record: expected an object")
     version = raw.get("version")
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
-        readable = " or ".join(map(str, READABLE_VERSIONS))
+        *others, last = map(str, READABLE_VERSIONS)
+        readable = f"{', '.join(others)} or {last}" if others else last
         raise RecordError(f"version {version!r} is not supported (this mailsrv reads {readable})")
     assert isinstance(version, int)
     return version
@@ -327,5 +358,7 @@ _RECIPIENT_KEYS_V1 = (
     )
     | DSN_KEYS
 )
-_RECORD_KEYS = {1: _RECORD_KEYS_V1, 2: _RECORD_KEYS_V1 | {"wire_size"}}
-_RECIPIENT_KEYS = {1: _RECIPIENT_KEYS_V1, 2: _RECIPIENT_KEYS_V1 | {"delay_warned", "dsn_passed_on"}}
+_RECORD_KEYS_V2 = _RECORD_KEYS_V1 | {"wire_size"}
+_RECORD_KEYS = {1: _RECORD_KEYS_V1, 2: _RECORD_KEYS_V2, 3: _RECORD_KEYS_V2 | {"relay_headers"}}
+_RECIPIENT_KEYS_V2 = _RECIPIENT_KEYS_V1 | {"delay_warned", "dsn_passed_on"}
+_RECIPIENT_KEYS = {1: _RECIPIENT_KEYS_V1, 2: _RECIPIENT_KEYS_V2, 3: _RECIPIENT_KEYS_V2}

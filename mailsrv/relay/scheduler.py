@@ -169,6 +169,7 @@ def outbound_message(
         eight_bit=record.body_8bit,
         envid=record.envid,
         ret=record.ret.value if record.ret is not None else None,
+        headers=record.relay_headers.encode("ascii"),
     )
 
 
