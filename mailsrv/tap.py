@@ -36,6 +36,7 @@ from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.fssync import filesystem_syncer
 from mailsrv.delivery.maildir import MaildirSink, MaildirStore
 from mailsrv.delivery.sinks import ICommitSink
+from mailsrv.dns import ServerResolver, dns_servers_of
 from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import LevelFilter, ReopenableLogFile, make_observer
 from mailsrv.ops import readiness
@@ -180,6 +181,7 @@ def build_service(
         reload_hooks.append(log_stream.reopen)
     root = MailService(config, reactor, log_stream)
     metrics = Metrics(process=True)
+    resolver = ServerResolver(reactor, dns_servers_of(config))  # every DNS user shares it
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
     queue_store = FileQueueStore(config.queue_dir, threads.run)
@@ -236,7 +238,9 @@ def build_service(
         config.relay_queue_lifetime,
     )
     local_success.report_with(bounces.delivered)
-    relay = build_relay(config, reactor, threads.run, queue_store, bounces, metrics)
+    relay = build_relay(
+        config, reactor, threads.run, queue_store, bounces, metrics, resolver=resolver
+    )
     queue_sink.listen(relay.scheduler.queued)
     relay.scheduler.outcome_listener = webhooks.relay_events
     relay.scheduler.setServiceParent(root)
@@ -263,7 +267,13 @@ def build_service(
     if config.metrics_port:
         ops_http(config, reactor, metrics, threads, smtp, store).setServiceParent(root)
     if reload_config is not None:  # SIGHUP also re-reads the configuration (mailsrv.reload)
-        steps = [root.reload_step, server.reload_step, relay.reload_step, webhooks.reload_step]
+        steps = [
+            root.reload_step,
+            resolver.reload_step,
+            server.reload_step,
+            relay.reload_step,
+            webhooks.reload_step,
+        ]
         reload_hooks.append(reload_config(steps))
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
