@@ -10,8 +10,9 @@ server adds, with its host name as authserv-id, one result per line::
         dmarc=pass (p=reject pct=100 dis=none) header.from=example.com;
         arc=none
 
-(each continuation line starts with a tab).  Each result clause is rendered by ``authres`` (the quoting of values); reason texts from
-outside (an SPF record's explanation, a library's message) are cut to printable ASCII first.
+(each continuation line starts with a tab).  Each result clause is rendered by ``authres``
+(the quoting of values); reason texts from outside (an SPF record's explanation, a library's
+message) are cut to printable ASCII first.
 
 :class:`ForgedResultsFilter` sits between the DATA decoder and the spool file of a message
 that is checked: every ``Authentication-Results`` field of the header section whose authserv-id
