@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import random
 import resource
 import signal
 import sys
@@ -39,6 +40,9 @@ from mailsrv.delivery.sinks import ICommitSink
 from mailsrv.dns import ServerResolver, dns_servers_of
 from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import LevelFilter, ReopenableLogFile, make_observer
+from mailsrv.mailauth.inbound import InboundChecks
+from mailsrv.mailauth.policy import InboundPolicy
+from mailsrv.mailauth.verifier import Verifier
 from mailsrv.ops import readiness
 from mailsrv.ops.http import OpsHTTPService, OpsResource
 from mailsrv.ops.metrics import Metrics
@@ -229,6 +233,7 @@ def build_service(
         relay=True,
         identities=AccountIdentities(store),
         metrics=metrics,
+        inbound=inbound_checks(config, reactor, resolver, root),
     )
     bounces = DsnSubmitter(
         server,
@@ -278,6 +283,19 @@ def build_service(
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
+
+
+def inbound_checks(
+    config: Config, reactor: Any, resolver: ServerResolver, root: MailService
+) -> InboundChecks | None:
+    """SPF/DKIM/DMARC/ARC of MX mail (``auth_checks``), its verifier started with ``root``
+    (before the listeners, so it stops after them)."""
+    if not config.auth_checks or not config.port:
+        return None
+    verifier = Verifier(reactor, resolver, config.auth_check_threads)
+    verifier.setServiceParent(root)
+    policy = InboundPolicy(config.dmarc_enforce, config.spf_reject_fail, random.SystemRandom())
+    return InboundChecks(verifier, policy, config.server_name, config.auth_check_timeout)
 
 
 def export_certificate_expiry(tls: ReloadingServerTLS, metrics: Metrics) -> None:

@@ -71,12 +71,15 @@ async def start_server(
     portal: Any = None,
     policy: Any = None,
     identities: Any = None,
+    inbound: Any = None,
 ) -> RunningServer:
     """Start the SMTP service tree for ``config`` with ephemeral ports.
 
     ``tls`` is a :class:`mailsrv.tls.ReloadingServerTLS` (needed for STARTTLS and ``smtps``),
     ``portal`` a cred Portal (needed for AUTH), ``policy`` a RecipientPolicy (e.g. with a store),
-    ``identities`` an AccountIdentities (the AUTH throttle's view of the store).
+    ``identities`` an AccountIdentities (the AUTH throttle's view of the store), ``inbound``
+    the MX checks (:class:`mailsrv.mailauth.inbound.InboundChecks`; its verifier is started
+    and stopped with the tree).
     """
     from twisted.internet import reactor
 
@@ -92,6 +95,8 @@ async def start_server(
     root = MailService(config)
     threads = ThreadPoolService(reactor, "test-io", config.io_threads)
     threads.setServiceParent(root)
+    if inbound is not None:
+        inbound.verifier.setServiceParent(root)
     sinks = [MaildirSink(MaildirStore(config.mail_dir, config.server_name))]
     committer = GroupCommitter(reactor, sinks, filesystem_syncer(config.spool_dir, config.mail_dir))
     committer.setServiceParent(root)
@@ -104,6 +109,7 @@ async def start_server(
         tls=tls,
         portal=portal,
         identities=identities,
+        inbound=inbound,
     )
     server.spool.prepare()
     service = SMTPListenerService(reactor, server, dict.fromkeys(listeners, 0))

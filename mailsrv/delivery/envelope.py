@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from mailsrv.mailauth.verdict import Verdict
+
 
 class Notify(Enum):
     """RFC 3461 ``NOTIFY=`` keywords."""
@@ -104,7 +106,9 @@ class AcceptedMessage:
     ``received_at`` is the injected clock's time at the end of DATA; ``size`` the stored body's
     size in bytes (trace headers included); ``envid`` and ``ret`` the RFC 3461 MAIL parameters;
     ``wire_size`` the size a next hop's SIZE limit applies to (RFC 1870: CRLF line ends, the
-    ``Received`` header but not ``Return-Path``, dots not doubled), None when not counted.
+    ``Received`` header but not ``Return-Path``, dots not doubled), None when not counted;
+    ``authentication`` the verdict of the inbound checks (:mod:`mailsrv.mailauth`), None for
+    mail that is not checked (authenticated users, trusted networks, submission).
     """
 
     queue_id: str
@@ -118,6 +122,7 @@ class AcceptedMessage:
     envid: str | None = None
     ret: Ret | None = None
     wire_size: int | None = None
+    authentication: Verdict | None = None
 
     @property
     def local_mailboxes(self) -> tuple[str, ...]:

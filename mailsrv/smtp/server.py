@@ -33,6 +33,7 @@ from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.spool import Spool, SpoolFile
 from mailsrv.limits import TrustedNetworks
+from mailsrv.mailauth.inbound import InboundChecks
 from mailsrv.ops.metrics import Metrics
 from mailsrv.shared_limits import ILimits, LocalLimits
 from mailsrv.smtp.policy import RecipientPolicy
@@ -72,6 +73,7 @@ class SMTPServer:
         relay: bool = False,
         identities: AccountIdentities | None = None,
         metrics: Metrics | None = None,
+        inbound: InboundChecks | None = None,
     ) -> None:
         self.config = config
         self.relay = relay  # a relay queue is among the committer's sinks
@@ -89,6 +91,8 @@ class SMTPServer:
         self.identities = identities if identities is not None else AccountIdentities(None)
         self.hash_queue = HashQueue(config.auth_hash_threads, config.auth_hash_queue)
         self.metrics = metrics if metrics is not None else Metrics()
+        # SPF/DKIM/DMARC/ARC of MX mail from clients neither trusted nor authenticated.
+        self.inbound = inbound
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self.stressed = False
