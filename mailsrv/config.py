@@ -538,6 +538,21 @@ class Config:
     relay_bounce_size_limit: int = setting(
         50000, parse_size(0), "Largest original returned whole in a DSN (RET=FULL; bytes)"
     )
+    auth_checks: bool = setting(
+        True, parse_bool, "Check SPF, DKIM, DMARC, ARC of MX mail; add Authentication-Results"
+    )
+    auth_check_timeout: float = setting(
+        5.0, parse_seconds(0.1), "Time the checks of one message may take; the rest is temperror"
+    )
+    auth_check_threads: int = setting(
+        4, parse_int(1, 256), "Threads for the checks (they mostly wait for DNS answers)"
+    )
+    dmarc_enforce: bool = setting(
+        False, parse_bool, "Refuse DMARC p=reject failures (550 5.7.1), mark p=quarantine ones"
+    )
+    spf_reject_fail: bool = setting(
+        False, parse_bool, "Refuse mail whose MAIL FROM fails SPF (-all), whatever DMARC says"
+    )
     log_level: str = setting(
         "info", parse_choice("debug", "info", "warn", "error", "critical"), "Lowest level logged"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import random
 import resource
 import signal
 import sys
@@ -31,7 +32,6 @@ from mailsrv.config import (
     env_name,
     flag_name,
     load,
-    split_host_port,
 )
 from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.fssync import filesystem_syncer
@@ -39,8 +39,12 @@ from mailsrv.delivery.maildir import MaildirSink, MaildirStore
 from mailsrv.delivery.sinks import ICommitSink
 from mailsrv.dkim.keys import KeyDirectory
 from mailsrv.dkim.signer import DkimSigner
+from mailsrv.dns import ServerResolver, dns_servers_of
 from mailsrv.filemodes import warn_loose_modes
 from mailsrv.logsetup import LevelFilter, ReopenableLogFile, make_observer
+from mailsrv.mailauth.inbound import InboundChecks
+from mailsrv.mailauth.policy import InboundPolicy
+from mailsrv.mailauth.verifier import Verifier
 from mailsrv.ops import readiness
 from mailsrv.ops.http import OpsHTTPService, OpsResource
 from mailsrv.ops.metrics import Metrics
@@ -52,7 +56,6 @@ from mailsrv.relay.control import QueueControlService, socket_path_problem
 from mailsrv.relay.local_success import LocalSuccessSink
 from mailsrv.relay.queue_lock import QueueBusy, QueueLock
 from mailsrv.relay.queue_store import FileQueueStore
-from mailsrv.relay.resolver import make_resolver
 from mailsrv.relay.service import build_relay
 from mailsrv.relay.sink import QueueSink
 from mailsrv.reload import ConfigReloader, ReloadStep
@@ -187,6 +190,7 @@ def build_service(
         reload_hooks.append(log_stream.reopen)
     root = MailService(config, reactor, log_stream)
     metrics = Metrics(process=True)
+    resolver = ServerResolver(reactor, dns_servers_of(config))  # every DNS user shares it
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
     queue_store = FileQueueStore(config.queue_dir, threads.run)
@@ -242,8 +246,9 @@ def build_service(
         relay=True,
         identities=AccountIdentities(store),
         metrics=metrics,
-        dnsbl=DnsblChecker(screening_resolver(config, reactor), reactor),
+        dnsbl=DnsblChecker(resolver, reactor),
         greylist=Greylist(IGreylistStore(store)),
+        inbound=inbound_checks(config, reactor, resolver, root),
     )
     GreylistExpiry(server, reactor).setServiceParent(root)
     bounces = DsnSubmitter(
@@ -254,7 +259,9 @@ def build_service(
         config.relay_queue_lifetime,
     )
     local_success.report_with(bounces.delivered)
-    relay = build_relay(config, reactor, threads.run, queue_store, bounces, metrics)
+    relay = build_relay(
+        config, reactor, threads.run, queue_store, bounces, metrics, resolver=resolver
+    )
     queue_sink.listen(relay.scheduler.queued)
     relay.scheduler.outcome_listener = webhooks.relay_events
     relay.scheduler.setServiceParent(root)
@@ -285,17 +292,30 @@ def build_service(
     if config.metrics_port:
         ops_http(config, reactor, metrics, threads, smtp, store).setServiceParent(root)
     if reload_config is not None:  # SIGHUP also re-reads the configuration (mailsrv.reload)
-        steps = [root.reload_step, server.reload_step, relay.reload_step, webhooks.reload_step]
+        steps = [
+            root.reload_step,
+            resolver.reload_step,
+            server.reload_step,
+            relay.reload_step,
+            webhooks.reload_step,
+        ]
         reload_hooks.append(reload_config(steps))
     if reload_hooks:
         install_reload_signal(reload_hooks, reactor)
     return root
 
 
-def screening_resolver(config: Config, reactor: Any) -> Any:
-    """The resolver of the DNSBL lookups (``dns_servers``, or resolv.conf's)."""
-    servers = [split_host_port(server, 53) for server in config.dns_servers]
-    return make_resolver(reactor, servers)
+def inbound_checks(
+    config: Config, reactor: Any, resolver: ServerResolver, root: MailService
+) -> InboundChecks | None:
+    """SPF/DKIM/DMARC/ARC of MX mail (``auth_checks``), its verifier started with ``root``
+    (before the listeners, so it stops after them)."""
+    if not config.auth_checks or not config.port:
+        return None
+    verifier = Verifier(reactor, resolver, config.auth_check_threads)
+    verifier.setServiceParent(root)
+    policy = InboundPolicy(config.dmarc_enforce, config.spf_reject_fail, random.SystemRandom())
+    return InboundChecks(verifier, policy, config.server_name, config.auth_check_timeout)
 
 
 def export_certificate_expiry(tls: ReloadingServerTLS, metrics: Metrics) -> None:

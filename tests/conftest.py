@@ -72,6 +72,7 @@ async def start_server(
     policy: Any = None,
     identities: Any = None,
     clock: Any = None,
+    inbound: Any = None,
 ) -> RunningServer:
     """Start the SMTP service tree for ``config`` with ephemeral ports.
 
@@ -79,7 +80,9 @@ async def start_server(
     ``portal`` a cred Portal (needed for AUTH), ``policy`` a RecipientPolicy (e.g. with a store),
     ``identities`` an AccountIdentities (the AUTH throttle's view of the store), ``clock`` the
     server's time (default: the reactor; a ``task.Clock`` drives timers and limits by hand
-    while the sockets stay real).
+    while the sockets stay real), ``inbound`` the MX checks
+    (:class:`mailsrv.mailauth.inbound.InboundChecks`; its verifier is started and stopped with
+    the tree).
     """
     from twisted.internet import reactor
 
@@ -95,6 +98,8 @@ async def start_server(
     root = MailService(config)
     threads = ThreadPoolService(reactor, "test-io", config.io_threads)
     threads.setServiceParent(root)
+    if inbound is not None:
+        inbound.verifier.setServiceParent(root)
     sinks = [MaildirSink(MaildirStore(config.mail_dir, config.server_name))]
     committer = GroupCommitter(reactor, sinks, filesystem_syncer(config.spool_dir, config.mail_dir))
     committer.setServiceParent(root)
@@ -107,6 +112,7 @@ async def start_server(
         tls=tls,
         portal=portal,
         identities=identities,
+        inbound=inbound,
     )
     server.spool.prepare()
     service = SMTPListenerService(reactor, server, dict.fromkeys(listeners, 0))

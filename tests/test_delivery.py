@@ -480,3 +480,66 @@ def test_mail_is_private_to_the_server_user(tmp_path: Path) -> None:
     assert delivered.stat().st_mode & 0o077 == 0
     for folder in (delivered.parent, delivered.parent.parent, spool.incoming):
         assert folder.stat().st_mode & 0o077 == 0, folder
+
+
+# --- reading back and inserting a header (the inbound checks) ----------------------------------
+
+HEAD = b"Return-Path: <a@b.test>\n"
+
+
+@pytest.mark.parametrize("size", [10, 300_000, 3 * 1024 * 1024])
+def test_read_gives_everything_written_in_memory_or_on_disk(tmp_path: Path, size: int) -> None:
+    path = tmp_path / "QREAD"
+    spool_file = SpoolFile(path, sync_run, lambda: None, lambda: None)
+    content = random.Random(size).randbytes(size)
+    for start in range(0, size, 1000):
+        spool_file.write(content[start : start + 1000])
+    assert result_of(spool_file.read()) == content
+    assert path.exists() == (size > 256 * 1024)  # small messages never touched the disk
+
+
+@pytest.mark.parametrize("size", [10, 300_000, 3 * 1024 * 1024])
+def test_insert_puts_a_header_after_the_first_line(tmp_path: Path, size: int) -> None:
+    path = tmp_path / "QINSERT"
+    spool_file = SpoolFile(path, sync_run, lambda: None, lambda: None)
+    body = random.Random(size).randbytes(size)
+    spool_file.write(HEAD)
+    spool_file.write(body)
+    added = b"Authentication-Results: mx.test; spf=none\n"
+    spool_file.insert(len(HEAD), added)
+    assert spool_file.size == len(HEAD) + len(added) + len(body)
+    rest = result_of(spool_file.detach())
+    spool_file.finish_blocking(rest)
+    assert path.read_bytes() == HEAD + added + body
+    assert directory_listing(tmp_path) == ["QINSERT"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_insert_into_a_file_on_disk_with_the_thread_pool(tmp_path: Path) -> None:
+    from twisted.internet import threads
+
+    path = tmp_path / "QINSERTT"
+    spool_file = SpoolFile(path, threads.deferToThread, lambda: None, lambda: None)
+    body = b"".join(random_chunks(1024 * 1024, seed=9))
+    spool_file.write(HEAD)
+    spool_file.write(body)
+    assert await spool_file.read() == HEAD + body
+    spool_file.insert(len(HEAD), b"X-One: 1\n")
+    spool_file.insert(len(HEAD), b"X-Two: 2\n")
+    spool_file.write(b"more\n")
+    assert await spool_file.close() == path
+    assert path.read_bytes() == HEAD + b"X-Two: 2\nX-One: 1\n" + body + b"more\n"
+    assert directory_listing(tmp_path) == ["QINSERTT"]
+
+
+def test_a_failed_insert_fails_the_file_and_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "QFAIL"
+    spool_file = SpoolFile(path, sync_run, lambda: None, lambda: None)
+    spool_file.write(b"y" * 600_000)
+    (tmp_path / "QFAIL.insert").mkdir()  # the temporary name is taken: the rewrite fails
+    spool_file.insert(10, b"X: 1\n")
+    with pytest.raises(FileExistsError):
+        result_of(spool_file.detach())
+    (tmp_path / "QFAIL.insert").rmdir()
+    spool_file.discard()
+    assert directory_listing(tmp_path) == []

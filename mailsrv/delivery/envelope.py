@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from mailsrv.mailauth.verdict import Verdict
+
 
 class Notify(Enum):
     """RFC 3461 ``NOTIFY=`` keywords."""
@@ -104,7 +106,9 @@ class AcceptedMessage:
     ``received_at`` is the injected clock's time at the end of DATA; ``size`` the stored body's
     size in bytes (trace headers included); ``envid`` and ``ret`` the RFC 3461 MAIL parameters;
     ``wire_size`` the size a next hop's SIZE limit applies to (RFC 1870: CRLF line ends, the
-    ``Received`` header but not ``Return-Path``, dots not doubled), None when not counted.
+    ``Received`` header but not ``Return-Path``, dots not doubled), None when not counted;
+    ``authentication`` the verdict of the inbound checks (:mod:`mailsrv.mailauth`), None for
+    mail that is not checked (authenticated users, trusted networks, submission).
     ``relay_headers`` are header lines (stored form: LF line ends) that only the copies leaving
     through the relay carry, on top of the body: the DKIM signatures (:mod:`mailsrv.dkim`);
     ``size`` and ``wire_size`` do not count them, and local copies never have them.
@@ -122,6 +126,7 @@ class AcceptedMessage:
     ret: Ret | None = None
     wire_size: int | None = None
     relay_headers: bytes = b""
+    authentication: Verdict | None = None
 
     @property
     def local_mailboxes(self) -> tuple[str, ...]:

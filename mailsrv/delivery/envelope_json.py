@@ -22,6 +22,7 @@ from mailsrv.delivery.envelope import (
     Ret,
 )
 from mailsrv.jsonstore.fields import Fields, RecordError, enum_value
+from mailsrv.mailauth.verdict import Verdict
 
 CLIENT_KEYS = frozenset(("ip", "helo", "listener", "login", "tls_version", "tls_cipher", "trusted"))
 DSN_KEYS = frozenset(("notify", "orcpt"))
@@ -125,7 +126,11 @@ def _recipient(raw: object, where: str) -> Recipient:
 
 
 def message_to_dict(message: AcceptedMessage) -> dict[str, Any]:
-    """``message`` as a JSON object (everything but the body)."""
+    """``message`` as a JSON object (everything but the body); ``authentication`` only when
+    the message was checked (records written before it existed have none)."""
+    extra = {}
+    if message.authentication is not None:
+        extra["authentication"] = message.authentication.to_dict()
     return {
         "queue_id": message.queue_id,
         "sender": message.sender,
@@ -137,12 +142,14 @@ def message_to_dict(message: AcceptedMessage) -> dict[str, Any]:
         "body_8bit": message.body_8bit,
         "envid": message.envid,
         "ret": message.ret.value if message.ret is not None else None,
+        **extra,
     }
 
 
 def message_from(raw: object, where: str) -> AcceptedMessage:
     """The accepted message stored as ``raw`` (RecordError if anything is wrong)."""
-    fields = Fields(raw, where, _MESSAGE_KEYS)
+    checked = isinstance(raw, dict) and "authentication" in raw
+    fields = Fields(raw, where, _MESSAGE_KEYS | ({"authentication"} if checked else set()))
     recipients_raw = fields.value("recipients")
     if not isinstance(recipients_raw, list) or not recipients_raw:
         raise fields.bad("recipients", "a non-empty list")
@@ -160,4 +167,9 @@ def message_from(raw: object, where: str) -> AcceptedMessage:
         body_8bit=fields.flag("body_8bit"),
         envid=fields.optional_text("envid"),
         ret=enum_value(Ret, ret, f"{where}.ret") if ret is not None else None,
+        authentication=(
+            Verdict.from_dict(fields.value("authentication"), f"{where}.authentication")
+            if checked
+            else None
+        ),
     )

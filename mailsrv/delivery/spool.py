@@ -3,7 +3,11 @@
 A :class:`SpoolFile` collects content in memory and hands it to the I/O thread pool in order, in
 chunks of ``_CHUNK`` bytes, so a 50 MB message never sits in memory.  When more than
 ``_HIGH_WATER`` bytes wait for the disk it asks the session to pause reading from the client, and
-resumes it when the writes have caught up.  At the end of DATA, :meth:`SpoolFile.detach` hands
+resumes it when the writes have caught up.  A message whose checks (:mod:`mailsrv.mailauth`) need
+its content reads it back (:meth:`SpoolFile.read`) and gets a header inserted near the top
+(:meth:`SpoolFile.insert`): free while the message is still all in memory, else the file is
+rewritten in the I/O thread with the header in place (the body copied by the kernel).  At the
+end of DATA, :meth:`SpoolFile.detach` hands
 the file to the committer (:mod:`mailsrv.delivery.committer`), which finishes it and makes it
 durable with a whole batch; :meth:`SpoolFile.close` is the one-message form (write the rest,
 fsync, close).
@@ -15,6 +19,7 @@ every sink (Maildir links, queue records) before the 250, and its spool name is 
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +37,7 @@ __all__ = ["RunInThread", "Spool", "SpoolFile"]  # RunInThread: its old home, fo
 _CHUNK = 256 * 1024
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _HIGH_WATER = 2 * 1024 * 1024
+_COPY_FALLBACK = frozenset((errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP))
 
 _log = Logger()
 
@@ -78,6 +84,7 @@ class SpoolFile:
         self._memory: list[bytes] = []
         self._memory_size = 0
         self.size = 0
+        self._flushed = 0  # bytes handed to the disk writes so far
         self._in_flight = 0
         self._paused = False
         self._fd: int | None = None
@@ -96,6 +103,7 @@ class SpoolFile:
         chunk = b"".join(self._memory)
         self._memory.clear()
         self._memory_size = 0
+        self._flushed += len(chunk)
         self._in_flight += len(chunk)
         if self._in_flight > _HIGH_WATER and not self._paused:
             self._paused = True
@@ -123,6 +131,77 @@ class SpoolFile:
         # Later chunks are skipped in the thread (see _write_blocking); close() reports this.
         self._failure = failure.value
         self._written(None, size)
+
+    def read(self) -> Deferred[bytes]:
+        """The whole content written so far (once the writes in flight are done).
+
+        A message still all in memory is given at once; else the file is read in the I/O
+        thread.  For a message that is complete: the checks of :mod:`mailsrv.mailauth`.
+        """
+        rest = b"".join(self._memory)
+        if not self._flushed:
+            return succeed(rest)
+        result: Deferred[bytes] = Deferred()
+
+        def read_file(_: object) -> Deferred[bytes]:
+            if self._failure is not None:
+                raise self._failure
+            return self._run(self._read_blocking, rest)
+
+        self._tail.addCallback(read_file)
+        self._tail.addCallbacks(result.callback, result.errback)
+        return result
+
+    def _read_blocking(self, rest: bytes) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read() + rest
+
+    def insert(self, offset: int, data: bytes) -> None:
+        """Insert ``data`` at byte ``offset`` of the content (a header after the first line).
+
+        In memory while nothing has reached the disk; else, in order with the writes, the file
+        is rewritten with ``data`` in place (a new file renamed over it).  A failure shows when
+        the file is detached or closed, as a failed write does.
+        """
+        self.size += len(data)
+        if offset >= self._flushed:
+            content = b"".join(self._memory)
+            at = offset - self._flushed
+            self._memory = [content[:at], data, content[at:]]
+            self._memory_size += len(data)
+            return
+        on_disk = self._flushed
+        self._flushed += len(data)
+
+        def rewrite(_: object) -> Deferred[None] | None:
+            if self._failure is not None:
+                return None
+            return self._run(self._insert_blocking, offset, data, on_disk)
+
+        self._tail.addCallback(rewrite)
+        self._tail.addErrback(self._remember_failure)
+
+    def _remember_failure(self, failure: Any) -> None:
+        self._failure = failure.value
+
+    def _insert_blocking(self, offset: int, data: bytes, on_disk: int) -> None:
+        temporary = self.path.with_name(self.path.name + ".insert")
+        source = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            target = os.open(temporary, _CREATE_FLAGS, 0o600)
+            try:
+                _copy(source, target, offset)
+                write_all(target, data)
+                _copy(source, target, on_disk - offset)
+                os.rename(temporary, self.path)
+            except BaseException:
+                os.close(target)
+                temporary.unlink(missing_ok=True)
+                raise
+        finally:
+            os.close(source)
+        self._close_fd()
+        self._fd = target  # at its end: what is written next is appended
 
     def close(self) -> Deferred[Path]:
         """Write what is left, fsync and close; fires with the path of the complete file.
@@ -203,3 +282,24 @@ class SpoolFile:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _copy(source: int, target: int, count: int) -> None:
+    """Copy ``count`` bytes from ``source``'s position to ``target``'s, in the kernel when the
+    filesystem allows it."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(source, target, count)
+        except OSError as e:
+            if e.errno not in _COPY_FALLBACK:
+                raise
+            break
+        if done == 0:
+            raise OSError(errno.EIO, "spool file shorter than written")
+        count -= done
+    while count > 0:
+        chunk = os.read(source, min(count, _CHUNK))
+        if not chunk:
+            raise OSError(errno.EIO, "spool file shorter than written")
+        write_all(target, chunk)
+        count -= len(chunk)

@@ -20,15 +20,21 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.names import cache, dns, error, hosts, resolve
-from twisted.names import client as dns_client
-from twisted.names.common import ResolverBase
+from twisted.names import dns, error
 
+from mailsrv.dns import DEFAULT_DNS_TIMEOUTS, make_resolver
 from mailsrv.relay import replies
 from mailsrv.relay.destinations import mx_destination, smarthost_destination
 from mailsrv.smtp.replies import Reply
 
-DEFAULT_DNS_TIMEOUTS = (1.0, 3.0, 11.0, 45.0)
+__all__ = [
+    "DEFAULT_DNS_TIMEOUTS",  # their old home, for importers: see mailsrv.dns
+    "Candidate",
+    "NextHop",
+    "NextHopError",
+    "Route",
+    "make_resolver",
+]
 
 
 class NextHopError(Exception):
@@ -62,28 +68,6 @@ class Route:
     destination: str
     mx_hosts: tuple[str, ...]
     candidates: tuple[Candidate, ...]
-
-
-def make_resolver(
-    reactor: Any,
-    servers: Sequence[tuple[str, int]] = (),
-    resolv_conf: str = "/etc/resolv.conf",
-    hosts_file: str = "/etc/hosts",
-    timeouts: Sequence[float] = DEFAULT_DNS_TIMEOUTS,
-) -> ResolverBase:
-    """A twisted.names resolver: the hosts file, a cache, then ``servers`` (or resolv.conf's).
-
-    The same chain as ``twisted.names.client.createResolver``, but with the reactor, the DNS
-    servers and the retransmission timeouts given explicitly.
-    """
-    if servers:
-        upstream = dns_client.Resolver(
-            servers=list(servers), timeout=tuple(timeouts), reactor=reactor
-        )
-    else:
-        upstream = dns_client.Resolver(resolv=resolv_conf, timeout=tuple(timeouts), reactor=reactor)
-    chain = [hosts.Resolver(hosts_file.encode()), cache.CacheResolver(reactor=reactor), upstream]
-    return resolve.ResolverChain(chain)
 
 
 def _ascii_domain(domain: str) -> str:
@@ -123,8 +107,9 @@ class _Lookup:
 class NextHop:
     """Finds the route for a recipient domain.
 
-    ``resolver`` is a twisted.names ``IResolver`` (see :func:`make_resolver`); ``clock`` bounds
-    each lookup to ``timeout`` seconds; ``rng`` orders MX hosts of equal preference.  With
+    ``resolver`` is a twisted.names ``IResolver`` (the server's
+    :class:`mailsrv.dns.ServerResolver`); ``clock`` bounds each lookup to ``timeout`` seconds;
+    ``rng`` orders MX hosts of equal preference.  With
     ``smarthost`` (``(host, port)``) every domain routes to it and MX records are not looked up;
     a smarthost given by address has one route for good, made once.
     """

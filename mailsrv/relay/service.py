@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailsrv.config import Config, ConfigError, split_host_port
+from mailsrv.dns import dns_servers_of, make_resolver
 from mailsrv.ops.metrics import Metrics
 from mailsrv.relay.bounces import DsnSubmitter
 from mailsrv.relay.connector import Connector
 from mailsrv.relay.courier import ClientConnector
 from mailsrv.relay.options import mx_options, smarthost_options
 from mailsrv.relay.queue_store import FileQueueStore
-from mailsrv.relay.resolver import NextHop, make_resolver
+from mailsrv.relay.resolver import NextHop
 from mailsrv.relay.retry import RetryPolicy
 from mailsrv.relay.scheduler import RelayScheduler, SchedulerSettings
 from mailsrv.relay.tlsclient import TLSClientConfigError
@@ -69,16 +70,18 @@ class RelayParts:
     settings: SchedulerSettings
 
 
-def relay_parts(config: Config, reactor: Any, run_in_thread: RunInThread) -> RelayParts:
+def relay_parts(
+    config: Config, reactor: Any, run_in_thread: RunInThread, resolver: Any = None
+) -> RelayParts:
     """The next hop, connectors, retry policy and scheduler settings of ``config``.
 
-    Reads ``relay_ca_file`` (blocking); raises :class:`ConfigError` with one line when it
-    cannot be used."""
+    ``resolver`` is the server's (:class:`mailsrv.dns.ServerResolver`); without one, one is
+    made for ``dns_servers``.  Reads ``relay_ca_file`` (blocking); raises
+    :class:`ConfigError` with one line when it cannot be used."""
     rng = random.SystemRandom()
-    servers = [split_host_port(server, 53) for server in config.dns_servers]
     smarthost = split_host_port(config.relay_host, 25) if config.relay_host else None
     next_hop = NextHop(
-        make_resolver(reactor, servers),
+        resolver if resolver is not None else make_resolver(reactor, dns_servers_of(config)),
         reactor,
         rng,
         mx_port=config.relay_mx_port,
@@ -138,6 +141,7 @@ def build_relay(
     store: FileQueueStore,
     bounces: DsnSubmitter,
     metrics: Metrics | None = None,
+    resolver: Any = None,
 ) -> Relay:
     """The scheduler over ``store``, delivering through a smarthost or by MX as configured,
     its DSNs composed by ``bounces``.
@@ -145,7 +149,7 @@ def build_relay(
     The queue is recovered from disk here, before the reactor runs: nothing is staged while
     the recovery removes what interrupted writes left.  Raises :class:`ConfigError` when
     ``relay_ca_file`` cannot be used."""
-    parts = relay_parts(config, reactor, run_in_thread)
+    parts = relay_parts(config, reactor, run_in_thread, resolver)
     scheduler = RelayScheduler(
         store,
         parts.next_hop,
@@ -158,5 +162,7 @@ def build_relay(
         loaded=store.load_now(),
         metrics=metrics,
     )
-    rebuild = functools.partial(relay_parts, reactor=reactor, run_in_thread=run_in_thread)
+    rebuild = functools.partial(
+        relay_parts, reactor=reactor, run_in_thread=run_in_thread, resolver=resolver
+    )
     return Relay(store, scheduler, bounces, rebuild)

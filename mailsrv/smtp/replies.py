@@ -127,3 +127,5 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
 BARE_LINE_ENDING = Reply(554, "5.6.0", "Bare CR or LF not accepted in message; use CRLF")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "NUL characters not accepted in message")
+DMARC_REJECTED = Reply(550, "5.7.1", "Message refused by the DMARC policy of {domain}")
+SPF_REJECTED = Reply(550, "5.7.23", "SPF check failed for {domain}")  # RFC 7372

@@ -33,6 +33,7 @@ from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.spool import Spool, SpoolFile
 from mailsrv.limits import TrustedNetworks
+from mailsrv.mailauth.inbound import InboundChecks
 from mailsrv.ops.metrics import Metrics
 from mailsrv.screening.dnsbl import DnsblChecker
 from mailsrv.screening.greylist import Greylist
@@ -76,6 +77,7 @@ class SMTPServer:
         metrics: Metrics | None = None,
         dnsbl: DnsblChecker | None = None,
         greylist: Greylist | None = None,
+        inbound: InboundChecks | None = None,
     ) -> None:
         self.config = config
         self.relay = relay  # a relay queue is among the committer's sinks
@@ -97,6 +99,8 @@ class SMTPServer:
         self.greylist = greylist  # used when the configuration turns greylisting on
         if isinstance(self.limits, LocalLimits):
             self.metrics.before_scrape(self._export_throttled)
+        # SPF/DKIM/DMARC/ARC of MX mail from clients neither trusted nor authenticated.
+        self.inbound = inbound
         self.sessions: set[SMTPSession] = set()
         self.draining = False
         self.stressed = False

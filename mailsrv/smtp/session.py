@@ -42,7 +42,10 @@ from mailsrv.delivery.envelope import (
 )
 from mailsrv.delivery.spool import SpoolFile
 from mailsrv.limits import normalize_ip
-from mailsrv.screening.greylist import Verdict
+from mailsrv.mailauth.checks import Facts
+from mailsrv.mailauth.inbound import CheckOutcome, InboundCheck
+from mailsrv.mailauth.verdict import Verdict
+from mailsrv.screening.greylist import Verdict as GreylistVerdict
 from mailsrv.shared_limits import CONNECTION_LIMIT, CONNECTION_RATE, IP_CONNECTION_LIMIT
 from mailsrv.smtp import replies
 from mailsrv.smtp.address import (
@@ -139,6 +142,8 @@ class Transaction:
     queue_id: str = ""
     spool_file: SpoolFile | None = None
     trace_wire_size: int = 0  # our trace headers on the wire to a next hop (CRLF, no Return-Path)
+    trace: bytes = b""  # our trace headers, at the start of the spool file
+    check: InboundCheck | None = None  # SPF/DKIM/DMARC/ARC (mailsrv.mailauth), when they apply
 
     @property
     def sender_text(self) -> str:
@@ -699,7 +704,7 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
 
     def _greylist_decided(
         self,
-        verdict: Verdict,
+        verdict: GreylistVerdict,
         decision: RecipientDecision,
         transaction: Transaction,
         address: Address,
@@ -727,17 +732,29 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
             transaction.queue_id, lambda: self._pause("spool"), lambda: self._resume("spool")
         )
         transaction.spool_file = spool_file
-        trace = self._trace_headers(transaction) + self.dnsbl_header()
+        trace = transaction.trace = self._trace_headers(transaction) + self.dnsbl_header()
         spool_file.write(trace)
         received = trace.partition(b"\n")[2]  # a relay drops Return-Path and sends CRLF
         transaction.trace_wire_size = len(received) + received.count(b"\n")
+        body_sink: Callable[[bytes], None] = spool_file.write
+        inbound = self.server.inbound
+        if inbound is not None and self._checks_apply():
+            facts = Facts(
+                self.peer_ip, self.helo or "", transaction.sender_text, inbound.authserv_id
+            )
+            transaction.check = inbound.start(facts, transaction.queue_id)
+            body_sink = transaction.check.body_sink(spool_file.write)
         self._decoder = BodyDecoder(
-            spool_file.write,
+            body_sink,
             self.config.max_message_size,
             normalize_line_endings=self.config.bare_line_endings == "normalize",
         )
         self._data_timer = self.clock.callLater(self.config.data_timeout, self._data_timeout)
         return replies.START_DATA
+
+    def _checks_apply(self) -> bool:
+        """Mail on the MX listener from clients neither trusted nor authenticated is checked."""
+        return self.listener == "mx" and not self.trusted and not self.sender.authenticated
 
     def _trace_headers(self, transaction: Transaction) -> bytes:
         """``Return-Path`` and ``Received`` (RFC 5321 section 4.4), with LF line endings."""
@@ -775,20 +792,66 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
             return
         self._busy = True
         spool_file, transaction.spool_file = transaction.spool_file, None
+        if transaction.check is not None:
+            checked = transaction.check.finish(spool_file, transaction.trace)
+            replied: Deferred[Response] = checked.addCallbacks(
+                self._checked,
+                self._message_failed,
+                callbackArgs=(transaction, spool_file, decoder.size),
+                errbackArgs=(transaction, spool_file, decoder.size),
+            )
+            replied.addCallback(self._async_reply)
+            return
         message = self._accepted_message(
             transaction, spool_file.size, transaction.trace_wire_size + decoder.size
         )
+        self._commit(message, transaction, spool_file, decoder.size).addCallback(self._async_reply)
+
+    def _commit(
+        self, message: AcceptedMessage, transaction: Transaction, spool_file: SpoolFile, size: int
+    ) -> Deferred[Response]:
+        """Make ``message`` durable; fires with the reply (250 once synced, else 451/452)."""
         committed: Deferred[Any] = self.server.commit(message, spool_file)
-        committed.addCallbacks(
+        replied: Deferred[Response] = committed.addCallbacks(
             self._message_committed,
             self._message_failed,
-            callbackArgs=(transaction, decoder.size, self.clock.seconds()),
-            errbackArgs=(transaction, spool_file, decoder.size),
+            callbackArgs=(transaction, size, self.clock.seconds()),
+            errbackArgs=(transaction, spool_file, size),
         )
-        committed.addCallback(self._async_reply)
+        return replied
+
+    def _checked(
+        self, outcome: CheckOutcome, transaction: Transaction, spool_file: SpoolFile, size: int
+    ) -> Response | Deferred[Response]:
+        """The checks are done: refuse, or commit with the verdict (see mailsrv.mailauth)."""
+        if self._closing:  # the client left before a reply: nothing was acknowledged
+            spool_file.discard()
+            return None
+        if outcome.refusal is not None:
+            spool_file.discard()
+            self.server.security_event(
+                "authentication-refused",
+                self.peer_ip,
+                reply=f"{outcome.refusal.code} {outcome.refusal.enhanced}",
+                sender=transaction.sender_text,
+            )
+            self._metrics.rejected(reply_class(outcome.refusal))
+            self._log_message(transaction, size, f"refused: {outcome.refusal.text}")
+            if transaction is self.transaction:
+                self.transaction = None
+            return outcome.refusal
+        wire_size = transaction.trace_wire_size + size + outcome.wire_delta
+        message = self._accepted_message(
+            transaction, spool_file.size, wire_size, authentication=outcome.verdict
+        )
+        return self._commit(message, transaction, spool_file, size)
 
     def _accepted_message(
-        self, transaction: Transaction, size: int, wire_size: int
+        self,
+        transaction: Transaction,
+        size: int,
+        wire_size: int,
+        authentication: Verdict | None = None,
     ) -> AcceptedMessage:
         """The transaction as the value every commit sink reads (``size``: the stored body;
         ``wire_size``: its size on the wire to a next hop, ``decoder.size`` counting CRLF)."""
@@ -815,6 +878,7 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
             envid=transaction.envid,
             ret=transaction.ret,
             wire_size=wire_size,
+            authentication=authentication,
         )
 
     def _message_committed(

@@ -14,8 +14,10 @@ happened (UTC, RFC 3339).  Two kinds of ``data``:
   :class:`~mailsrv.delivery.envelope.AcceptedMessage`: queue id, envelope (only the recipients
   the event is about: local ones for ``received``, remote ones for ``queued``), client, decoded
   headers, text and HTML bodies (capped, with ``truncated``), attachment metadata (filename,
-  content type, size, SHA-256, content id), total size, the Maildir paths, and on request the
-  whole message in base64 (``raw``; above the cap ``raw_truncated`` and no ``raw``);
+  content type, size, SHA-256, content id), total size, the Maildir paths, the verdicts of the
+  inbound checks (``authentication``: SPF, DKIM per signature, DMARC with its policy and
+  disposition, ARC; null for mail not checked), and on request the whole message in base64
+  (``raw``; above the cap ``raw_truncated`` and no ``raw``);
 * ``message.delivered`` / ``message.deferred`` / ``message.bounced``: one recipient's relay
   outcome, built by :func:`build_delivery_event` from plain values (the remote reply, the remote
   MTA, the attempts so far, the next attempt when deferred).
@@ -596,6 +598,9 @@ def build_message_event(
         "envelope": _envelope(message, event_type),
         "client": _client(message.client),
         **parsed,
+        "authentication": (
+            message.authentication.to_dict() if message.authentication is not None else None
+        ),
         "storage": {
             "maildir": [
                 {"mailbox": mailbox, "path": os.fspath(path)}

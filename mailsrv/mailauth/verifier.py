@@ -1,0 +1,105 @@
+"""Runs the checks of a message off the reactor, within a time budget, and always answers.
+
+:meth:`Verifier.verify` hands :func:`~mailsrv.mailauth.checks.run_checks` to the verifier's own
+thread pool (not the I/O threads: a check waiting on a slow DNS server must not hold up the
+spool writes of other sessions) and fires with a :class:`~mailsrv.mailauth.verdict.Verdict`
+no later than ``budget`` seconds after it was called: when the checks have not finished by
+then (slow DNS, a busy pool, a large message), the verdict has what was finished and
+``temperror`` for the rest; the worker's lookups fail from then on, so it ends soon after.
+A full pool (more messages waiting than :data:`MAX_WAITING`) gives ``temperror`` at once.
+Nothing here fails the Deferred: trouble in a check is a ``temperror`` and a log line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsrv.mailauth.checks import Facts, Progress, run_checks, unfinished
+from mailsrv.mailauth.dmarc_check import OrgDomains
+from mailsrv.mailauth.lookups import LookupGate, ThreadLookups
+from mailsrv.mailauth.verdict import Verdict
+from mailsrv.threads import PoolFull, ThreadPoolService
+
+_log = Logger(namespace="mailsrv.mailauth")
+
+MAX_WAITING = 64
+"""Messages waiting for a check thread, beyond those being checked, before new ones get
+``temperror`` at once."""
+
+
+class Verifier(Service):
+    """The checks' thread pool and DNS; see the module docstring.
+
+    ``reactor`` provides the thread hand-off and, unless ``clock`` is given, the time;
+    ``resolver`` is the server's (:class:`mailsrv.dns.ServerResolver`).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        resolver: Any,
+        threads: int = 4,
+        orgs: OrgDomains | None = None,
+        clock: IReactorTime | None = None,
+        max_waiting: int = MAX_WAITING,
+    ) -> None:
+        self._reactor: IReactorFromThreads = reactor
+        self._clock: IReactorTime = clock if clock is not None else reactor
+        self._resolver = resolver
+        self._pool = ThreadPoolService(
+            reactor, "mailsrv-mailauth", threads, max_pending=threads + max_waiting
+        )
+        self._gate = LookupGate()
+        self.orgs = orgs if orgs is not None else OrgDomains()
+        self.setName("mailauth")
+
+    def startService(self) -> None:
+        super().startService()
+        self._gate = LookupGate()
+        self._pool.startService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._gate.close()  # workers stop waiting on DNS, so joining them cannot hang
+        self._pool.stopService()
+
+    def verify(self, facts: Facts, message: bytes, budget: float) -> Deferred[Verdict]:
+        """The verdict on ``message`` (content as received, LF line ends) within ``budget``."""
+        progress = Progress()
+        lookups = ThreadLookups(
+            self._reactor,
+            self._clock,
+            self._resolver,
+            self._clock.seconds() + budget,
+            self._gate,
+        )
+        verdict: Deferred[Verdict] = Deferred()
+
+        def finish(result: Verdict) -> None:
+            if timer.active():
+                timer.cancel()
+            if not verdict.called:
+                verdict.callback(result)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(PoolFull):
+                reason = "checks busy"
+            else:
+                _log.failure(
+                    "checks failed for a message from {client_ip}", failure, client_ip=facts.ip
+                )
+                reason = "internal error"
+            finish(unfinished(progress, reason))
+
+        timer = self._clock.callLater(
+            budget, lambda: finish(unfinished(progress, "time budget used up"))
+        )
+        job = self._pool.run(run_checks, facts, message, lookups, progress, self.orgs)
+        job.addCallbacks(finish, failed)
+        return verdict
