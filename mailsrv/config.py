@@ -760,6 +760,11 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
             f"{where('max_mail_line_length')}: must be at least max_line_length"
             f" ({config.max_line_length})"
         )
+    if config.greylist_expiry <= config.greylist_delay:
+        raise ConfigError(
+            f"{where('greylist_expiry')}: must be longer than greylist_delay"
+            f" ({config.greylist_delay:g} s), or no retry could pass"
+        )
     domains = set(config.local_domains)
     local = f"(local_domains: {','.join(config.local_domains)})"
     for mailbox in config.mailboxes:

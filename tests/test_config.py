@@ -127,6 +127,15 @@ ENV_CASES = [
     ("SMTP_TRUSTED_NETWORKS", "", "trusted_networks", ()),
     ("SMTP_SHUTDOWN_GRACE", "0", "shutdown_grace", 0.0),
     ("SMTP_DATA_TIMEOUT", "1.5", "data_timeout", 1.5),
+    (
+        "SMTP_DNSBL_ZONES",
+        "Zen.Example, b.example=Tag, zen.example=tag",
+        "dnsbl_zones",
+        (("zen.example", "tag"), ("b.example", "tag")),
+    ),
+    ("SMTP_DNSBL_ZONES", "", "dnsbl_zones", ()),
+    ("SMTP_GREYLIST", "yes", "greylist", True),
+    ("SMTP_GREYLIST_DELAY", "60", "greylist_delay", 60.0),
 ]
 
 
@@ -631,6 +640,49 @@ BROKEN: list[tuple[str, dict[str, str], str | None, dict[str, object], str]] = [
         None,
         {},
         "max_mail_line_length: must be at least max_line_length (4096)",
+    ),
+    (
+        "dnsbl-unknown-action",
+        {"SMTP_DNSBL_ZONES": "zen.example=drop"},
+        None,
+        {},
+        "environment SMTP_DNSBL_ZONES: 'zen.example=drop': the action is refuse or tag, got 'drop'",
+    ),
+    (
+        "dnsbl-bad-zone",
+        {"SMTP_DNSBL_ZONES": "bad zone!"},
+        None,
+        {},
+        "environment SMTP_DNSBL_ZONES: invalid domain 'bad zone!'",
+    ),
+    (
+        "dnsbl-no-zone",
+        {"SMTP_DNSBL_ZONES": "=tag"},
+        None,
+        {},
+        "environment SMTP_DNSBL_ZONES: invalid domain ''",
+    ),
+    (
+        "dnsbl-timeout-zero",
+        {"SMTP_DNSBL_TIMEOUT": "0"},
+        None,
+        {},
+        "environment SMTP_DNSBL_TIMEOUT: must be a finite number of at least 0.1, got 0.0",
+    ),
+    (
+        "greylist-not-a-boolean",
+        {"SMTP_GREYLIST": "maybe"},
+        None,
+        {},
+        "environment SMTP_GREYLIST: expected true or false, got 'maybe'",
+    ),
+    (
+        "greylist-expiry-before-delay",
+        {"SMTP_GREYLIST_DELAY": "3600", "SMTP_GREYLIST_EXPIRY": "600"},
+        None,
+        {},
+        "environment SMTP_GREYLIST_EXPIRY: must be longer than greylist_delay (3600 s), or no"
+        " retry could pass",
     ),
 ]
 

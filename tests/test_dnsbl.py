@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.names import dns
 
-from mailsrv.relay.resolver import make_resolver
+from mailsrv.dns import make_resolver
 from mailsrv.screening.dnsbl import REFUSE, TAG, DnsblChecker, Zone, query_name
 from tests.conftest import make_config, run_client, start_server
 from tests.relay_dns import DNSServer, start_black_hole, start_dns
@@ -84,7 +84,7 @@ async def test_a_zone_that_never_answers_is_not_a_listing(tmp_path: Path) -> Non
 
 
 @pytest_twisted.ensureDeferred
-async def test_answers_are_cached(tmp_path: Path) -> None:
+async def test_answers_are_cached_by_the_servers_resolver(tmp_path: Path) -> None:
     dns_server = start_dns(ZONE)
     clock = task.Clock()
     hosts = tmp_path / "hosts"

@@ -36,7 +36,6 @@ RELAY_SETTINGS = frozenset(
         "relay_ca_file",
         "relay_mx_tls",
         "relay_mx_port",
-        "dns_servers",
         "relay_dns_timeout",
         "relay_min_backoff",
         "relay_max_backoff",
@@ -57,7 +56,8 @@ RELAY_SETTINGS = frozenset(
         "relay_bounce_size_limit",
     }
 )
-"""The reloadable settings the relay's parts are built from."""
+"""The reloadable settings the relay's parts are built from (``dns_servers`` is the shared
+resolver's own reload step, :class:`mailsrv.dns.ServerResolver`)."""
 
 
 @dataclass(frozen=True)

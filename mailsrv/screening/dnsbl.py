@@ -9,15 +9,13 @@ record), a DNS failure or a lookup slower than the timeout is not a listing eith
 blocklist that cannot be asked never turns mail away.
 
 Every zone is asked at once, each lookup bounded by the same timeout on the injected clock.
-Verdicts are cached per (zone, address): a listing for the TTL of its answer (at least
-:data:`MIN_TTL`), a non-listing for :data:`NEGATIVE_TTL`; the cache holds at most
-``max_entries`` (the oldest go first).
+Answers are cached by the server's resolver (:mod:`mailsrv.dns`: for their TTL, "no such
+name" for the zone's negative TTL), so a client that connects again is not asked about again.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +31,6 @@ _log = Logger(namespace="mailsrv.screening")
 REFUSE = "refuse"
 TAG = "tag"
 ACTIONS = (REFUSE, TAG)
-
-MIN_TTL = 60.0
-"""The shortest time a listing is cached, whatever the TTL of its answer."""
-NEGATIVE_TTL = 300.0
-"""How long "not listed" (and a failed lookup) is cached."""
-FAILED_TTL = 30.0
-"""How long a lookup that timed out or failed is remembered as not listed."""
 
 _LISTED = ipaddress.IPv4Network("127.0.0.0/8")
 _ERROR_CODES = ipaddress.IPv4Network("127.255.255.0/24")
@@ -80,11 +71,9 @@ def query_name(ip: str, zone: str) -> str:
 class DnsblChecker:
     """Asks ``resolver`` (an ``IResolver``) whether clients are listed (see the module)."""
 
-    def __init__(self, resolver: Any, clock: IReactorTime, max_entries: int = 10_000) -> None:
+    def __init__(self, resolver: Any, clock: IReactorTime) -> None:
         self._resolver = resolver
         self._clock = clock
-        self._max_entries = max_entries
-        self._cache: OrderedDict[tuple[str, str], tuple[float, tuple[str, ...]]] = OrderedDict()
 
     def listings(self, ip: str, zones: Sequence[Zone], timeout: float) -> Deferred[list[Listing]]:
         """The zones among ``zones`` that list ``ip``, in their order.  Never fails."""
@@ -101,11 +90,6 @@ class DnsblChecker:
         return gathered.addCallback(listed)
 
     def _codes(self, ip: str, zone: str, timeout: float) -> Deferred[tuple[str, ...]]:
-        now = self._clock.seconds()
-        key = (zone, ip)
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
-            return defer.succeed(cached[1])
         try:
             name = query_name(ip, zone)
         except ValueError:
@@ -123,7 +107,6 @@ class DnsblChecker:
     def _answered(self, result: Any, zone: str, ip: str) -> tuple[str, ...]:
         answers = result[0]
         codes: list[str] = []
-        ttl = NEGATIVE_TTL
         for record in answers:
             if record.type != dns.A:
                 continue
@@ -138,14 +121,10 @@ class DnsblChecker:
                 )
                 continue
             codes.append(str(code))
-            ttl = max(MIN_TTL, float(record.ttl))
-        verdict = tuple(sorted(set(codes)))
-        self._remember(zone, ip, verdict, ttl)
-        return verdict
+        return tuple(sorted(set(codes)))
 
     def _failed(self, failure: Any, zone: str, ip: str) -> tuple[str, ...]:
         if failure.check(error.DNSNameError):
-            self._remember(zone, ip, (), NEGATIVE_TTL)
             return ()
         reason = "timed out" if failure.check(defer.TimeoutError) else failure.getErrorMessage()
         _log.info(
@@ -154,12 +133,4 @@ class DnsblChecker:
             client_ip=ip,
             reason=reason or type(failure.value).__name__,
         )
-        self._remember(zone, ip, (), FAILED_TTL)
         return ()
-
-    def _remember(self, zone: str, ip: str, codes: tuple[str, ...], ttl: float) -> None:
-        key = (zone, ip)
-        self._cache[key] = (self._clock.seconds() + ttl, codes)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)

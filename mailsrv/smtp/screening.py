@@ -44,8 +44,10 @@ class ScreeningSteps:
     """Listings of this client in zones that only tag (for the trace header)."""
     refused_at_greeting: bool = False
 
-    def _screened_listener(self) -> bool:
-        return self.listener == "mx" and not self.trusted
+    def screened(self) -> bool:
+        """Whether this session's mail is screened and checked (DNSBL, greylisting, the inbound
+        SPF/DKIM/DMARC checks): the MX listener, a client neither trusted nor authenticated."""
+        return self.listener == "mx" and not self.trusted and not self.sender.authenticated
 
     # -- DNSBL -----------------------------------------------------------------------------
 
@@ -53,7 +55,7 @@ class ScreeningSteps:
         """Ask the blocklists about the client (None: nothing to ask); fires with the refusal
         greeting, or None to greet as usual."""
         checker = self.server.dnsbl
-        if checker is None or not self.config.dnsbl_zones or not self._screened_listener():
+        if checker is None or not self.config.dnsbl_zones or not self.screened():
             return None
         zones = [Zone(name, action) for name, action in self.config.dnsbl_zones]
         asked = checker.listings(self.peer_ip, zones, self.config.dnsbl_timeout)
@@ -97,12 +99,7 @@ class ScreeningSteps:
     # -- greylisting -----------------------------------------------------------------------
 
     def _greylisting_applies(self) -> bool:
-        return (
-            self.config.greylist
-            and self.server.greylist is not None
-            and self._screened_listener()
-            and not self.sender.authenticated
-        )
+        return self.config.greylist and self.server.greylist is not None and self.screened()
 
     def _greylist(self, sender: str, recipient: str) -> Deferred[Verdict]:
         """The greylisting verdict of this client, ``sender`` and ``recipient``.  A store that

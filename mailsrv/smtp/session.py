@@ -738,7 +738,7 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
         transaction.trace_wire_size = len(received) + received.count(b"\n")
         body_sink: Callable[[bytes], None] = spool_file.write
         inbound = self.server.inbound
-        if inbound is not None and self._checks_apply():
+        if inbound is not None and self.screened():
             facts = Facts(
                 self.peer_ip, self.helo or "", transaction.sender_text, inbound.authserv_id
             )
@@ -751,10 +751,6 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
         )
         self._data_timer = self.clock.callLater(self.config.data_timeout, self._data_timeout)
         return replies.START_DATA
-
-    def _checks_apply(self) -> bool:
-        """Mail on the MX listener from clients neither trusted nor authenticated is checked."""
-        return self.listener == "mx" and not self.trusted and not self.sender.authenticated
 
     def _trace_headers(self, transaction: Transaction) -> bytes:
         """``Return-Path`` and ``Received`` (RFC 5321 section 4.4), with LF line endings."""
