@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +194,12 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Any]]:
+    """The ``tests.test_process.Server`` processes a test starts: killed at its end."""
+    made: list[Any] = []
+    yield made
+    for server in made:
+        server.kill()

@@ -14,7 +14,6 @@ import re
 import signal
 import smtplib
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
@@ -35,14 +34,6 @@ from tests.test_submission_process import CHEAP_ARGON2, PASSWORD, users
 from tests.test_tls import CertFiles
 
 ZONE_STRING = re.compile(r'"([^"]*)"')
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    made: list[Server] = []
-    yield made
-    for server in made:
-        server.kill()
 
 
 def dkim_cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:

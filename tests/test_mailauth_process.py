@@ -5,10 +5,9 @@ the verdict in the stored message and in the webhook payload, DMARC enforced."""
 from __future__ import annotations
 
 import smtplib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 
 from tests.mailauth_dns import start_auth_dns
@@ -18,14 +17,6 @@ from tests.test_process import Server, free_port
 from tests.test_relay_process import eventually
 from tests.test_webhook_process import config_file
 from tests.webhook_rig import Listening, check_signed, start_receiver
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    made: list[Server] = []
-    yield made
-    for server in made:
-        server.kill()
 
 
 @pytest_twisted.async_yield_fixture

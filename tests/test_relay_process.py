@@ -18,12 +18,11 @@ import smtplib
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet import task
 from twisted.names import dns
@@ -48,14 +47,6 @@ async def eventually(predicate: Callable[[], bool], what: str, within: float = W
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await task.deferLater(reactor, 0.05, lambda: None)
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[Server]]:
-    made: list[Server] = []
-    yield made
-    for server in made:
-        server.kill()
 
 
 def relay_server(tmp_path: Path, made: list[Server], relay_port: int, **env: str) -> Server:

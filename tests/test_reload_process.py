@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import signal
 import smtplib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 
 from tests.relay_peer import start_peer
@@ -19,14 +18,6 @@ from tests.test_relay_process import eventually
 from tests.webhook_rig import SECRET, Listening, check_signed, start_receiver
 
 BODY = b"From: Alice <alice@example.org>\r\nSubject: reload\r\n\r\nhello\r\n"
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    made: list[Server] = []
-    yield made
-    for server in made:
-        server.kill()
 
 
 @pytest_twisted.async_yield_fixture

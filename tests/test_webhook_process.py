@@ -12,11 +12,10 @@ import signal
 import smtplib
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 
 from tests.relay_peer import start_peer
@@ -26,14 +25,6 @@ from tests.webhook_rig import HANG, SECRET, Answer, Listening, check_signed, sta
 
 MAILSRV = str(Path(sys.executable).parent / "mailsrv")
 BODY = b"From: Bob <bob@remote.test>\r\nSubject: webhook me\r\n\r\nhello\r\n"
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    made: list[Server] = []
-    yield made
-    for server in made:
-        server.kill()
 
 
 @pytest_twisted.async_yield_fixture
