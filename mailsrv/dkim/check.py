@@ -1,10 +1,10 @@
 """Whether the published DNS record of a key matches it (``mailsrv dkim check``).
 
-The TXT records at ``<selector>._domainkey.<domain>`` are asked of the DNS servers the relay
-uses (``SMTP_DNS_SERVERS``, else ``/etc/resolv.conf``: :func:`mailsrv.relay.resolver.
-make_resolver`), bounded by ``SMTP_RELAY_DNS_TIMEOUT``, and compared with the key
-(:func:`mailsrv.dkim.record.compare`).  No such name, or no TXT record at it, is "missing"; a
-timeout or a server failure is a lookup that failed, said as such.
+The TXT records at ``<selector>._domainkey.<domain>`` are asked of the server's DNS servers
+(``SMTP_DNS_SERVERS``, else ``/etc/resolv.conf``: :func:`mailsrv.dns.make_resolver`), bounded
+by ``SMTP_RELAY_DNS_TIMEOUT``, and compared with the key (:func:`mailsrv.dkim.record.compare`).
+No such name, or no TXT record at it, is "missing"; a timeout or a server failure is a lookup
+that failed, said as such.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.names import dns, error
 
-from mailsrv.config import Config, split_host_port
+from mailsrv.config import Config
 from mailsrv.dkim.keys import StoredKey
 from mailsrv.dkim.record import Verdict, compare
 
@@ -46,10 +46,9 @@ async def published(resolver: Any, clock: Any, name: str, within: float) -> list
 
 async def check_keys(config: Config, reactor: Any, keys: Sequence[StoredKey]) -> list[Verdict]:
     """A verdict for each of ``keys`` from the configured DNS servers (in order)."""
-    from mailsrv.relay.resolver import make_resolver
+    from mailsrv.dns import dns_servers_of, make_resolver
 
-    servers = [split_host_port(server, 53) for server in config.dns_servers]
-    resolver = make_resolver(reactor, servers)
+    resolver = make_resolver(reactor, dns_servers_of(config))
     verdicts = []
     for key in keys:
         try:
