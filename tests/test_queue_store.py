@@ -19,6 +19,7 @@ from twisted.internet import defer, threads
 from twisted.logger import capturedLogs
 from zope.interface.verify import verifyObject
 
+from mailsrv.jsonstore.spares import SPARE_DIR
 from mailsrv.relay.queue_store import FileQueueStore, IQueueStore, NoSuchMessage, QueueError
 from mailsrv.relay.records import QueueRecord, State, decode
 from tests.queue_helpers import BODY, accepted, commit, full_message, local, spool_body
@@ -42,7 +43,9 @@ def reopen(store: FileQueueStore) -> FileQueueStore:
 
 
 def names(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory)) if directory.exists() else []
+    """The files of ``directory``, but for the spare files kept for reuse."""
+    found = sorted(os.listdir(directory)) if directory.exists() else []
+    return [name for name in found if name != SPARE_DIR]
 
 
 def deferred(record: QueueRecord, **changes: Any) -> QueueRecord:

@@ -6,6 +6,8 @@ Layout of the directory (the relay queue and the webhook outbox are both one)::
     <key>.eml         its body, a hard link of the spool file, for records that keep one
     <key>.json.tmp    a record being written; left over only by a crash, removed by load()
     corrupt/          broken records (and their bodies) moved aside by load(), never deleted
+    spare/            removed and replaced record files, reused for new ones instead of
+                      freeing and allocating an inode per write (mailsrv.jsonstore.spares)
 
 Every record is written to a temporary name and renamed over the real one, so a reader (the
 CLI, a listing) sees the old record or the new one, never a part.  Two kinds of writes:
@@ -61,6 +63,7 @@ from mailsrv.filemodes import make_private_dirs
 from mailsrv.fileops import fsync_directory, fsync_file, link_or_copy, unlink_if_present
 from mailsrv.jsonstore.fields import RecordError
 from mailsrv.jsonstore.files import TMP_SUFFIX, write_temporary
+from mailsrv.jsonstore.spares import SparePool
 from mailsrv.threads import RunInThread
 
 R = TypeVar("R")
@@ -118,6 +121,8 @@ class RecordDirectory(Generic[R]):
     ) -> None:
         self.root = root
         self.corrupt_dir = root / CORRUPT_DIR
+        self.spares = SparePool(root)
+        """Removed and replaced record files kept for reuse (:mod:`mailsrv.jsonstore.spares`)."""
         self._run = run_in_thread
         self._sync_function = sync
         self._log = log or Logger(namespace="mailsrv")
@@ -217,14 +222,14 @@ class RecordDirectory(Generic[R]):
             link_or_copy(body_source, body, _temporary)
             if durable:
                 fsync_file(body)
-        os.replace(write_temporary(path, self.encode(record), durable), path)
+        os.replace(write_temporary(path, self.encode(record), durable, self.spares), path)
         if durable:
             fsync_directory(self.root)
 
     def unstage_blocking(self, key: str) -> None:
         """Undo :meth:`stage_record_blocking` (blocking): remove the record and its body."""
-        for path in (self.record_path(key), self.body_path(key)):
-            unlink_if_present(path)
+        self.spares.keep(self.record_path(key))
+        unlink_if_present(self.body_path(key))
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -483,11 +488,13 @@ class RecordDirectory(Generic[R]):
         for key, record, create, lazy in items:
             try:
                 if record is None:
-                    if not unlink_if_present(self.record_path(key)) and not lazy:
+                    if not self.spares.keep(self.record_path(key)) and not lazy:
                         raise self.missing(key)
                     removed.append(key)
                 else:
-                    temporary = write_temporary(self.record_path(key), self.encode(record), False)
+                    temporary = write_temporary(
+                        self.record_path(key), self.encode(record), False, self.spares
+                    )
                     written.append((key, temporary, create))
                     if not self.needs_body(record):
                         removed.append(key)  # a body it may have had is not needed any more
@@ -497,9 +504,12 @@ class RecordDirectory(Generic[R]):
             self._sync()  # every new version's content is on disk before any rename
         for key, temporary, create in written:
             try:
-                if not create and not self.record_path(key).exists():
+                exists = self.record_path(key).exists()
+                if not create and not exists:
                     temporary.unlink()
                     raise self.missing(key)  # removed meanwhile: never bring it back
+                if exists:
+                    self.spares.keep_link(self.record_path(key))  # the version replaced
                 os.replace(temporary, self.record_path(key))
             except Exception as e:
                 errors[key] = e
