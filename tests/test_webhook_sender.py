@@ -48,8 +48,8 @@ class Seen:
 
 
 class Receiver(Resource):
-    """Answers by path: /ok, /status/<code>, /retry-after/<value>, /redirect, /hang,
-    /hang-body, /close, /big."""
+    """Answers by path: /ok, /cookie (sets one), /status/<code>, /retry-after/<value>,
+    /redirect, /hang, /hang-body, /close, /big."""
 
     isLeaf = True
 
@@ -82,6 +82,9 @@ class Receiver(Resource):
         )  # type: ignore[attr-defined]
         self._check()
         if path == "/ok":
+            return b"thanks"
+        if path == "/cookie":
+            request.setHeader(b"Set-Cookie", b"session=abc; Path=/")
             return b"thanks"
         if path.startswith("/status/"):
             request.setResponseCode(int(path.split("/")[2]))
@@ -225,6 +228,16 @@ async def test_200_is_delivered_signed_and_verifiable(http: Server, sender: Webh
         "type": "message.received",
         "data": {},
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cookie_the_receiver_sets_is_never_sent_back(
+    http: Server, sender: WebhookSender
+) -> None:
+    for event_id in ("evt_1", "evt_2"):
+        result = await sender.attempt(endpoint(http.url("/cookie")), event_id, BODY)
+        assert result.outcome is Outcome.DELIVERED
+    assert [seen.headers.get("cookie") for seen in http.receiver.seen] == [None, None]
 
 
 # path, outcome, status, start of the error text
