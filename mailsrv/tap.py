@@ -216,12 +216,15 @@ def build_service(
     queue_sink = QueueSink(queue_store)
     maildir_sink = MaildirSink(MaildirStore(config.mail_dir, config.server_name))
     local_success = LocalSuccessSink()
-    # Payloads are parsed in worker processes (started with the first event), so the email
-    # package's pure-Python parsing uses the other cores instead of the reactor's GIL.
-    payload_workers = ProcessPoolService(reactor, "mailsrv-webhook-build", 2)
-    payload_workers.setServiceParent(root)
+    # Webhook attempts are made whole in worker processes (started with the first event): the
+    # email package's pure-Python parsing and the HTTP client use the other cores, not the
+    # reactor's GIL (mailsrv.webhook.delivery).
+    webhook_workers = ProcessPoolService(
+        reactor, "mailsrv-webhook", 2, stop_grace=config.shutdown_grace
+    )
+    webhook_workers.setServiceParent(root)
     webhooks = build_webhooks(
-        config, reactor, threads.run, payload_workers.run, maildir_sink.delivered, metrics
+        config, reactor, threads.run, webhook_workers.run, maildir_sink.delivered, metrics
     )
     sinks: list[ICommitSink] = [maildir_sink, queue_sink, local_success, webhooks.sink]
     sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir, config.outbox_dir)

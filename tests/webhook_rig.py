@@ -35,6 +35,7 @@ from mailsrv.delivery.spool import Spool
 from mailsrv.ops.metrics import Metrics
 from mailsrv.tls import ReloadingServerTLS
 from mailsrv.webhook.build import PayloadBuilder
+from mailsrv.webhook.delivery import InProcessDelivery
 from mailsrv.webhook.dispatcher import DONE_KEPT, WebhookDispatcher
 from mailsrv.webhook.endpoint_state import DisabledEndpoints
 from mailsrv.webhook.endpoints import Endpoint
@@ -280,8 +281,7 @@ class OutboxRig:
             self.store,
             self.states,
             self.endpoints,
-            self.sender,
-            PayloadBuilder(self.store, threads.deferToThread),
+            InProcessDelivery(self.sender, PayloadBuilder(self.store, threads.deferToThread)),
             self.clock,
             random.Random(3),
             loaded=self.store.load_now(),

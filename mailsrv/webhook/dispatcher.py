@@ -8,8 +8,9 @@ pending entries in memory, in one *lane* per endpoint:
    down only ever holds its own lane: other endpoints' events, the SMTP sessions and the relay
    never wait for it (nor does anything wait for an attempt except its own lane: every attempt
    ends within the endpoint's timeout).
-2. The payload is built (a message event parses the stored message: in a thread, never on the
-   reactor) and POSTed, signed, by the sender (:mod:`mailsrv.webhook.sender`).
+2. The delivery (:mod:`mailsrv.webhook.delivery`) builds the payload (a message event parses
+   the stored message), signs and POSTs it (:mod:`mailsrv.webhook.sender`): in the server, all
+   of it in a worker process, never on the reactor.
 3. The outcome is made durable (:meth:`~mailsrv.jsonstore.directory.RecordDirectory.update`)
    before anything else happens to the entry, and logged: event id, endpoint, status,
    latency, and the next attempt or the final result.
@@ -37,9 +38,9 @@ import heapq
 import itertools
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -48,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsrv.ops.metrics import Metrics
+from mailsrv.webhook.delivery import Delivery
 from mailsrv.webhook.endpoint_state import DisabledEndpoint, DisabledEndpoints
 from mailsrv.webhook.endpoints import Endpoint
 from mailsrv.webhook.entries import EntryState, OutboxEntry
@@ -59,19 +61,6 @@ _log = Logger(namespace="mailsrv.webhook")
 
 DONE_KEPT = 1000
 """How many done entries the running server remembers (the newest) for ``mailsrv webhooks``."""
-
-BuildBody = Callable[[OutboxEntry, Endpoint], "Deferred[bytes]"]
-"""Builds the request body of an entry for its endpoint (off the reactor when it parses)."""
-
-
-class Sender(Protocol):
-    """What the dispatcher needs of :class:`~mailsrv.webhook.sender.WebhookSender`."""
-
-    def attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> Deferred[AttemptResult]:
-        """One signed POST; always fires with a result within the endpoint's timeout."""
-
-    def close(self) -> Deferred[Any]:
-        """Close kept-alive connections."""
 
 
 @dataclass
@@ -99,8 +88,7 @@ class WebhookDispatcher(Service):
         store: OutboxStore,
         states: DisabledEndpoints,
         endpoints: Sequence[Endpoint],
-        sender: Sender,
-        build: BuildBody,
+        delivery: Delivery,
         clock: IReactorTime,
         rng: random.Random,
         loaded: Sequence[OutboxEntry] = (),
@@ -113,8 +101,7 @@ class WebhookDispatcher(Service):
         self._metrics = metrics if metrics is not None else Metrics()
         self._states = states
         self._lanes = {endpoint.name: _Lane(endpoint) for endpoint in endpoints}
-        self._sender = sender
-        self._build = build
+        self._delivery = delivery
         self._clock = clock
         self._rng = rng
         self._loaded = list(loaded)
@@ -218,7 +205,7 @@ class WebhookDispatcher(Service):
                     "pending and are sent after the restart",
                     count=len(self._flying),
                 )
-            return self._sender.close()
+            return self._delivery.close()
 
         return finished.addCallback(close).addCallback(lambda _: None)
 
@@ -413,17 +400,7 @@ class WebhookDispatcher(Service):
     async def _attempt(self, lane: _Lane, entry: OutboxEntry) -> None:
         endpoint = lane.endpoint
         try:
-            try:
-                body = await self._build(entry, endpoint)
-            except Exception:
-                _log.failure(
-                    "webhook {event_id}: the payload could not be built", event_id=entry.event_id
-                )
-                result = AttemptResult(
-                    Outcome.RETRY, None, 0.0, error="the payload could not be built"
-                )
-            else:
-                result = await self._sender.attempt(endpoint, entry.event_id, body)
+            result = await self._delivery.attempt(entry, endpoint)
             await self._record(lane, entry, result)
         finally:
             self._flying.discard(entry.key)

@@ -21,6 +21,7 @@ from mailsrv.threads import RunInThread
 from mailsrv.webhook.actions import OutboxActions
 from mailsrv.webhook.build import PayloadBuilder
 from mailsrv.webhook.control import Handler, handlers
+from mailsrv.webhook.delivery import InProcessDelivery, WorkerDelivery
 from mailsrv.webhook.dispatcher import WebhookDispatcher
 from mailsrv.webhook.endpoint_state import DisabledEndpoints
 from mailsrv.webhook.outbox_store import OutboxStore
@@ -49,7 +50,7 @@ class Webhooks:
     outcomes)."""
     actions: OutboxActions
     control: dict[str, Handler]
-    sender: WebhookSender
+    delivery: InProcessDelivery | WorkerDelivery
 
     def reload_step(self, config: Config, changed: frozenset[str]) -> Callable[[], None] | None:
         """A reload's webhook part (a :data:`mailsrv.reload.ReloadStep`): the endpoints of
@@ -59,7 +60,7 @@ class Webhooks:
             return None
         endpoints = config.webhook_endpoints
         try:
-            install_clients = self.sender.renewed(endpoints)
+            install_clients = self.delivery.renewed(endpoints)
         except TrustError as e:
             raise ConfigError(f"webhooks: ca_file: {e}") from None
 
@@ -85,26 +86,32 @@ def build_webhooks(
     config: Config,
     reactor: Any,
     run_in_thread: RunInThread,
-    build_in_thread: RunInThread,
+    run_in_worker: RunInThread | None,
     maildir_paths: MaildirPaths,
     metrics: Metrics | None = None,
 ) -> Webhooks:
-    """Every webhook part for ``config``: ``run_in_thread`` does the outbox's file work,
-    ``build_in_thread`` parses messages for payloads (a pool of its own, so that parsing never
-    takes the threads the SMTP sessions need)."""
+    """Every webhook part for ``config``: ``run_in_thread`` does the outbox's file work;
+    ``run_in_worker`` (:meth:`mailsrv.processes.ProcessPoolService.run`) makes whole attempts
+    in worker processes, or, if None, payloads are parsed in threads and POSTed from this
+    reactor."""
     endpoints = config.webhook_endpoints
     store, states = open_stores(config, run_in_thread)
     loaded = store.load_now()
     disabled = states.load_now()
-    sender = WebhookSender(reactor)
-    for endpoint in endpoints:
-        sender.prepare(endpoint)
+    delivery: InProcessDelivery | WorkerDelivery
+    if run_in_worker is not None:
+        delivery = WorkerDelivery(run_in_worker, store.body_path, reactor)
+        delivery.renewed(endpoints)  # the CA bundles are read once at start: a bad one stops it
+    else:
+        sender = WebhookSender(reactor)
+        for endpoint in endpoints:
+            sender.prepare(endpoint)
+        delivery = InProcessDelivery(sender, PayloadBuilder(store, run_in_thread))
     dispatcher = WebhookDispatcher(
         store,
         states,
         endpoints,
-        sender,
-        PayloadBuilder(store, build_in_thread),
+        delivery,
         reactor,
         random.SystemRandom(),
         loaded=loaded,
@@ -117,5 +124,5 @@ def build_webhooks(
     relay_events = RelayEvents(store, endpoints, dispatcher.added, reactor)
     actions = OutboxActions(store, states, endpoints, reactor, dispatcher)
     return Webhooks(
-        store, states, sink, dispatcher, relay_events, actions, handlers(actions), sender
+        store, states, sink, dispatcher, relay_events, actions, handlers(actions), delivery
     )
