@@ -77,6 +77,8 @@ def zone() -> dict[str, list[Any]]:
         "quarantine.test": [txt("v=spf1 -all")],
         "pct0.test": [txt("v=spf1 -all")],
         "nodmarc.test": [txt("v=spf1 -all")],
+        # a DNSBL that lists 127.0.0.1 (tagging, in the tests that use it)
+        "1.0.0.127.bl.test": [dns.Record_A("127.0.0.4")],
         # DKIM keys
         "sel._domainkey.example.test": [txt(k.rsa_record)],
         "ed._domainkey.example.test": [txt(k.ed_record)],

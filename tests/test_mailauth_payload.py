@@ -13,7 +13,14 @@ import jsonschema
 import pytest
 
 from mailsrv.jsonstore.fields import RecordError
-from mailsrv.mailauth.verdict import ARCResult, DKIMResult, DMARCResult, SPFResult, Verdict
+from mailsrv.mailauth.verdict import (
+    ARCResult,
+    DKIMResult,
+    DMARCResult,
+    DNSBLResult,
+    SPFResult,
+    Verdict,
+)
 from mailsrv.webhook.entries import MessageSource, OutboxEntry, decode, encode, to_dict
 from mailsrv.webhook.payload import build_message_event, load_schema
 from tests.queue_helpers import full_message
@@ -31,6 +38,13 @@ VERDICT = Verdict(
     dmarc=DMARCResult("pass", "example.test", "reject", 100, "none"),
     arc=ARCResult("none"),
 )
+LISTED = replace(
+    VERDICT,
+    dnsbl=(
+        DNSBLResult("zen.example.test", False, (), "refuse"),
+        DNSBLResult("tag.example.test", True, ("127.0.0.4", "127.0.0.10"), "tag"),
+    ),
+)
 
 
 def entry(verdict: Verdict | None) -> OutboxEntry:
@@ -45,7 +59,9 @@ def entry(verdict: Verdict | None) -> OutboxEntry:
     )
 
 
-@pytest.mark.parametrize("verdict", [VERDICT, None], ids=["checked", "not checked"])
+@pytest.mark.parametrize(
+    "verdict", [VERDICT, LISTED, None], ids=["checked", "checked with DNSBL", "not checked"]
+)
 def test_the_verdict_is_stored_with_the_entry(verdict: Verdict | None) -> None:
     stored = entry(verdict)
     data = encode(stored)
@@ -59,19 +75,25 @@ BROKEN = [
     (("spf", "helo"), None, "spf.helo: expected an object"),
     (("dkim",), {}, "dkim: expected a list"),
     (("arc", "surprise"), 1, "arc: unknown surprise"),
+    (("dnsbl",), {}, "dnsbl: expected a list"),
+    (("dnsbl", 0, "listed"), "yes", "dnsbl[0].listed: expected true or false"),
+    (("dnsbl", 1, "action"), "drop", "dnsbl[1].action: 'drop' is not one of"),
+    (("dnsbl", 1, "codes"), [2], "dnsbl[1].codes: expected a list of strings"),
 ]
 
 
-@pytest.mark.parametrize(("path", "value", "error"), BROKEN, ids=[".".join(b[0]) for b in BROKEN])
+@pytest.mark.parametrize(
+    ("path", "value", "error"), BROKEN, ids=[".".join(map(str, b[0])) for b in BROKEN]
+)
 def test_a_broken_stored_verdict_is_refused_naming_the_field(
-    path: tuple[str, ...], value: Any, error: str
+    path: tuple[Any, ...], value: Any, error: str
 ) -> None:
-    raw = to_dict(entry(VERDICT))
+    raw = to_dict(entry(LISTED))
     target = raw["message"]["authentication"]
     for key in path[:-1]:
         target = target[key]
     target[path[-1]] = value
-    with pytest.raises(RecordError, match=error.replace("(", r"\(")):
+    with pytest.raises(RecordError, match=error.replace("(", r"\(").replace("[", r"\[")):
         decode(json.dumps(raw).encode())
 
 
@@ -110,19 +132,27 @@ def test_the_payload_carries_the_verdicts(tmp_path: Path) -> None:
         "reason": "",
     }
     assert authentication["arc"] == {"result": "none", "reason": ""}
+    assert "dnsbl" not in authentication, "no zone was asked"
+    assert event(tmp_path, LISTED)["data"]["authentication"]["dnsbl"] == [
+        {"zone": "zen.example.test", "listed": False, "codes": [], "action": "refuse"},
+        {
+            "zone": "tag.example.test",
+            "listed": True,
+            "codes": ["127.0.0.4", "127.0.0.10"],
+            "action": "tag",
+        },
+    ]
 
 
 def test_mail_not_checked_has_null(tmp_path: Path) -> None:
     assert event(tmp_path, None)["data"]["authentication"] is None
 
 
-def test_the_schema_leaves_room_for_dnsbl_and_refuses_unknown_results(tmp_path: Path) -> None:
-    built = event(tmp_path, VERDICT)
-    with_dnsbl = copy.deepcopy(built)
-    with_dnsbl["data"]["authentication"]["dnsbl"] = [
-        {"zone": "zen.example.test", "listed": True, "answers": ["127.0.0.2"]}
-    ]
-    VALIDATOR.validate(with_dnsbl)
+def test_the_schema_refuses_unknown_results(tmp_path: Path) -> None:
+    built = event(tmp_path, LISTED)
+    unknown = copy.deepcopy(built)
+    unknown["data"]["authentication"]["dnsbl"][0]["answers"] = ["127.0.0.2"]
+    assert not VALIDATOR.is_valid(unknown)
     wrong = copy.deepcopy(built)
     wrong["data"]["authentication"]["dmarc"]["result"] = "maybe"
     assert not VALIDATOR.is_valid(wrong)

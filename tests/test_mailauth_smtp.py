@@ -31,7 +31,9 @@ from mailsrv.delivery.sinks import Failures, ICommitSink, StagedMessage
 from mailsrv.dns import ServerResolver
 from mailsrv.mailauth.inbound import InboundChecks
 from mailsrv.mailauth.policy import InboundPolicy
+from mailsrv.mailauth.verdict import DNSBLResult
 from mailsrv.mailauth.verifier import Verifier
+from mailsrv.screening.dnsbl import DnsblChecker
 from mailsrv.smtp import replies
 from mailsrv.smtp.policy import RecipientPolicy
 from tests.conftest import RunningServer, make_config, run_client, start_server
@@ -102,6 +104,7 @@ class Rig:
             budget,
         )
         running = await start_server(config, inbound=inbound, portal=portal, policy=policy)
+        running.server.dnsbl = DnsblChecker(resolver, reactor)
         committer = running.server.committer
         committer.sinks = (*committer.sinks, self.recorder)
         self.running.append(running)
@@ -196,6 +199,21 @@ async def test_a_signed_message_gets_one_header_right_after_return_path(rig: Rig
     assert accepted.wire_size == len(on_the_wire)
     assert accepted.authentication is not None
     assert accepted.authentication.dmarc.result == "pass"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_dnsbl_answers_travel_with_the_verdict(rig: Rig) -> None:
+    running = await rig.serve(dnsbl_zones=(("bl.test", "tag"), ("clean.test", "refuse")))
+    code, _ = await run_client(send, running.port, sign(message()))
+    assert code == 250
+    [accepted] = rig.recorder.messages
+    assert accepted.authentication is not None
+    assert accepted.authentication.dnsbl == (
+        DNSBLResult("bl.test", True, ("127.0.0.4",), "tag"),
+        DNSBLResult("clean.test", False, (), "refuse"),
+    )
+    [path] = running.maildir_files("alice@example.org")
+    assert b"X-Mailsrv-DNSBL: bl.test=127.0.0.4\n" in path.read_bytes()
 
 
 @pytest_twisted.ensureDeferred

@@ -71,14 +71,30 @@ class ARCResult:
 
 
 @dataclass(frozen=True)
+class DNSBLResult:
+    """One blocklist zone's answer about the client at connect: listed (with the return
+    codes, e.g. ``127.0.0.2``) or not, and what a listing there does (``refuse`` or ``tag``)."""
+
+    zone: str
+    listed: bool
+    codes: tuple[str, ...] = ()
+    action: str = "refuse"
+
+
+DNSBL_ACTIONS = ("refuse", "tag")
+
+
+@dataclass(frozen=True)
 class Verdict:
-    """Everything the checks found; what the ``Authentication-Results`` header says."""
+    """Everything the checks found; what the ``Authentication-Results`` header says, and the
+    blocklists' answers at connect (``dnsbl``: empty when none was asked)."""
 
     spf_mailfrom: SPFResult
     spf_helo: SPFResult
     dkim: tuple[DKIMResult, ...]
     dmarc: DMARCResult
     arc: ARCResult
+    dnsbl: tuple[DNSBLResult, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (stored with the outbox entry; the webhook's ``authentication``)."""
@@ -105,12 +121,27 @@ class Verdict:
                 "reason": self.dmarc.reason,
             },
             "arc": {"result": self.arc.result, "reason": self.arc.reason},
-        }
+        } | (
+            {
+                "dnsbl": [
+                    {"zone": d.zone, "listed": d.listed, "codes": list(d.codes), "action": d.action}
+                    for d in self.dnsbl
+                ]
+            }
+            if self.dnsbl
+            else {}
+        )
 
     @classmethod
     def from_dict(cls, raw: object, where: str) -> Verdict:
         """The verdict stored as ``raw`` (RecordError naming the bad field)."""
-        top = Fields(raw, where, frozenset(("spf", "dkim", "dmarc", "arc")))
+        keys = {"spf", "dkim", "dmarc", "arc"}
+        if isinstance(raw, dict) and "dnsbl" in raw:
+            keys.add("dnsbl")
+        top = Fields(raw, where, frozenset(keys))
+        dnsbl_raw = top.value("dnsbl") if "dnsbl" in keys else []
+        if not isinstance(dnsbl_raw, list):
+            raise top.bad("dnsbl", "a list")
         spf = Fields(top.value("spf"), f"{where}.spf", frozenset(("mailfrom", "helo")))
         dkim_raw = top.value("dkim")
         if not isinstance(dkim_raw, list):
@@ -121,6 +152,9 @@ class Verdict:
             dkim=tuple(_dkim_from(item, f"{where}.dkim[{n}]") for n, item in enumerate(dkim_raw)),
             dmarc=_dmarc_from(top.value("dmarc"), f"{where}.dmarc"),
             arc=_arc_from(top.value("arc"), f"{where}.arc"),
+            dnsbl=tuple(
+                _dnsbl_from(item, f"{where}.dnsbl[{n}]") for n, item in enumerate(dnsbl_raw)
+            ),
         )
 
 
@@ -179,3 +213,13 @@ def _dmarc_from(raw: object, where: str) -> DMARCResult:
 def _arc_from(raw: object, where: str) -> ARCResult:
     f = Fields(raw, where, frozenset(("result", "reason")))
     return ARCResult(_word(f, "result", ARC_RESULTS), f.text("reason", allow_empty=True))
+
+
+def _dnsbl_from(raw: object, where: str) -> DNSBLResult:
+    f = Fields(raw, where, frozenset(("zone", "listed", "codes", "action")))
+    listed, codes = f.value("listed"), f.value("codes")
+    if not isinstance(listed, bool):
+        raise f.bad("listed", "true or false")
+    if not isinstance(codes, list) or not all(isinstance(code, str) for code in codes):
+        raise f.bad("codes", "a list of strings")
+    return DNSBLResult(f.text("zone"), listed, tuple(codes), _word(f, "action", DNSBL_ACTIONS))

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsrv.mailauth.verdict import DNSBLResult
 from mailsrv.screening.dnsbl import REFUSE, Listing, Zone
 from mailsrv.screening.greylist import GreylistSettings, Triplet, Verdict, client_network
 from mailsrv.smtp import replies
@@ -42,6 +43,8 @@ class ScreeningSteps:
     sender: Any
     dnsbl_listings: tuple[Listing, ...] = ()
     """Listings of this client in zones that only tag (for the trace header)."""
+    dnsbl_results: tuple[DNSBLResult, ...] = ()
+    """Every zone's answer (for the webhook payload's ``authentication.dnsbl``)."""
     refused_at_greeting: bool = False
 
     def screened(self) -> bool:
@@ -59,9 +62,14 @@ class ScreeningSteps:
             return None
         zones = [Zone(name, action) for name, action in self.config.dnsbl_zones]
         asked = checker.listings(self.peer_ip, zones, self.config.dnsbl_timeout)
-        return asked.addCallbacks(self._dnsbl_listed, self._dnsbl_failed)
+        return asked.addCallbacks(self._dnsbl_listed, self._dnsbl_failed, callbackArgs=(zones,))
 
-    def _dnsbl_listed(self, listings: list[Listing]) -> Reply | None:
+    def _dnsbl_listed(self, listings: list[Listing], zones: list[Zone]) -> Reply | None:
+        codes = {listing.zone.name: listing.codes for listing in listings}
+        self.dnsbl_results = tuple(
+            DNSBLResult(zone.name, zone.name in codes, codes.get(zone.name, ()), zone.action)
+            for zone in zones
+        )
         refusing = [listing for listing in listings if listing.zone.action == REFUSE]
         self.dnsbl_listings = tuple(listing for listing in listings if listing not in refusing)
         if self.dnsbl_listings:

@@ -851,6 +851,8 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
     ) -> AcceptedMessage:
         """The transaction as the value every commit sink reads (``size``: the stored body;
         ``wire_size``: its size on the wire to a next hop, ``decoder.size`` counting CRLF)."""
+        if authentication is not None and self.dnsbl_results:
+            authentication = replace(authentication, dnsbl=self.dnsbl_results)
         tls = describe_session(self.transport) if self.tls_active else None
         tls_version, _, tls_cipher = (tls or "").partition(" ")
         client = ClientFacts(
