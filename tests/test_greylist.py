@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, succeed
 
 from mailsrv.auth.sqlite_store import SQLiteUserStore
 from mailsrv.screening.greylist import Greylist, GreylistSettings, Triplet, client_network
@@ -46,6 +47,40 @@ async def test_a_retry_after_the_expiry_starts_over_and_expired_rows_go(store: A
     assert await greylist.expire(1000.0 + 3600 + 1) == 0
     assert await greylist.expire(1000.0 + 2 * 3600 + 2) == 1
     assert not (await greylist.attempt(T, 9000.0, S)).passed
+
+
+def spf_answer(passes: bool, asked: list[str]) -> Any:
+    def ask() -> Deferred[bool]:
+        asked.append("asked")
+        return succeed(passes)
+
+    return ask
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sender_passing_spf_for_a_seen_domain_is_not_delayed(store: Any) -> None:
+    greylist = Greylist(store)
+    asked: list[str] = []
+    first = await greylist.attempt(T, 1000.0, S, spf_answer(True, asked))
+    assert not first.passed and asked == [], "remote.test is not seen yet: SPF is not asked"
+    assert (await greylist.attempt(T, 1300.0, S, spf_answer(True, asked))).passed
+    assert asked == [], "a passing triplet needs no SPF"
+    carol = dataclasses.replace(T, sender="carol@remote.test", recipient="dave@example.org")
+    exempt = await greylist.attempt(carol, 1400.0, S, spf_answer(True, asked))
+    assert (exempt.passed, exempt.exempt, asked) == (True, True, ["asked"])
+    assert (await greylist.attempt(carol, 1401.0, S)).passed, "and remembered as passed"
+    forger = dataclasses.replace(T, sender="eve@remote.test")
+    assert not (await greylist.attempt(forger, 1500.0, S, spf_answer(False, asked))).passed
+    stranger = dataclasses.replace(T, sender="x@else.test")
+    assert not (await greylist.attempt(stranger, 1500.0, S, spf_answer(True, asked))).passed
+    null_sender = dataclasses.replace(T, sender="")
+    assert not (await greylist.attempt(null_sender, 1500.0, S, spf_answer(True, asked))).passed
+    assert asked == ["asked", "asked"], "neither the stranger nor the null sender was asked"
+    # The domain is seen for the lifetime after its last passing message (carol at 1401).
+    end = 1401.0 + S.lifetime
+    assert await greylist.expire(end + 1) >= 1
+    latecomer = dataclasses.replace(T, sender="zed@remote.test")
+    assert not (await greylist.attempt(latecomer, end + 2, S, spf_answer(True, asked))).passed
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from mailsrv.auth.passwords import CHEAP_PROFILE, PasswordHasher
 from mailsrv.auth.portal import build_portal
+from mailsrv.auth.sqlite_store import SQLiteUserStore
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.sinks import Failures, ICommitSink, StagedMessage
 from mailsrv.dns import ServerResolver
@@ -34,6 +35,7 @@ from mailsrv.mailauth.policy import InboundPolicy
 from mailsrv.mailauth.verdict import DNSBLResult
 from mailsrv.mailauth.verifier import Verifier
 from mailsrv.screening.dnsbl import DnsblChecker
+from mailsrv.screening.greylist import Greylist
 from mailsrv.smtp import replies
 from mailsrv.smtp.policy import RecipientPolicy
 from tests.conftest import RunningServer, make_config, run_client, start_server
@@ -199,6 +201,35 @@ async def test_a_signed_message_gets_one_header_right_after_return_path(rig: Rig
     assert accepted.wire_size == len(on_the_wire)
     assert accepted.authentication is not None
     assert accepted.authentication.dmarc.result == "pass"
+
+
+def rcpt(port: int, sender: str) -> int:
+    """MAIL FROM ``sender``, RCPT alice@example.org: the RCPT reply code."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname=HELO, timeout=60) as client:
+        client.ehlo()
+        client.mail(sender)
+        return int(client.rcpt("alice@example.org")[0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_greylisting_spares_senders_passing_spf_for_a_seen_domain(rig: Rig) -> None:
+    from twisted.internet import reactor
+
+    db = SQLiteUserStore(rig.tmp_path / "greylist.db", reactor)
+    await db.open()
+    try:
+        running = await rig.serve(greylist=True, greylist_delay=0.0)
+        running.server.greylist = Greylist(db)
+        for domain in ("example.test", "fail.test"):  # both seen: delayed once, then passed
+            assert await run_client(rcpt, running.port, f"first@{domain}") == 451
+            assert await run_client(rcpt, running.port, f"first@{domain}") == 250
+        # A new sender of a seen domain passes at once when SPF passes (example.test allows
+        # 127.0.0.1), and waits like anyone when it fails (fail.test is "-all").
+        assert await run_client(rcpt, running.port, "second@example.test") == 250
+        assert await run_client(rcpt, running.port, "second@fail.test") == 451
+        assert await run_client(rcpt, running.port, "someone@nospf.test") == 451, "not seen"
+    finally:
+        await db.close()
 
 
 @pytest_twisted.ensureDeferred

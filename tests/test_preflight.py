@@ -248,7 +248,7 @@ CASES = [
         "db-schema-newer",
         lambda t: _db(_sqlite(t / "users.db", schema_version=99)),
         "db_path: {tmp}/users.db: database schema version 99 is newer than this mailsrv"
-        " (knows 2): upgrade mailsrv",
+        " (knows 3): upgrade mailsrv",
     ),
     Case(
         "db-url-unreachable",

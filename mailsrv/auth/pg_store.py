@@ -474,8 +474,26 @@ class PostgresUserStore:
         )
         return d.addCallback(lambda rows: greylist.seen_from_row(tuple(rows[0])))
 
+    def greylist_pass(self, key: str, now: float, lifetime: float) -> Deferred[None]:
+        return self._operation(greylist.TRIPLET_PASSES_POSTGRESQL, (now + lifetime, key))
+
+    def greylist_domain_passed(self, domain: str, now: float, lifetime: float) -> Deferred[None]:
+        return self._operation(greylist.DOMAIN_PASSED_POSTGRESQL, (domain, now + lifetime))
+
+    def greylist_domain_seen(self, domain: str, now: float) -> Deferred[bool]:
+        rows = self._query(greylist.DOMAIN_SEEN_POSTGRESQL, (domain, now))
+        return rows.addCallback(lambda found: bool(found))
+
     def greylist_expire(self, now: float) -> Deferred[int]:
         return self._transaction(_greylist_expire, now)
+
+    def _operation(self, sql: str, params: tuple[Any, ...]) -> Deferred[None]:
+        """A single statement in autocommit whose repetition changes nothing (so it is
+        retried once after a reconnect, like a read)."""
+        done = Deferred.fromCoroutine(
+            self._retrying(lambda pool: pool.runOperation(sql, params), idempotent=True)
+        )
+        return done.addCallback(lambda _: None)
 
 
 # --- helpers and transactions ------------------------------------------------------------------
@@ -598,4 +616,6 @@ async def _add_alias(cursor: Any, address: str, login: str, missing: Exception, 
 
 async def _greylist_expire(cursor: Any, now: float) -> int:
     await cursor.execute(greylist.EXPIRE_POSTGRESQL, (now,))
-    return int(cursor.rowcount)
+    triplets = int(cursor.rowcount)
+    await cursor.execute(greylist.EXPIRE_DOMAINS_POSTGRESQL, (now,))
+    return triplets + int(cursor.rowcount)

@@ -228,6 +228,15 @@ class SQLiteUserStore:
         params = greylist.attempt_parameters(key, now, delay, expiry, lifetime)
         return self._write(_greylist_attempt, params)
 
+    def greylist_pass(self, key: str, now: float, lifetime: float) -> Deferred[None]:
+        return self._write(_execute, greylist.TRIPLET_PASSES_SQLITE, (now + lifetime, key))
+
+    def greylist_domain_passed(self, domain: str, now: float, lifetime: float) -> Deferred[None]:
+        return self._write(_execute, greylist.DOMAIN_PASSED_SQLITE, (domain, now + lifetime))
+
+    def greylist_domain_seen(self, domain: str, now: float) -> Deferred[bool]:
+        return self._read(_exists, greylist.DOMAIN_SEEN_SQLITE, (domain, now))
+
     def greylist_expire(self, now: float) -> Deferred[int]:
         return self._write(_greylist_expire, now)
 
@@ -372,4 +381,13 @@ def _greylist_attempt(conn: sqlite3.Connection, params: dict[str, object]) -> gr
 
 
 def _greylist_expire(conn: sqlite3.Connection, now: float) -> int:
-    return conn.execute(greylist.EXPIRE_SQLITE, (now,)).rowcount
+    triplets = conn.execute(greylist.EXPIRE_SQLITE, (now,)).rowcount
+    return triplets + conn.execute(greylist.EXPIRE_DOMAINS_SQLITE, (now,)).rowcount
+
+
+def _execute(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> None:
+    conn.execute(sql, params)
+
+
+def _exists(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> bool:
+    return conn.execute(sql, params).fetchone() is not None

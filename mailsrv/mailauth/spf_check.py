@@ -106,6 +106,18 @@ def check(
         _current.reset(token)
 
 
+def check_mailfrom(
+    lookups: ThreadLookups, ip: str, sender: str, helo: str, receiver: str
+) -> SPFResult:
+    """The MAIL FROM identity's result alone, of a non-null ``sender`` (greylisting's
+    exemption, at RCPT).  Worker thread."""
+    token = _current.set(lookups)
+    try:
+        return _evaluate(ip, sender, helo, receiver, _domain(sender))
+    finally:
+        _current.reset(token)
+
+
 def _evaluate(ip: str, sender: str, helo: str, receiver: str, domain: str) -> SPFResult:
     try:
         query = spf.query(i=ip, s=sender, h=helo, receiver=receiver, querytime=0)

@@ -20,10 +20,11 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsrv.mailauth import spf_check
 from mailsrv.mailauth.checks import Facts, Progress, run_checks, unfinished
 from mailsrv.mailauth.dmarc_check import OrgDomains
 from mailsrv.mailauth.lookups import LookupGate, ThreadLookups
-from mailsrv.mailauth.verdict import Verdict
+from mailsrv.mailauth.verdict import SPFResult, Verdict
 from mailsrv.threads import PoolFull, ThreadPoolService
 
 _log = Logger(namespace="mailsrv.mailauth")
@@ -68,6 +69,35 @@ class Verifier(Service):
         super().stopService()
         self._gate.close()  # workers stop waiting on DNS, so joining them cannot hang
         self._pool.stopService()
+
+    def spf_mailfrom(
+        self, ip: str, sender: str, helo: str, receiver: str, budget: float
+    ) -> Deferred[SPFResult]:
+        """SPF of ``sender`` (not null) alone, within ``budget``: ``temperror`` when it took
+        longer, the pool is full or the check failed.  Never fails."""
+        domain = sender.rpartition("@")[2].lower()
+        lookups = ThreadLookups(
+            self._reactor, self._clock, self._resolver, self._clock.seconds() + budget, self._gate
+        )
+        answer: Deferred[SPFResult] = Deferred()
+
+        def finish(result: SPFResult) -> None:
+            if timer.active():
+                timer.cancel()
+            if not answer.called:
+                answer.callback(result)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(PoolFull):
+                _log.failure("SPF check failed for {client_ip}", failure, client_ip=ip)
+            finish(SPFResult("temperror", domain, "checks busy or failed"))
+
+        timer = self._clock.callLater(
+            budget, lambda: finish(SPFResult("temperror", domain, "time budget used up"))
+        )
+        job = self._pool.run(spf_check.check_mailfrom, lookups, ip, sender, helo, receiver)
+        job.addCallbacks(finish, failed)
+        return answer
 
     def verify(self, facts: Facts, message: bytes, budget: float) -> Deferred[Verdict]:
         """The verdict on ``message`` (content as received, LF line ends) within ``budget``."""

@@ -7,6 +7,11 @@ the first attempt) passes, and the triplet is then remembered for ``lifetime`` (
 later message), so a correspondent is delayed once.  A first attempt whose retry window has
 passed starts over.
 
+A sender domain whose mail has passed is *seen* for ``lifetime`` too.  A new triplet whose
+sender's domain is seen and whose sender passes SPF (the caller's ``exempt`` check, asked only
+then) passes at once: a known correspondent writing to someone new, or from a new address of
+its domain, is not delayed, and a forger of that domain fails SPF.
+
 The state lives in the user store's database (:class:`IGreylistStore`: SQLite or PostgreSQL),
 so several nodes behind one MX share it; a timer removes the expired rows.
 """
@@ -14,6 +19,7 @@ so several nodes behind one MX share it; a timer removes the expired rows.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -61,8 +67,17 @@ class IGreylistStore(Interface):
         stored as first seen now; a retry after ``delay`` (and before ``expiry`` since the
         first) passes and is kept until ``now + lifetime``; an expired one starts over."""
 
+    def greylist_pass(key: str, now: float, lifetime: float) -> Deferred[None]:
+        """Triplet ``key`` (recorded by an attempt) passes now, kept until ``now + lifetime``."""
+
+    def greylist_domain_passed(domain: str, now: float, lifetime: float) -> Deferred[None]:
+        """Mail from ``domain`` passed at ``now``: the domain is seen until ``now + lifetime``."""
+
+    def greylist_domain_seen(domain: str, now: float) -> Deferred[bool]:
+        """Whether mail from ``domain`` passed within its lifetime."""
+
     def greylist_expire(now: float) -> Deferred[int]:
-        """Remove the triplets whose time ran out; how many."""
+        """Remove the triplets and domains whose time ran out; how many."""
 
 
 def client_network(ip: str) -> str:
@@ -80,6 +95,13 @@ class Verdict:
 
     passed: bool
     retry_in: float = 0.0
+    exempt: bool = False
+    """Passed at once because its sender passed SPF for a seen domain."""
+
+
+def sender_domain(sender: str) -> str:
+    """The domain of ``sender`` in lower case ("" for the null sender)."""
+    return sender.rpartition("@")[2].lower() if "@" in sender else ""
 
 
 class Greylist:
@@ -89,19 +111,42 @@ class Greylist:
         self._store = store
 
     def attempt(
-        self, triplet: Triplet, now: float, settings: GreylistSettings
+        self,
+        triplet: Triplet,
+        now: float,
+        settings: GreylistSettings,
+        exempt: Callable[[], Deferred[bool]] | None = None,
     ) -> Deferred[Verdict]:
-        """Record an attempt of ``triplet``; its verdict."""
-        seen = self._store.greylist_attempt(
+        """Record an attempt of ``triplet``; its verdict.  ``exempt`` says whether the sender
+        passes SPF; it is asked only for a triplet that would wait and whose sender's domain
+        is seen."""
+        return Deferred.fromCoroutine(self._attempt(triplet, now, settings, exempt))
+
+    async def _attempt(
+        self,
+        triplet: Triplet,
+        now: float,
+        settings: GreylistSettings,
+        exempt: Callable[[], Deferred[bool]] | None,
+    ) -> Verdict:
+        state = await self._store.greylist_attempt(
             triplet.key, now, settings.delay, settings.expiry, settings.lifetime
         )
-
-        def verdict(state: Seen) -> Verdict:
-            if state.passed:
-                return Verdict(True)
-            return Verdict(False, max(0.0, state.first_seen + settings.delay - now))
-
-        return seen.addCallback(verdict)
+        domain = sender_domain(triplet.sender)
+        if state.passed:
+            if domain:
+                await self._store.greylist_domain_passed(domain, now, settings.lifetime)
+            return Verdict(True)
+        if (
+            domain
+            and exempt is not None
+            and await self._store.greylist_domain_seen(domain, now)
+            and await exempt()
+        ):
+            await self._store.greylist_pass(triplet.key, now, settings.lifetime)
+            await self._store.greylist_domain_passed(domain, now, settings.lifetime)
+            return Verdict(True, exempt=True)
+        return Verdict(False, max(0.0, state.first_seen + settings.delay - now))
 
     def expire(self, now: float) -> Deferred[int]:
         """Remove what ran out (called on a timer)."""
@@ -132,6 +177,19 @@ ATTEMPT_SQLITE = _ATTEMPT.format(**{name: f":{name}" for name in _NAMES})
 ATTEMPT_POSTGRESQL = _ATTEMPT.format(**{name: f"%({name})s" for name in _NAMES})
 EXPIRE_SQLITE = "DELETE FROM greylist WHERE expires <= ?"
 EXPIRE_POSTGRESQL = "DELETE FROM greylist WHERE expires <= %s"
+EXPIRE_DOMAINS_SQLITE = "DELETE FROM greylist_domains WHERE expires <= ?"
+EXPIRE_DOMAINS_POSTGRESQL = "DELETE FROM greylist_domains WHERE expires <= %s"
+TRIPLET_PASSES_SQLITE = "UPDATE greylist SET passed = 1, expires = ? WHERE triplet = ?"
+TRIPLET_PASSES_POSTGRESQL = "UPDATE greylist SET passed = 1, expires = %s WHERE triplet = %s"
+_DOMAIN_PASSED = """
+INSERT INTO greylist_domains (domain, expires) VALUES ({p}, {p})
+ON CONFLICT (domain) DO UPDATE SET expires = excluded.expires
+"""
+DOMAIN_PASSED_SQLITE = _DOMAIN_PASSED.format(p="?")
+"""(domain, expires): the domain seen until then (an upsert)."""
+DOMAIN_PASSED_POSTGRESQL = _DOMAIN_PASSED.format(p="%s")
+DOMAIN_SEEN_SQLITE = "SELECT 1 FROM greylist_domains WHERE domain = ? AND expires > ?"
+DOMAIN_SEEN_POSTGRESQL = "SELECT 1 FROM greylist_domains WHERE domain = %s AND expires > %s"
 
 
 def attempt_parameters(

@@ -10,13 +10,14 @@ A listing in a zone that only tags is written into the message's trace header in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailsrv.mailauth.verdict import DNSBLResult
+from mailsrv.mailauth.verdict import DNSBLResult, SPFResult
 from mailsrv.screening.dnsbl import REFUSE, Listing, Zone
 from mailsrv.screening.greylist import GreylistSettings, Triplet, Verdict, client_network
 from mailsrv.smtp import replies
@@ -45,6 +46,9 @@ class ScreeningSteps:
     """Listings of this client in zones that only tag (for the trace header)."""
     dnsbl_results: tuple[DNSBLResult, ...] = ()
     """Every zone's answer (for the webhook payload's ``authentication.dnsbl``)."""
+    spf_passed: dict[str, bool]
+    """Senders whose SPF was asked for greylisting's exemption, and the answer (per session)."""
+    helo: str | None
     refused_at_greeting: bool = False
 
     def screened(self) -> bool:
@@ -121,13 +125,38 @@ class ScreeningSteps:
             triplet = Triplet(client_network(self.peer_ip), sender.lower(), recipient.lower())
         except ValueError:  # not an IP client
             return succeed(Verdict(True))
-        verdict = greylist.attempt(triplet, self.server.clock.seconds(), settings)
+        verdict = greylist.attempt(
+            triplet, self.server.clock.seconds(), settings, self._spf_exemption(sender)
+        )
 
         def unanswered(failure: Failure) -> Verdict:
             _log.failure("greylisting store failed; the recipient passes", failure)
             return Verdict(True)
 
         return verdict.addErrback(unanswered)
+
+    def _spf_exemption(self, sender: str) -> Callable[[], Deferred[bool]] | None:
+        """Whether ``sender`` passes SPF, asked once per session and sender (None: not
+        asked at all, as when the inbound checks are off, or for the null sender)."""
+        inbound = self.server.inbound
+        if inbound is None or not sender:
+            return None
+
+        def passes() -> Deferred[bool]:
+            known = self.spf_passed.get(sender)
+            if known is not None:
+                return succeed(known)
+            asked = inbound.verifier.spf_mailfrom(
+                self.peer_ip, sender, self.helo or "", self.config.server_name, inbound.budget
+            )
+
+            def passed(result: SPFResult) -> bool:
+                self.spf_passed[sender] = result.result == "pass"
+                return self.spf_passed[sender]
+
+            return asked.addCallback(passed)
+
+        return passes
 
     def _greylisted_reply(self, verdict: Verdict, sender: str, recipient: str) -> Reply:
         wait = max(1, int(verdict.retry_in + 0.999))

@@ -173,6 +173,7 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
         self.peer_ip = ""
         self.trusted = False
         self.helo: str | None = None
+        self.spf_passed: dict[str, bool] = {}
         self.esmtp = False
         self.offered: frozenset[str] = frozenset()  # EHLO keywords, for MAIL/RCPT parameters
         self.transaction: Transaction | None = None
