@@ -41,6 +41,7 @@ from mailsrv.dkim.keys import KeyDirectory
 from mailsrv.dkim.signer import DkimSigner
 from mailsrv.dns import ServerResolver, dns_servers_of
 from mailsrv.filemodes import warn_loose_modes
+from mailsrv.jsonstore.spares import SparePool
 from mailsrv.logsetup import LevelFilter, ReopenableLogFile, make_observer
 from mailsrv.mailauth.inbound import InboundChecks
 from mailsrv.mailauth.policy import InboundPolicy
@@ -193,7 +194,10 @@ def build_service(
     resolver = ServerResolver(reactor, dns_servers_of(config))  # every DNS user shares it
     threads = ThreadPoolService(reactor, "mailsrv-io", config.io_threads)
     threads.setServiceParent(root)
-    queue_store = FileQueueStore(config.queue_dir, threads.run)
+    # Bodies the queue and the outbox were the last to hold become the next spool files'
+    # inodes (mailsrv.jsonstore.spares): no inode freed and allocated per relayed message.
+    body_spares = SparePool(config.spool_dir, empty_on_keep=True)
+    queue_store = FileQueueStore(config.queue_dir, threads.run, body_spares=body_spares)
     queue_lock = take_queue(config)
     hash_threads = ThreadPoolService(
         reactor,
@@ -224,7 +228,13 @@ def build_service(
     )
     webhook_workers.setServiceParent(root)
     webhooks = build_webhooks(
-        config, reactor, threads.run, webhook_workers.run, maildir_sink.delivered, metrics
+        config,
+        reactor,
+        threads.run,
+        webhook_workers.run,
+        maildir_sink.delivered,
+        metrics,
+        body_spares=body_spares,
     )
     sinks: list[ICommitSink] = [maildir_sink, queue_sink, local_success, webhooks.sink]
     sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir, config.outbox_dir)
@@ -252,6 +262,7 @@ def build_service(
         dnsbl=DnsblChecker(resolver, reactor),
         greylist=Greylist(IGreylistStore(store)),
         inbound=inbound_checks(config, reactor, resolver, root),
+        spool_spares=body_spares,
     )
     GreylistExpiry(server, reactor).setServiceParent(root)
     bounces = DsnSubmitter(

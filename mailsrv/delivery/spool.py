@@ -15,6 +15,10 @@ fsync, close).
 Only bodies never acknowledged are ever left here: a committed message has its own names in
 every sink (Maildir links, queue records) before the 250, and its spool name is dropped.  So
 :meth:`Spool.prepare` empties the directory at start.
+
+With a :class:`~mailsrv.jsonstore.spares.SparePool` (``spool/spare/``: the bodies the relay
+queue and the outbox were the last to hold, emptied), a new spool file is a spare renamed to its
+name rather than a new inode, and a discarded one goes back there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from twisted.logger import Logger
 
 from mailsrv.filemodes import make_private_dirs
 from mailsrv.fileops import fsync_directory, write_all
+from mailsrv.jsonstore.spares import SparePool
 from mailsrv.threads import RunInThread
 
 __all__ = ["RunInThread", "Spool", "SpoolFile"]  # RunInThread: its old home, for importers
@@ -45,9 +50,12 @@ _log = Logger()
 class Spool:
     """The ``incoming`` directory where bodies land before delivery."""
 
-    def __init__(self, root: Path, run_in_thread: RunInThread) -> None:
+    def __init__(
+        self, root: Path, run_in_thread: RunInThread, spares: SparePool | None = None
+    ) -> None:
         self.incoming = root / "incoming"
         self._run = run_in_thread
+        self.spares = spares
 
     def prepare(self) -> int:
         """Create the directory (``0700``, with its parents) and remove bodies never
@@ -64,7 +72,7 @@ class Spool:
         self, queue_id: str, pause: Callable[[], None], resume: Callable[[], None]
     ) -> SpoolFile:
         """A new spool file for ``queue_id``."""
-        return SpoolFile(self.incoming / queue_id, self._run, pause, resume)
+        return SpoolFile(self.incoming / queue_id, self._run, pause, resume, self.spares)
 
 
 class SpoolFile:
@@ -76,8 +84,11 @@ class SpoolFile:
         run_in_thread: RunInThread,
         pause: Callable[[], None],
         resume: Callable[[], None],
+        spares: SparePool | None = None,
     ) -> None:
         self.path = path
+        self._spares = spares
+        self._reused = False  # a spare: cut to what was written when it is finished
         self._run = run_in_thread
         self._pause = pause
         self._resume = resume
@@ -226,6 +237,7 @@ class SpoolFile:
         fd = self._open_blocking()
         try:
             write_all(fd, rest)
+            self._cut(fd)
             os.fsync(fd)
         finally:
             self._close_fd()
@@ -253,13 +265,21 @@ class SpoolFile:
         fd = self._open_blocking()
         try:
             write_all(fd, rest)
+            self._cut(fd)
         finally:
             self._close_fd()
 
     def _open_blocking(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, _CREATE_FLAGS, 0o600)
+            reused = self._spares.open_for_write(self.path) if self._spares else None
+            self._reused = reused is not None
+            self._fd = reused if reused is not None else os.open(self.path, _CREATE_FLAGS, 0o600)
         return self._fd
+
+    def _cut(self, fd: int) -> None:
+        """A reused file ends where the writing ended (spares are empty: a safeguard)."""
+        if self._reused:
+            os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
 
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, None
@@ -278,6 +298,8 @@ class SpoolFile:
 
     def _discard_blocking(self) -> None:
         self._close_fd()
+        if self._spares is not None and self._spares.keep_if_alone(self.path):
+            return
         try:
             self.path.unlink()
         except FileNotFoundError:

@@ -118,11 +118,15 @@ class RecordDirectory(Generic[R]):
         run_in_thread: RunInThread,
         sync: Callable[[], None] | None = None,
         log: Logger | None = None,
+        body_spares: SparePool | None = None,
     ) -> None:
         self.root = root
         self.corrupt_dir = root / CORRUPT_DIR
         self.spares = SparePool(root)
         """Removed and replaced record files kept for reuse (:mod:`mailsrv.jsonstore.spares`)."""
+        self.body_spares = body_spares
+        """Where a body no one else holds goes when its record is done (the spool's pool, so
+        the next message's spool file reuses its inode); None: removed."""
         self._run = run_in_thread
         self._sync_function = sync
         self._log = log or Logger(namespace="mailsrv")
@@ -229,7 +233,13 @@ class RecordDirectory(Generic[R]):
     def unstage_blocking(self, key: str) -> None:
         """Undo :meth:`stage_record_blocking` (blocking): remove the record and its body."""
         self.spares.keep(self.record_path(key))
-        unlink_if_present(self.body_path(key))
+        self._drop_body(key)
+
+    def _drop_body(self, key: str) -> None:
+        """Remove ``key``'s body (blocking): into the body spares if no one else holds it."""
+        path = self.body_path(key)
+        if self.body_spares is None or not self.body_spares.keep_if_alone(path):
+            unlink_if_present(path)
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -517,7 +527,7 @@ class RecordDirectory(Generic[R]):
             fsync_directory(self.root)
         for key in removed:  # after the record's removal (or change) is durable
             if key not in errors:
-                unlink_if_present(self.body_path(key))
+                self._drop_body(key)
         return errors
 
     def _batch_done(

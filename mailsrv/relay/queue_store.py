@@ -31,6 +31,7 @@ from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.filemodes import make_private_dirs
 from mailsrv.jsonstore.directory import LoadReport as LoadReport
 from mailsrv.jsonstore.directory import RecordDirectory, StoreError
+from mailsrv.jsonstore.spares import SparePool
 from mailsrv.relay.records import QueueRecord, decode, encode, valid_queue_id
 from mailsrv.threads import RunInThread
 
@@ -119,9 +120,13 @@ class FileQueueStore(RecordDirectory[QueueRecord]):
     cache_records = True  # the scheduler holds every unfinished record in memory anyway
 
     def __init__(
-        self, root: Path, run_in_thread: RunInThread, sync: Callable[[], None] | None = None
+        self,
+        root: Path,
+        run_in_thread: RunInThread,
+        sync: Callable[[], None] | None = None,
+        body_spares: SparePool | None = None,
     ) -> None:
-        super().__init__(root, run_in_thread, sync, _log)
+        super().__init__(root, run_in_thread, sync, _log, body_spares)
 
     # -- how records are stored -----------------------------------------------------------------
 

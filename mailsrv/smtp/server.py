@@ -32,6 +32,7 @@ from mailsrv.config import Config
 from mailsrv.delivery.committer import GroupCommitter
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.spool import Spool, SpoolFile
+from mailsrv.jsonstore.spares import SparePool
 from mailsrv.limits import TrustedNetworks
 from mailsrv.mailauth.inbound import InboundChecks
 from mailsrv.ops.metrics import Metrics
@@ -78,6 +79,7 @@ class SMTPServer:
         dnsbl: DnsblChecker | None = None,
         greylist: Greylist | None = None,
         inbound: InboundChecks | None = None,
+        spool_spares: SparePool | None = None,
     ) -> None:
         self.config = config
         self.relay = relay  # a relay queue is among the committer's sinks
@@ -88,7 +90,7 @@ class SMTPServer:
         self.tls = tls
         self.committer = committer
         self.portal = portal
-        self.spool = Spool(config.spool_dir, run_in_thread)
+        self.spool = Spool(config.spool_dir, run_in_thread, spool_spares)
         self.trusted = TrustedNetworks(config.trusted_networks)
         self.limits: ILimits = limits if limits is not None else LocalLimits(config, clock)
         # AUTH: whose failure budget an attempt uses, and its turn at the hash threads.

@@ -30,6 +30,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from mailsrv.jsonstore.directory import RecordDirectory, StoreError
+from mailsrv.jsonstore.spares import SparePool
 from mailsrv.threads import RunInThread
 from mailsrv.webhook.entries import EntryState, OutboxEntry, decode, encode, valid_key
 
@@ -56,9 +57,13 @@ class OutboxStore(RecordDirectory[OutboxEntry]):
     orphan_note = "events already delivered or never acknowledged"
 
     def __init__(
-        self, root: Path, run_in_thread: RunInThread, sync: Callable[[], None] | None = None
+        self,
+        root: Path,
+        run_in_thread: RunInThread,
+        sync: Callable[[], None] | None = None,
+        body_spares: SparePool | None = None,
     ) -> None:
-        super().__init__(root, run_in_thread, sync, _log)
+        super().__init__(root, run_in_thread, sync, _log, body_spares)
 
     def encode(self, record: OutboxEntry) -> bytes:
         return encode(record)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailsrv.config import Config, ConfigError
+from mailsrv.jsonstore.spares import SparePool
 from mailsrv.ops.metrics import Metrics
 from mailsrv.threads import RunInThread
 from mailsrv.webhook.actions import OutboxActions
@@ -75,10 +76,10 @@ class Webhooks:
 
 
 def open_stores(
-    config: Config, run_in_thread: RunInThread
+    config: Config, run_in_thread: RunInThread, body_spares: SparePool | None = None
 ) -> tuple[OutboxStore, DisabledEndpoints]:
     """The outbox and the disabled-endpoint store of ``config``'s data directory."""
-    store = OutboxStore(config.outbox_dir, run_in_thread)
+    store = OutboxStore(config.outbox_dir, run_in_thread, body_spares=body_spares)
     return store, DisabledEndpoints(config.outbox_dir / ENDPOINTS_DIR, run_in_thread)
 
 
@@ -89,13 +90,14 @@ def build_webhooks(
     run_in_worker: RunInThread | None,
     maildir_paths: MaildirPaths,
     metrics: Metrics | None = None,
+    body_spares: SparePool | None = None,
 ) -> Webhooks:
     """Every webhook part for ``config``: ``run_in_thread`` does the outbox's file work;
     ``run_in_worker`` (:meth:`mailsrv.processes.ProcessPoolService.run`) makes whole attempts
     in worker processes, or, if None, payloads are parsed in threads and POSTed from this
     reactor."""
     endpoints = config.webhook_endpoints
-    store, states = open_stores(config, run_in_thread)
+    store, states = open_stores(config, run_in_thread, body_spares)
     loaded = store.load_now()
     disabled = states.load_now()
     delivery: InProcessDelivery | WorkerDelivery
