@@ -23,7 +23,7 @@ from mailsrv.jsonstore.spares import SPARE_DIR
 from mailsrv.relay.queue_store import FileQueueStore
 from mailsrv.relay.records import QueueRecord, State, decode, from_dict, to_dict
 from tests.queue_helpers import BODY, accepted, commit, remote
-from tests.test_process import Server, free_port
+from tests.test_process import Server, free_port, wait_for
 
 MAILSRV = Path(sys.executable).parent / "mailsrv"
 REPO = Path(__file__).resolve().parent.parent
@@ -302,7 +302,9 @@ def test_the_cli_talks_to_a_running_twistd(queue: Queue, twistd: Any) -> None:
     server = twistd()
     server.start()
     try:
-        assert (queue.root / "control.sock").exists()
+        # The listeners answer before every service has started: the socket may come a moment
+        # later.
+        wait_for((queue.root / "control.sock").exists, 10, "the queue control socket")
         listed = json.loads(queue.ok("queue", "list", "--json"))
         assert [from_dict(m) for m in listed] == [record]
         assert queue.ok("queue", "flush") == (
