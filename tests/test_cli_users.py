@@ -10,9 +10,11 @@ import json
 import os
 import re
 import select
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,3 +478,24 @@ def test_import_of_a_missing_or_binary_file_is_one_line(
     result = sqlite_cli("users", "import", str(path))
     assert result.code == 2
     assert one_line(result.err) == f"mailsrv: {path}: {message}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_run_as_root_it_writes_as_the_database_owner() -> None:
+    """An operator's ``sudo mailsrv users add`` must not leave a database the server, running
+    as its own user, cannot open."""
+    nobody = 65534
+    top = Path(tempfile.mkdtemp(prefix="mailsrv-owner-"))  # pytest's tmp is root-only (0700)
+    try:
+        top.chmod(0o755)
+        data_dir = top / "data"
+        data_dir.mkdir()
+        os.chown(data_dir, nobody, nobody)
+        users = Cli("sqlite", _env(data_dir), data_dir)
+        users.ok("users", "add", "alice@example.org", "--password-stdin", stdin="pw-one\n")
+        created = sorted(p.name for p in data_dir.iterdir() if p.stat().st_uid != nobody)
+        assert created == [], f"written as root: {created}"
+        users.ok("users", "passwd", "alice@example.org", "--password-stdin", stdin="pw-two\n")
+        assert (data_dir / "mailsrv.db").stat().st_uid == nobody
+    finally:
+        shutil.rmtree(top)

@@ -48,10 +48,16 @@ def perform(config: Config, request: Sendable, on_files: OnFiles) -> dict[str, A
 
 def become_queue_owner(root: Path) -> None:
     """As root, act as the queue directory's owner (files written stay readable by the server)."""
+    become_owner_of(root)
+
+
+def become_owner_of(path: Path) -> None:
+    """As root, act as the owner of ``path`` (a directory or file of the server's; nothing if it
+    is missing or root's), so what a command writes stays the server's."""
     if os.geteuid() != 0:
         return
     try:
-        owner = root.stat()
+        owner = path.stat()
     except FileNotFoundError:
         return
     if owner.st_uid != 0:

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 from mailsrv.auth.factory import describe_error, store_location
 from mailsrv.auth.store import DuplicateAccount
+from mailsrv.cli.reach import become_owner_of
 from mailsrv.cli.user_import import parse_rows
 from mailsrv.config import Config, ConfigError, load
 from mailsrv.identity import InvalidAddress, canonical_address, display_address
@@ -157,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
     except CommandError as e:
         _error(str(e))
         return e.status
+    if not config.db_url:  # run as root, the SQLite files it writes stay the server's
+        from mailsrv.auth import migrations
+
+        migrations.available("sqlite")  # read (and import what reads them) while still root
+        database = config.sqlite_path
+        become_owner_of(database if database.exists() else database.parent)
     from twisted.internet import task
 
     status: list[int] = []
