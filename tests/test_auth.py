@@ -954,3 +954,36 @@ def test_cram_context_matches_hmac_md5() -> None:
     digest = hmac.new(PASSWORD.encode(), challenge, "md5").hexdigest().encode()
     assert cram.check_response(context, challenge, digest)
     assert not cram.check_response(context, challenge, b"0" * 32)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_cannot_answer_is_a_454_and_one_warning(
+    tmp_path: Path, certs: CertFiles
+) -> None:
+    """The database goes away under the running server: AUTH gets 454 4.7.0 (try later), and
+    the log says why in one line: no traceback for a known store error."""
+    from twisted.internet import reactor
+
+    from mailsrv.auth.sqlite_store import SQLiteUserStore
+
+    store = SQLiteUserStore(tmp_path / "users.db", reactor)
+    await store.open()
+    server = await start_auth_server(tmp_path, store, certs)
+    try:
+        await store.close()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            reply = await run_client(
+                _plain, server.ports["submission"], server.context(), "erin@example.org", PASSWORD
+            )
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert reply.startswith(b"454 4.7.0 "), reply
+        assert not [e.get("log_format") for e in events if "log_failure" in e], "no traceback"
+        [warning] = [e for e in events if e.get("log_format", "").startswith("authentication")]
+        assert warning["log_level"].name == "warn"
+        assert "the user store is not open" in warning["error"]
+        assert PASSWORD not in repr(warning)
+    finally:
+        await server.running.service.stopService()

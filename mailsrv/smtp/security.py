@@ -26,6 +26,7 @@ from mailsrv.auth.account_identity import login_text
 from mailsrv.auth.hashqueue import priority
 from mailsrv.auth.mechanisms import MECHANISMS, Exchange, MalformedResponse
 from mailsrv.auth.realm import ANONYMOUS_SENDER, ISender, Sender
+from mailsrv.auth.store import StoreError
 from mailsrv.auth.throttle import (
     ACCOUNT_THROTTLED,
     BACKEND_ERROR,
@@ -219,12 +220,27 @@ class SecurityCommands:
             self._begin_attempt,
             self._identity_failed,
             callbackArgs=(credentials, name),
+            errbackArgs=(name,),
         )
         return checked
 
-    def _identity_failed(self, failure: Failure) -> Response:
-        _log.failure("cannot look up the account of an AUTH attempt", failure)
+    def _identity_failed(self, failure: Failure, name: str) -> Response:
+        self.server.metrics.auth_attempt(self._auth_mechanism, "error")
+        self._backend_failed(failure, name, "cannot look up the account of an AUTH attempt")
         return replies.AUTH_TEMPORARY_FAILURE
+
+    def _backend_failed(self, failure: Failure, name: str, unexpected: str) -> None:
+        """Log why an AUTH attempt could not be checked: a store that cannot answer (the
+        database is down) in one line, anything else with its traceback."""
+        if failure.check(StoreError):
+            _log.warn(
+                "authentication of {login} from {client_ip} not possible now: {error}",
+                login=name,
+                client_ip=self.peer_ip,
+                error=str(failure.value),
+            )
+        else:
+            _log.failure(unexpected, failure)
 
     def _begin_attempt(self, identity: str, credentials: Any, name: str) -> Deferred[Response]:
         begun: Deferred[Any] = self.server.limits.auth_begin(self.peer_ip, identity, self.trusted)
@@ -286,7 +302,7 @@ class SecurityCommands:
         if not failure.check(UnauthorizedLogin):
             self.server.limits.auth_finished(attempt, BACKEND_ERROR)
             self.server.metrics.auth_attempt(self._auth_mechanism, "error")
-            _log.failure("authentication backend error", failure)
+            self._backend_failed(failure, name, "authentication backend error")
             return replies.AUTH_TEMPORARY_FAILURE
         self.server.security_event(
             "auth-failure", self.peer_ip, login=name, mechanism=self._auth_mechanism
