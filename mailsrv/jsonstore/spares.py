@@ -45,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mailsrv.filemodes import make_private_dirs
+from mailsrv.fileops import unlink_if_present
 
 SPARE_DIR = "spare"
 DEFAULT_LIMIT = 4096
@@ -89,7 +90,7 @@ class SparePool:
         names = sorted((n for n in os.listdir(self.directory) if n.isdigit()), key=int)
         kept, extra = names[: self.limit], names[self.limit :]
         for name in extra:
-            _unlink(self.directory / name)
+            unlink_if_present(self.directory / name)
         self._spares = deque((float("-inf"), name) for name in kept)
         highest = max((int(name) for name in names), default=-1)
         self._numbers = itertools.count(highest + 1)
@@ -121,7 +122,7 @@ class SparePool:
                     return False
                 self._spares.append((self._clock(), name))
         if name is None:
-            return _unlink(path)
+            return unlink_if_present(path)
         if self.empty_on_keep:
             self._empty(name)
         return True
@@ -180,18 +181,10 @@ class SparePool:
             try:
                 if os.fstat(fd).st_nlink != 1:  # still a live record's other name
                     os.close(fd)
-                    _unlink(spare)
+                    unlink_if_present(spare)
                     continue
                 os.rename(spare, target)
             except OSError:
                 os.close(fd)
                 continue
             return fd
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True

@@ -12,7 +12,8 @@ Nothing here fails the Deferred: trouble in a check is a ``temperror`` and a log
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -28,6 +29,7 @@ from mailsrv.mailauth.verdict import SPFResult, Verdict
 from mailsrv.threads import PoolFull, ThreadPoolService
 
 _log = Logger(namespace="mailsrv.mailauth")
+T = TypeVar("T")
 
 MAX_WAITING = 64
 """Messages waiting for a check thread, beyond those being checked, before new ones get
@@ -76,60 +78,60 @@ class Verifier(Service):
         """SPF of ``sender`` (not null) alone, within ``budget``: ``temperror`` when it took
         longer, the pool is full or the check failed.  Never fails."""
         domain = sender.rpartition("@")[2].lower()
+
+        def failed(failure: Failure) -> SPFResult:
+            if not failure.check(PoolFull):
+                _log.failure("SPF check failed for {client_ip}", failure, client_ip=ip)
+            return SPFResult("temperror", domain, "checks busy or failed")
+
+        return self._within(
+            budget,
+            lambda lookups: spf_check.check_mailfrom(lookups, ip, sender, helo, receiver),
+            lambda: SPFResult("temperror", domain, "time budget used up"),
+            failed,
+        )
+
+    def verify(self, facts: Facts, message: bytes, budget: float) -> Deferred[Verdict]:
+        """The verdict on ``message`` (content as received, LF line ends) within ``budget``."""
+        progress = Progress()
+
+        def failed(failure: Failure) -> Verdict:
+            if failure.check(PoolFull):
+                return unfinished(progress, "checks busy")
+            _log.failure(
+                "checks failed for a message from {client_ip}", failure, client_ip=facts.ip
+            )
+            return unfinished(progress, "internal error")
+
+        return self._within(
+            budget,
+            lambda lookups: run_checks(facts, message, lookups, progress, self.orgs),
+            lambda: unfinished(progress, "time budget used up"),
+            failed,
+        )
+
+    def _within(
+        self,
+        budget: float,
+        check: Callable[[ThreadLookups], T],
+        late: Callable[[], T],
+        failed: Callable[[Failure], T],
+    ) -> Deferred[T]:
+        """Run ``check(lookups)`` in the pool, its DNS lookups bounded by ``budget``; fires with
+        its result, ``late()`` once the budget is used up, or ``failed(failure)``: never
+        fails, never later than ``budget``."""
         lookups = ThreadLookups(
             self._reactor, self._clock, self._resolver, self._clock.seconds() + budget, self._gate
         )
-        answer: Deferred[SPFResult] = Deferred()
+        answer: Deferred[T] = Deferred()
 
-        def finish(result: SPFResult) -> None:
+        def finish(result: T) -> None:
             if timer.active():
                 timer.cancel()
             if not answer.called:
                 answer.callback(result)
 
-        def failed(failure: Failure) -> None:
-            if not failure.check(PoolFull):
-                _log.failure("SPF check failed for {client_ip}", failure, client_ip=ip)
-            finish(SPFResult("temperror", domain, "checks busy or failed"))
-
-        timer = self._clock.callLater(
-            budget, lambda: finish(SPFResult("temperror", domain, "time budget used up"))
-        )
-        job = self._pool.run(spf_check.check_mailfrom, lookups, ip, sender, helo, receiver)
-        job.addCallbacks(finish, failed)
+        timer = self._clock.callLater(budget, lambda: finish(late()))
+        job = self._pool.run(check, lookups)
+        job.addCallbacks(finish, lambda failure: finish(failed(failure)))
         return answer
-
-    def verify(self, facts: Facts, message: bytes, budget: float) -> Deferred[Verdict]:
-        """The verdict on ``message`` (content as received, LF line ends) within ``budget``."""
-        progress = Progress()
-        lookups = ThreadLookups(
-            self._reactor,
-            self._clock,
-            self._resolver,
-            self._clock.seconds() + budget,
-            self._gate,
-        )
-        verdict: Deferred[Verdict] = Deferred()
-
-        def finish(result: Verdict) -> None:
-            if timer.active():
-                timer.cancel()
-            if not verdict.called:
-                verdict.callback(result)
-
-        def failed(failure: Failure) -> None:
-            if failure.check(PoolFull):
-                reason = "checks busy"
-            else:
-                _log.failure(
-                    "checks failed for a message from {client_ip}", failure, client_ip=facts.ip
-                )
-                reason = "internal error"
-            finish(unfinished(progress, reason))
-
-        timer = self._clock.callLater(
-            budget, lambda: finish(unfinished(progress, "time budget used up"))
-        )
-        job = self._pool.run(run_checks, facts, message, lookups, progress, self.orgs)
-        job.addCallbacks(finish, failed)
-        return verdict
