@@ -472,6 +472,23 @@ class Config:
     db_url: str = setting(
         "", parse_str, "PostgreSQL DSN (postgresql://user@host/db); empty = SQLite at db_path"
     )
+    queue_url: str = setting(
+        "",
+        parse_str,
+        "PostgreSQL DSN of the relay queue shared by several nodes; empty = files in data_dir",
+    )
+    queue_node: str = setting(
+        "", parse_str, "This node's name in the shared queue; empty = <host name>:<data_dir>"
+    )
+    queue_lease: float = setting(
+        300.0, parse_seconds(2.0), "How long a node's claim on a queued message lasts (s)"
+    )
+    queue_poll: float = setting(
+        5.0, parse_seconds(0.1), "How often a node looks for due work in the shared queue (s)"
+    )
+    queue_statement_timeout: float = setting(
+        10.0, parse_seconds(0.1), "Longest statement on the shared queue's database (s)"
+    )
     relay_host: str = setting(
         "", parse_relay_host, "Smarthost host:port for all outbound mail; empty = direct MX"
     )
@@ -606,6 +623,18 @@ class Config:
     def outbox_dir(self) -> Path:
         """The webhook outbox: one JSON entry per event and endpoint."""
         return Path(self.data_dir) / "outbox"
+
+    @property
+    def queue_cache_dir(self) -> Path:
+        """The shared queue's bodies this node is working on (a cache of the database's)."""
+        return Path(self.data_dir) / "queue-cache"
+
+    @property
+    def queue_node_name(self) -> str:
+        """This node's name in the shared queue: ``queue_node``, or host name and data_dir."""
+        if self.queue_node:
+            return self.queue_node
+        return f"{socket.gethostname()}:{os.path.abspath(self.data_dir)}"
 
     @property
     def dkim_dir(self) -> Path:
@@ -755,6 +784,8 @@ def check(config: Config, sources: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("port, submission_port and smtps_port must differ (0 turns one off)")
     if config.db_url and not config.db_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("db_url: expected a postgresql:// URL")
+    if config.queue_url and not config.queue_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("queue_url: expected a postgresql:// URL")
     if config.max_mail_line_length < config.max_line_length:
         raise ConfigError(
             f"{where('max_mail_line_length')}: must be at least max_line_length"

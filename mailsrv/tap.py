@@ -55,8 +55,16 @@ from mailsrv.relay.actions import StoreActions
 from mailsrv.relay.bounces import DsnSubmitter
 from mailsrv.relay.control import QueueControlService, socket_path_problem
 from mailsrv.relay.local_success import LocalSuccessSink
+from mailsrv.relay.pg_queue import (
+    ClusterClaimer,
+    ClusterQueueSink,
+    ClusterQueueStore,
+    CommitConnection,
+    open_queue_database,
+    queue_listener,
+)
 from mailsrv.relay.queue_lock import QueueBusy, QueueLock
-from mailsrv.relay.queue_store import FileQueueStore
+from mailsrv.relay.queue_store import FileQueueStore, IQueueStore
 from mailsrv.relay.service import build_relay
 from mailsrv.relay.sink import QueueSink
 from mailsrv.reload import ConfigReloader, ReloadStep
@@ -197,8 +205,17 @@ def build_service(
     # Bodies the queue and the outbox were the last to hold become the next spool files'
     # inodes (mailsrv.jsonstore.spares): no inode freed and allocated per relayed message.
     body_spares = SparePool(config.spool_dir, empty_on_keep=True)
-    queue_store = FileQueueStore(config.queue_dir, threads.run, body_spares=body_spares)
     queue_lock = take_queue(config)
+    cluster: ClusterQueueStore | None = None
+    queue_store: IQueueStore
+    if config.queue_url:
+        cluster = cluster_queue(config, reactor, threads.run)
+        UserStoreService(
+            cluster.database, root.fail, "(queue_url)", label="queue database"
+        ).setServiceParent(root)
+        queue_store = cluster
+    else:
+        queue_store = FileQueueStore(config.queue_dir, threads.run, body_spares=body_spares)
     hash_threads = ThreadPoolService(
         reactor,
         "mailsrv-hash",
@@ -217,7 +234,7 @@ def build_service(
         reload_hooks.append(tls.reload)
         metrics.before_scrape(functools.partial(export_certificate_expiry, tls, metrics))
     policy = RecipientPolicy(config, store)
-    queue_sink = QueueSink(queue_store)
+    queue_sink = ClusterQueueSink(cluster) if cluster is not None else QueueSink(queue_store)
     maildir_sink = MaildirSink(MaildirStore(config.mail_dir, config.server_name))
     local_success = LocalSuccessSink()
     # Webhook attempts are made whole in worker processes (started with the first event): the
@@ -278,6 +295,11 @@ def build_service(
     )
     queue_sink.listen(relay.scheduler.queued)
     relay.scheduler.outcome_listener = webhooks.relay_events
+    if cluster is not None:
+        # Before the scheduler: it stops after it, releasing leases once nothing is in flight.
+        claimer = ClusterClaimer(cluster, relay.scheduler, reactor, poll=config.queue_poll)
+        claimer.setServiceParent(root)
+        queue_listener(cluster.database.dsn, reactor, claimer.notified).setServiceParent(root)
     relay.scheduler.setServiceParent(root)
     webhooks.dispatcher.setServiceParent(root)
     actions = StoreActions(queue_store, reactor, threads.run, relay.scheduler)
@@ -357,6 +379,19 @@ def ops_http(
     resource = OpsResource(metrics, threads.run, checks, config.metrics_token)
     return OpsHTTPService(
         reactor, config.metrics_host, config.metrics_port, resource, bool(config.metrics_token)
+    )
+
+
+def cluster_queue(config: Config, reactor: Any, run_in_thread: Any) -> ClusterQueueStore:
+    """The relay queue in the PostgreSQL database ``queue_url``, shared with other nodes."""
+    return ClusterQueueStore(
+        open_queue_database(config.queue_url, reactor),
+        CommitConnection(config.queue_url, reactor, config.queue_statement_timeout),
+        config.queue_node_name,
+        reactor,
+        run_in_thread,
+        config.queue_cache_dir,
+        lease=config.queue_lease,
     )
 
 

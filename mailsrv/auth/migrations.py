@@ -31,6 +31,21 @@ class MigrationError(StoreError):
 
 
 @dataclass(frozen=True)
+class MigrationSet:
+    """One schema's migrations: ``migrations/<dialect>/`` of ``package``, the table whose one
+    row is the version applied (created by the set's ``0001``), and the advisory lock key held
+    while PostgreSQL is migrated."""
+
+    package: str
+    version_table: str
+    lock: int
+
+
+USER_STORE = MigrationSet("mailsrv.auth", "schema_version", PG_MIGRATION_LOCK)
+"""The user store's schema (SQLite and PostgreSQL)."""
+
+
+@dataclass(frozen=True)
 class Migration:
     """One numbered SQL file."""
 
@@ -59,11 +74,12 @@ def split_statements(script: str) -> list[str]:
     return statements
 
 
-def available(dialect: str) -> list[Migration]:
-    """Every migration shipped for ``dialect``, in version order (1, 2, ... without gaps)."""
+def available(dialect: str, schema: MigrationSet = USER_STORE) -> list[Migration]:
+    """Every migration of ``schema`` shipped for ``dialect``, in version order (1, 2, ...
+    without gaps)."""
     if dialect not in DIALECTS:
         raise ValueError(f"unknown SQL dialect {dialect!r}")
-    folder = resources.files(__package__ or "mailsrv.auth").joinpath("migrations", dialect)
+    folder = resources.files(schema.package).joinpath("migrations", dialect)
     found: list[Migration] = []
     for entry in folder.iterdir():
         match = _FILE_NAME.fullmatch(entry.name)
@@ -77,14 +93,14 @@ def available(dialect: str) -> list[Migration]:
     return found
 
 
-def latest(dialect: str) -> int:
+def latest(dialect: str, schema: MigrationSet = USER_STORE) -> int:
     """The schema version this code expects."""
-    return len(available(dialect))
+    return len(available(dialect, schema))
 
 
-def pending(dialect: str, current: int) -> list[Migration]:
+def pending(dialect: str, current: int, schema: MigrationSet = USER_STORE) -> list[Migration]:
     """The migrations above ``current``; MigrationError if the database is newer than we are."""
-    migrations = available(dialect)
+    migrations = available(dialect, schema)
     if current > len(migrations):
         raise MigrationError(
             f"database schema version {current} is newer than this mailsrv "
@@ -206,29 +222,30 @@ def apply_sqlite(conn: sqlite3.Connection) -> int:
 # --- PostgreSQL: inside a txpostgres interaction (the caller's transaction) -------------------
 
 
-async def postgresql_version(cursor: Any) -> int:
+async def postgresql_version(cursor: Any, schema: MigrationSet = USER_STORE) -> int:
     """The recorded schema version (0 for an empty database)."""
-    await cursor.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+    await cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (schema.version_table,))
     if not cursor.fetchone()[0]:
         return 0
-    await cursor.execute("SELECT max(version) FROM schema_version")
+    await cursor.execute(f"SELECT max(version) FROM {schema.version_table}")  # noqa: S608
     row = cursor.fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
-async def apply_postgresql(cursor: Any) -> int:
+async def apply_postgresql(cursor: Any, schema: MigrationSet = USER_STORE) -> int:
     """Bring the database up to date inside the cursor's transaction; the new version.
 
-    Takes a transaction-scoped advisory lock first, so concurrent migrators wait for each
-    other and the second one finds nothing left to do.
+    Takes a transaction-scoped advisory lock first, so concurrent migrators (several nodes
+    starting at once, the CLI) wait for each other and the second one finds nothing left to do.
     """
-    await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (PG_MIGRATION_LOCK,))
-    current = await postgresql_version(cursor)
-    todo = pending("postgresql", current)
+    await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (schema.lock,))
+    current = await postgresql_version(cursor, schema)
+    todo = pending("postgresql", current, schema)
     for migration in todo:
         await cursor.execute(migration.sql)
     if todo:
         current = todo[-1].version
-        await cursor.execute("DELETE FROM schema_version")
-        await cursor.execute("INSERT INTO schema_version (version) VALUES (%s)", (current,))
+        table = schema.version_table
+        await cursor.execute(f"DELETE FROM {table}")  # noqa: S608
+        await cursor.execute(f"INSERT INTO {table} (version) VALUES (%s)", (current,))  # noqa: S608
     return current

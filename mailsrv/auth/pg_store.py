@@ -1,12 +1,5 @@
-"""The user store on PostgreSQL, through txpostgres (asynchronous psycopg2, no threads).
-
-Reconnects: every pooled connection carries a dead-connection detector.  When PostgreSQL goes
-away (restart, failover, a killed backend) the connection is marked dead and reconnects in the
-background with a short backoff (0, 0.1, 0.2, 0.4 ... 5 s).  Queries prefer live connections.
-A read that fails because its connection died is retried once, after waiting (up to
-``reconnect_wait`` seconds) for a connection to come back.  A write is retried only when it
-certainly never reached the server (the connection was already known to be dead); otherwise the
-error goes to the caller, because a lost COMMIT reply leaves the outcome unknown.
+"""The user store on PostgreSQL, through :class:`mailsrv.pgsql.Database` (txpostgres:
+asynchronous psycopg2, no threads; reconnecting connections, see that module).
 
 Transactions: reads are single statements; every write is one transaction (txpostgres
 ``runInteraction``: BEGIN, the statements, COMMIT, or ROLLBACK on any error).  Writes that
@@ -18,24 +11,17 @@ become :class:`DuplicateAccount`.  Migrations run on open, serialised between op
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+import functools
+from typing import Any
 
 import psycopg2
-from twisted.internet.defer import Deferred, FirstError, succeed
-from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from txpostgres import reconnection, txpostgres
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from mailsrv.auth import migrations as m
 from mailsrv.auth.store import Account, IUserStore, StoreError
+from mailsrv.pgsql import Database, unreachable
 from mailsrv.screening import greylist
-
-T = TypeVar("T")
-
-_log = Logger(namespace="mailsrv.auth")
 
 UNIQUE_VIOLATION = "23505"
 FOREIGN_KEY_VIOLATION = "23503"
@@ -61,292 +47,21 @@ _ACCOUNT_BY_ADDRESS = (
 )
 
 
-def _backoff() -> Iterator[float]:
-    """Reconnection delays: at once, then doubling from 0.1 s up to 5 s, for ever."""
-    yield 0.0
-    delay = 0.1
-    while True:
-        yield delay
-        delay = min(delay * 2, 5.0)
-
-
-def is_connection_error(error: BaseException) -> bool:
-    """True when ``error`` means the connection is unusable (not a problem with the query)."""
-    if isinstance(error, reconnection.ConnectionDead | txpostgres.RollbackFailed):
-        return True
-    if isinstance(error, psycopg2.InterfaceError):
-        return True
-    if isinstance(error, psycopg2.OperationalError):
-        code = error.pgcode or ""
-        # No SQLSTATE: the socket broke.  08: connection exception.  57P0x: admin shutdown,
-        # crash shutdown, cannot connect now (starting up).
-        return not code or code.startswith("08") or code.startswith("57P")
-    return False
-
-
-def _never_sent(error: BaseException) -> bool:
-    """True when the failed statement certainly never reached the server."""
-    return isinstance(error, reconnection.ConnectionDead | psycopg2.InterfaceError)
-
-
-class _Detector(reconnection.DeadConnectionDetector):  # type: ignore[misc]
-    """Reconnects its connection with a short backoff; stoppable, so close() leaves no timers."""
-
-    def __init__(self, reactor: Any, on_recovered: Callable[[], None]) -> None:
-        super().__init__(deathChecker=self._is_dead, reconnectionIterator=_backoff, reactor=reactor)
-        self._on_recovered = on_recovered
-        self._stopped = False
-        self._pending: IDelayedCall | None = None
-
-    def _is_dead(self, failure: Failure) -> bool:
-        return isinstance(failure.value, BaseException) and is_connection_error(failure.value)
-
-    def startReconnecting(self, f: Failure) -> None:
-        if self._stopped:
-            return
-        message = f.getErrorMessage().strip().splitlines()
-        _log.warn(
-            "PostgreSQL connection lost ({error}); reconnecting",
-            error=message[0] if message else repr(f.value),
-        )
-        self._schedule(self.reconnectionIterator())
-
-    def _schedule(self, delays: Iterator[float]) -> None:
-        if not self._stopped:
-            self._pending = self.reactor.callLater(next(delays), self._attempt, delays)
-
-    def _attempt(self, delays: Iterator[float]) -> None:
-        self._pending = None
-        if self._stopped:
-            return
-        d = Deferred.fromCoroutine(self._reconnect())
-        d.addCallbacks(self._reconnected, lambda _: self._schedule(delays))
-
-    async def _reconnect(self) -> None:
-        await self.reconnect()
-
-    def _reconnected(self, _: object) -> None:
-        if self._stopped:
-            self.reconnectable.close()
-            return
-        _log.info("PostgreSQL connection re-established")
-        self.connectionRecovered()
-        self._on_recovered()
-
-    def stop(self) -> None:
-        """No more reconnection attempts."""
-        self._stopped = True
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
-
-
-class _Connection(txpostgres.Connection):  # type: ignore[misc]
-    """A connection that reports a server-side disconnect while idle to its detector quietly."""
-
-    def doRead(self) -> object:
-        try:
-            return super().doRead()
-        except psycopg2.Error as e:
-            # The server closed an idle connection (restart, pg_terminate_backend).  Returning
-            # the error makes the reactor call connectionLost (-> the detector reconnects)
-            # instead of logging an "Unhandled Error" traceback.
-            return e
-
-    def is_live(self) -> bool:
-        conn = self._connection
-        return conn is not None and not conn.closed and not self.detector.connectionIsDead
-
-    def close(self) -> None:
-        if self._connection is not None:
-            super().close()
-
-
-class _Pool(txpostgres.ConnectionPool):  # type: ignore[misc]
-    """A txpostgres pool of reconnecting connections that hands out live ones first."""
-
-    def __init__(self, reactor: Any, dsn: str, size: int, on_change: Callable[[], None]):
-        self.reactor = reactor
-        self._on_change = on_change  # a connection came back to life or back to the pool
-        super().__init__(None, dsn, min=size, application_name="mailsrv")
-        self.all: list[_Connection] = list(self.connections)
-
-    def connectionFactory(self, reactor: Any, cooperator: Any) -> _Connection:
-        return _Connection(reactor, cooperator, detector=_Detector(reactor, self._on_change))
-
-    def has_idle_live(self) -> bool:
-        return any(c.is_live() for c in self.connections)
-
-    def _putBackAndPassthrough(self, result: object, connection: _Connection) -> object:
-        self.connections.add(connection)
-        self._on_change()
-        return result
-
-    def _take(self) -> _Connection:
-        live = [c for c in self.connections if c.is_live()]
-        chosen: _Connection = live[0] if live else next(iter(self.connections))
-        self.connections.remove(chosen)
-        return chosen
-
-    def _runQuery(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        c = self._take()
-        return c.runQuery(*args, **kwargs).addBoth(self._putBackAndPassthrough, c)  # type: ignore[no-any-return]
-
-    def _runOperation(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        c = self._take()
-        return c.runOperation(*args, **kwargs).addBoth(self._putBackAndPassthrough, c)  # type: ignore[no-any-return]
-
-    def _runInteraction(self, interaction: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        c = self._take()
-        d = c.runInteraction(interaction, *args, **kwargs)
-        return d.addBoth(self._putBackAndPassthrough, c)  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        for c in self.all:
-            c.detector.stop()
-        for c in self.all:
-            c.close()
-
-
 @implementer(IUserStore, greylist.IGreylistStore)
-class PostgresUserStore:
+class PostgresUserStore(Database):
     """Accounts and aliases in PostgreSQL (``dsn``: a libpq URL or key=value string)."""
 
     def __init__(
         self, dsn: str, reactor: Any, pool_size: int = 3, reconnect_wait: float = 10.0
     ) -> None:
-        self.dsn = dsn
-        self._reactor = reactor
-        self._pool_size = pool_size
-        self.reconnect_wait = reconnect_wait
-        self._pool: _Pool | None = None
-        self._opening: list[Deferred[None]] | None = None
-        self._waiters: list[Deferred[None]] = []
-        self._closed = False
-
-    # --- lifecycle --------------------------------------------------------------------------
-
-    def open(self) -> Deferred[None]:
-        """Connect the pool and apply pending migrations."""
-        return Deferred.fromCoroutine(self._open())
-
-    async def _open(self) -> None:
-        if self._pool is not None or self._opening is not None:
-            return
-        self._closed = False
-        self._opening = []
-        pool = _Pool(self._reactor, self.dsn, self._pool_size, self._wake)
-        try:
-            try:
-                await pool.start()
-            except FirstError as e:
-                e.subFailure.raiseException()
-            await pool.runInteraction(_interaction(m.apply_postgresql))
-        except BaseException as e:
-            pool.close()
-            self._finish_opening(e)
-            raise
-        if self._closed:  # close() was called while we were opening
-            pool.close()
-            self._finish_opening(StoreError("closed"))
-            return
-        self._pool = pool
-        self._finish_opening(None)
-
-    def _finish_opening(self, error: BaseException | None) -> None:
-        waiters, self._opening = self._opening or [], None
-        for d in waiters:
-            if error is None:
-                d.callback(None)
-            else:
-                d.errback(StoreError(f"the user store could not be opened: {error}"))
-
-    def close(self) -> Deferred[None]:
-        """Stop reconnecting and close every connection."""
-        self._closed = True
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
-        self._wake()
-        return succeed(None)
-
-    async def _ready(self) -> _Pool:
-        if self._pool is None and self._opening is not None:
-            d: Deferred[None] = Deferred()
-            self._opening.append(d)
-            await d
-        if self._pool is None:
-            raise StoreError("the user store is not open")
-        return self._pool
-
-    # --- retries ----------------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        """A connection recovered or was returned to the pool: let waiting calls try again."""
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if not d.called:
-                d.callback(None)
-
-    async def _wait_for_connection(self, pool: _Pool, deadline: float) -> None:
-        """Wait until an idle live connection may exist (or ``deadline``)."""
-        if pool.has_idle_live():
-            return
-        d: Deferred[None] = Deferred()
-        self._waiters.append(d)
-        delay = max(0.0, deadline - self._reactor.seconds())
-        timer = self._reactor.callLater(delay, _release, d)
-        try:
-            await d
-        finally:
-            if timer.active():
-                timer.cancel()
-
-    async def _retrying(
-        self,
-        operation: Callable[[_Pool], Deferred[T]],
-        idempotent: bool,
-        wait: float | None = None,
-    ) -> T:
-        """Run ``operation``; on a dead connection wait for a reconnect and try again.
-
-        Attempts that never reached the server are repeated until ``wait`` seconds (default
-        ``reconnect_wait``) run out.  An idempotent read that failed after it was sent is
-        retried once more; a write that failed after it was sent is not retried (its COMMIT
-        may have happened).
-        """
-        deadline = self._reactor.seconds() + (self.reconnect_wait if wait is None else wait)
-        sent_retry = idempotent
-        while True:
-            pool = await self._ready()
-            try:
-                return await operation(pool)
-            except Exception as e:
-                if _never_sent(e):
-                    pass
-                elif sent_retry and is_connection_error(e):
-                    sent_retry = False
-                else:
-                    raise
-                if self._reactor.seconds() >= deadline:
-                    raise
-            await self._wait_for_connection(pool, deadline)
-
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> Deferred[list[Any]]:
-        """An idempotent single-statement read, retried once after a reconnect."""
-        return Deferred.fromCoroutine(
-            self._retrying(lambda pool: pool.runQuery(sql, params), idempotent=True)
-        )
-
-    def _transaction(
-        self, function: Callable[..., Coroutine[Any, Any, T]], *args: Any
-    ) -> Deferred[T]:
-        """Run ``function(cursor, *args)`` in one transaction (a write: not blindly retried)."""
-        return Deferred.fromCoroutine(
-            self._retrying(
-                lambda pool: pool.runInteraction(_interaction(function, *args)),
-                idempotent=False,
-            )
+        super().__init__(
+            dsn,
+            reactor,
+            m.apply_postgresql,
+            "the user store",
+            StoreError,
+            pool_size,
+            reconnect_wait,
         )
 
     def schema_version(self) -> Deferred[int]:
@@ -361,7 +76,8 @@ class PostgresUserStore:
             self._retrying(lambda pool: pool.runQuery(sql), idempotent=True, wait=0.0)
         )
         return d.addCallbacks(
-            lambda rows: int(rows[0][0]) if rows and rows[0][0] else 0, _unreachable
+            lambda rows: int(rows[0][0]) if rows and rows[0][0] else 0,
+            functools.partial(unreachable, error=StoreError),
         )
 
     # --- reads ------------------------------------------------------------------------------
@@ -370,23 +86,23 @@ class PostgresUserStore:
         key = m.lookup_key(login)
         if key is None:
             return succeed(None)
-        return self._query(_ACCOUNT_BY_LOGIN, (key,)).addCallback(_first)
+        return self.query(_ACCOUNT_BY_LOGIN, (key,)).addCallback(_first)
 
     def find_owner(self, address: str) -> Deferred[Account | None]:
         key = m.lookup_key(address)
         if key is None:
             return succeed(None)
-        return self._query(_ACCOUNT_BY_ADDRESS, (key, key)).addCallback(_first)
+        return self.query(_ACCOUNT_BY_ADDRESS, (key, key)).addCallback(_first)
 
     def list_accounts(self) -> Deferred[list[Account]]:
         def accounts(rows: list[Any]) -> list[Account]:
             found = [m.account_from_row(row[:7], tuple(sorted(row[7]))) for row in rows]
             return sorted(found, key=lambda account: account.login)
 
-        return self._query(_ACCOUNT_QUERY).addCallback(accounts)
+        return self.query(_ACCOUNT_QUERY).addCallback(accounts)
 
     def list_aliases(self) -> Deferred[list[tuple[str, str]]]:
-        d = self._query("SELECT address, login FROM aliases")
+        d = self.query("SELECT address, login FROM aliases")
         return d.addCallback(lambda rows: sorted((str(a), str(b)) for a, b in rows))
 
     # --- writes -----------------------------------------------------------------------------
@@ -398,12 +114,12 @@ class PostgresUserStore:
             key = m.new_address(login)
         except StoreError as e:
             return _failed(e)
-        return self._transaction(_add_account, key, password_hash, cram_md5, send_as_any, now)
+        return self.transaction(_add_account, key, password_hash, cram_md5, send_as_any, now)
 
     def delete_account(self, login: str) -> Deferred[None]:
         key = _key_or_empty(login)
         # The aliases go with the account: ON DELETE CASCADE.
-        return self._transaction(
+        return self.transaction(
             _update_one,
             "DELETE FROM accounts WHERE login = %s",
             (key,),
@@ -414,7 +130,7 @@ class PostgresUserStore:
         self, login: str, password_hash: str, cram_md5: str | None, now: float
     ) -> Deferred[None]:
         key = _key_or_empty(login)
-        return self._transaction(
+        return self.transaction(
             _update_one,
             "UPDATE accounts SET password_hash = %s, cram_md5 = %s, updated = %s WHERE login = %s",
             (password_hash, cram_md5, now, key),
@@ -422,11 +138,11 @@ class PostgresUserStore:
         )
 
     def replace_hash(self, login: str, old_hash: str, new_hash: str, now: float) -> Deferred[bool]:
-        return self._transaction(_replace_hash, _key_or_empty(login), old_hash, new_hash, now)
+        return self.transaction(_replace_hash, _key_or_empty(login), old_hash, new_hash, now)
 
     def set_enabled(self, login: str, enabled: bool, now: float) -> Deferred[None]:
         key = _key_or_empty(login)
-        return self._transaction(
+        return self.transaction(
             _update_one,
             "UPDATE accounts SET enabled = %s, updated = %s WHERE login = %s",
             (enabled, now, key),
@@ -435,7 +151,7 @@ class PostgresUserStore:
 
     def set_send_as_any(self, login: str, allowed: bool, now: float) -> Deferred[None]:
         key = _key_or_empty(login)
-        return self._transaction(
+        return self.transaction(
             _update_one,
             "UPDATE accounts SET send_as_any = %s, updated = %s WHERE login = %s",
             (allowed, now, key),
@@ -448,11 +164,11 @@ class PostgresUserStore:
         except StoreError as e:
             return _failed(e)
         owner = _key_or_empty(login)
-        return self._transaction(_add_alias, key, owner, m.no_such_user(owner or login), now)
+        return self.transaction(_add_alias, key, owner, m.no_such_user(owner or login), now)
 
     def remove_alias(self, address: str) -> Deferred[None]:
         key = _key_or_empty(address)
-        return self._transaction(
+        return self.transaction(
             _update_one,
             "DELETE FROM aliases WHERE address = %s",
             (key,),
@@ -481,11 +197,11 @@ class PostgresUserStore:
         return self._operation(greylist.DOMAIN_PASSED_POSTGRESQL, (domain, now + lifetime))
 
     def greylist_domain_seen(self, domain: str, now: float) -> Deferred[bool]:
-        rows = self._query(greylist.DOMAIN_SEEN_POSTGRESQL, (domain, now))
+        rows = self.query(greylist.DOMAIN_SEEN_POSTGRESQL, (domain, now))
         return rows.addCallback(lambda found: bool(found))
 
     def greylist_expire(self, now: float) -> Deferred[int]:
-        return self._transaction(_greylist_expire, now)
+        return self.transaction(_greylist_expire, now)
 
     def _operation(self, sql: str, params: tuple[Any, ...]) -> Deferred[None]:
         """A single statement in autocommit whose repetition changes nothing (so it is
@@ -497,21 +213,6 @@ class PostgresUserStore:
 
 
 # --- helpers and transactions ------------------------------------------------------------------
-
-
-def _unreachable(failure: Failure) -> Failure:
-    """A connection error as a StoreError that says the database is unreachable."""
-    error = failure.value
-    if not isinstance(error, BaseException) or not is_connection_error(error):
-        return failure
-    lines = str(error).strip().splitlines()
-    why = f": {lines[0]}" if lines else ""
-    return Failure(StoreError(f"no connection to PostgreSQL, reconnecting{why}"))
-
-
-def _release(d: Deferred[None]) -> None:
-    if not d.called:
-        d.callback(None)
 
 
 def _failed(error: Exception) -> Deferred[Any]:
@@ -530,13 +231,6 @@ def _first(rows: list[Any]) -> Account | None:
         return None
     row = rows[0]
     return m.account_from_row(row[:7], tuple(sorted(row[7])))
-
-
-def _interaction(
-    function: Callable[..., Coroutine[Any, Any, T]], *args: Any
-) -> Callable[[Any], Deferred[T]]:
-    """A txpostgres interaction running the coroutine ``function(cursor, *args)``."""
-    return lambda cursor: Deferred.fromCoroutine(function(cursor, *args))
 
 
 async def _lock_address(cursor: Any, address: str) -> None:

@@ -30,15 +30,19 @@ def build_portal(
 
 
 class UserStoreService(Service):
-    """Opens the user store (applying migrations) on start and closes it on stop."""
+    """Opens a store (the user store; the shared queue's database) on start, applying its
+    migrations, and closes it on stop; a store that cannot be opened stops the server."""
 
-    def __init__(self, store: IUserStore, on_failure: Any, where: str = "") -> None:
+    def __init__(
+        self, store: Any, on_failure: Any, where: str = "", label: str = "user store"
+    ) -> None:
         self.store = store
         self._on_failure = on_failure
         self._where = where
+        self._label = label
         self.ready: Deferred[None] | None = None
         self.opened = False
-        self.setName("user-store")
+        self.setName(label.replace(" ", "-"))
 
     def startService(self) -> None:
         super().startService()
@@ -50,7 +54,8 @@ class UserStoreService(Service):
 
     def _failed(self, failure: Any) -> None:
         _log.critical(
-            "cannot open the user store {store}: {error}",
+            "cannot open the {label} {store}: {error}",
+            label=self._label,
             store=self._where,
             error=describe_error(failure.value),
         )

@@ -413,6 +413,11 @@ class SMTPConnection:
             return replies.PROTOCOL_ERROR
         if data_reply.code != 354:
             return data_reply.as_reply()
+        if message.may_send is not None and not message.may_send():
+            # Closing without the final dot makes the peer discard what it has (RFC 5321
+            # 4.1.1.4): the node that holds the lease now sends the message instead.
+            self._protocol.abort(ProtocolViolation("lease lost before DATA"))
+            return replies.LEASE_LOST
         try:
             final = await self._send_body(message)
         except Exception as e:

@@ -7,6 +7,7 @@ plus the facts a log line and a DSN need (remote MTA, address, TLS).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,9 @@ class OutboundMessage:
     envelope or headers need SMTPUTF8 (RFC 6531); ``eight_bit`` that the body is 8BITMIME.
     ``envid`` and ``ret`` are the RFC 3461 MAIL parameters (``ret`` is ``"FULL"``, ``"HDRS"``
     or None).  ``headers`` are header lines (stored form, LF line ends) sent before the body:
-    its DKIM signatures, counted in ``size``.
+    its DKIM signatures, counted in ``size``.  ``may_send``, when set, is asked right before
+    the body goes out: False (this node lost the message's lease in a shared queue) aborts the
+    transaction before DATA is complete, so nothing is delivered by it.
     """
 
     queue_id: str
@@ -53,6 +56,7 @@ class OutboundMessage:
     envid: str | None = None
     ret: str | None = None
     headers: bytes = b""
+    may_send: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,10 @@ class IQueueStore(Interface):
     def add(message: AcceptedMessage, body_path: Path) -> Deferred[QueueRecord]:
         """Queue a message durably on its own (e.g. a bounce): stage it and sync it."""
 
+    def load_now() -> list[QueueRecord] | None:
+        """Before the reactor runs: recover and return every record (as :meth:`load`, blocking),
+        or None for a store that is read once the reactor runs (the scheduler calls ``load``)."""
+
     def load() -> Deferred[list[QueueRecord]]:
         """At start, before anything else: recover and return every record, oldest first.
 
@@ -107,6 +111,22 @@ class IQueueStore(Interface):
 
     def body_path(queue_id: str) -> Path:
         """Where the body of ``queue_id`` is (the relay reads it from there)."""
+
+
+class ISharedQueueStore(IQueueStore):
+    """A queue that several nodes deliver (PostgreSQL, :mod:`mailsrv.relay.pg_queue`): each
+    node works only on the messages it holds a lease on, and gives back what it is done with
+    for now."""
+
+    def holds(queue_id: str) -> bool:
+        """True while this node certainly still holds ``queue_id`` (asked right before DATA)."""
+
+    def modify_held(queue_id: str, change: Change, release: bool) -> Deferred[QueueRecord | None]:
+        """:meth:`IQueueStore.modify` of a held message; with ``release`` the lease is given
+        up in the same write (unless the message is finished)."""
+
+    def release(queue_ids: list[str]) -> Deferred[None]:
+        """Give up the leases of ``queue_ids``: nothing of them is in flight on this node."""
 
 
 @implementer(IQueueStore)

@@ -37,3 +37,4 @@ NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Next hop does not support SMTPUTF8, which 
 BAD_RECIPIENT = Reply(553, "5.1.3", "Recipient address cannot be sent safely in SMTP")
 BAD_SENDER = Reply(553, "5.1.7", "Sender address cannot be sent safely in SMTP")
 BODY_UNREADABLE = Reply(451, "4.3.0", "Local error: cannot read the stored message")
+LEASE_LOST = Reply(451, "4.4.0", "Not sent: another node of the cluster may be delivering this")

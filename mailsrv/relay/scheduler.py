@@ -56,7 +56,7 @@ from mailsrv.ops.metrics import Metrics
 from mailsrv.relay.destinations import DeadDestinations
 from mailsrv.relay.message import OutboundMessage, OutboundRecipient, RecipientResult
 from mailsrv.relay.outcomes import IOutcomeListener
-from mailsrv.relay.queue_store import IQueueStore, NoSuchMessage
+from mailsrv.relay.queue_store import IQueueStore, ISharedQueueStore, NoSuchMessage
 from mailsrv.relay.records import QueueRecord, RecipientStatus, State
 from mailsrv.relay.resolver import NextHopError, Route
 from mailsrv.relay.retry import RetryPolicy
@@ -146,9 +146,13 @@ def _reply_line(reply: Reply) -> str:
 
 
 def outbound_message(
-    record: QueueRecord, addresses: Iterable[str], body_path: Any
+    record: QueueRecord,
+    addresses: Iterable[str],
+    body_path: Any,
+    may_send: Callable[[], bool] | None = None,
 ) -> OutboundMessage:
-    """The client's view of ``record`` for the recipients ``addresses``."""
+    """The client's view of ``record`` for the recipients ``addresses`` (``may_send``: see
+    :attr:`OutboundMessage.may_send`)."""
     wanted = set(addresses)
     recipients = tuple(
         OutboundRecipient(
@@ -170,6 +174,7 @@ def outbound_message(
         envid=record.envid,
         ret=record.ret.value if record.ret is not None else None,
         headers=record.relay_headers.encode("ascii"),
+        may_send=may_send,
     )
 
 
@@ -206,7 +211,8 @@ class RelayScheduler(Service):
         self.settings = settings
         self.dead = dead if dead is not None else DeadDestinations(clock, retry.min_backoff)
         self.records: dict[str, QueueRecord] = {}
-        self._in_flight: set[tuple[str, str]] = set()
+        self._in_flight: dict[str, set[str]] = {}  # queue id -> recipients routed or sent
+        self._shared = ISharedQueueStore(store) if ISharedQueueStore.providedBy(store) else None
         self._destinations: dict[str, _Destination] = {}
         self._connections = 0
         self._due: list[tuple[float, int, str]] = []
@@ -311,6 +317,15 @@ class RelayScheduler(Service):
             self.records[record.queue_id] = record
             self._schedule(record.queue_id, now)
 
+    def claimed(self, records: Iterable[QueueRecord]) -> None:
+        """Records this node just took from a shared queue (reactor thread): work on them as
+        on new ones; a finished one (its node stopped before its DSNs) is finished here."""
+        for record in records:
+            if record.done:
+                self._finish(record)
+                continue
+            self.queued([record])
+
     def flush(self, queue_id: str | None = None) -> int:
         """Make deferred recipients due now (all messages, or one); returns how many."""
         now = self._clock.seconds()
@@ -361,7 +376,7 @@ class RelayScheduler(Service):
                 self._forget(connection)
             destination.idle.clear()
             for work in destination.ready:
-                self._in_flight.difference_update((work.queue_id, a) for a in work.addresses)
+                self._land(work.queue_id, work.addresses)
                 self._schedule(work.queue_id, now)
             destination.ready.clear()
             if not destination.active:
@@ -425,18 +440,37 @@ class RelayScheduler(Service):
         by_domain: dict[str, list[str]] = {}
         later: list[float] = []
         for recipient in self._waiting(record):
-            if (queue_id, recipient.address) in self._in_flight:
+            if recipient.address in self._in_flight.get(queue_id, ()):
                 continue
             due = self._due_time(recipient, now)
             if due > now:
                 later.append(due)
                 continue
             by_domain.setdefault(recipient.domain, []).append(recipient.address)
+        if self._shared is not None and not by_domain:
+            if queue_id not in self._in_flight:
+                self._let_go(queue_id)
+            return
         if later:
             self._schedule(queue_id, min(later))
         for domain, addresses in by_domain.items():
-            self._in_flight.update((queue_id, a) for a in addresses)
+            self._in_flight.setdefault(queue_id, set()).update(addresses)
             self._track(Deferred.fromCoroutine(self._route(queue_id, domain, addresses)))
+
+    def _land(self, queue_id: str, addresses: Iterable[str]) -> None:
+        """``addresses`` of ``queue_id`` are no longer routed, waiting or being sent."""
+        flying = self._in_flight.get(queue_id)
+        if flying is not None:
+            flying.difference_update(addresses)
+            if not flying:
+                del self._in_flight[queue_id]
+
+    def _let_go(self, queue_id: str) -> None:
+        """A shared queue's record that nothing here works on goes back to the queue (its
+        lease is released), for whichever node finds it due first."""
+        self.records.pop(queue_id, None)
+        if self._shared is not None:
+            self._track(self._shared.release([queue_id]))
 
     def _track(self, work: Deferred[Any], sending: bool = False) -> None:
         self._running_work.add(work)
@@ -488,7 +522,7 @@ class RelayScheduler(Service):
 
     def _route_again(self, queue_id: str, addresses: list[str]) -> None:
         """A route looked up before a reload (or during the stop) is not used."""
-        self._in_flight.difference_update((queue_id, a) for a in addresses)
+        self._land(queue_id, addresses)
         if not self._stopping:
             self._schedule(queue_id, self._clock.seconds())
 
@@ -601,9 +635,14 @@ class RelayScheduler(Service):
             and found.state in (State.PENDING, State.DEFERRED)
         )
         if record is None or not addresses:
-            self._in_flight.difference_update((work.queue_id, a) for a in work.addresses)
+            self._land(work.queue_id, work.addresses)
             return
-        message = outbound_message(record, addresses, self._store.body_path(work.queue_id))
+        guard = None
+        if self._shared is not None:
+            guard = functools.partial(self._shared.holds, work.queue_id)
+        message = outbound_message(
+            record, addresses, self._store.body_path(work.queue_id), may_send=guard
+        )
         try:
             try:
                 results = await connection.send(message)
@@ -616,7 +655,7 @@ class RelayScheduler(Service):
                 ]
             await self._apply(work.queue_id, results, destination.key)
         finally:
-            self._in_flight.difference_update((work.queue_id, a) for a in work.addresses)
+            self._land(work.queue_id, work.addresses)
 
     async def _fail_all(
         self, queue_id: str, addresses: list[str], reply: str, permanent: bool, destination: str
@@ -625,7 +664,7 @@ class RelayScheduler(Service):
         enhanced, _, text = rest.partition(" ")
         results = [RecipientResult(a, int(code), enhanced, text, permanent) for a in addresses]
         await self._apply(queue_id, results, destination)
-        self._in_flight.difference_update((queue_id, a) for a in addresses)
+        self._land(queue_id, addresses)
 
     async def _apply(
         self, queue_id: str, results: Sequence[RecipientResult], destination: str
@@ -662,8 +701,15 @@ class RelayScheduler(Service):
                 return None  # the store removes it: one durable write instead of two
             return new
 
+        # A shared queue's record goes back to the queue with this write unless another of its
+        # transactions is still under way here.
+        others = self._in_flight.get(queue_id, set()) - set(by_address)
+        release = self._shared is not None and not others
         try:
-            record = await self._store.modify(queue_id, store_change)
+            if self._shared is not None:
+                record = await self._shared.modify_held(queue_id, store_change, release)
+            else:
+                record = await self._store.modify(queue_id, store_change)
         except NoSuchMessage:
             self.records.pop(queue_id, None)
             return
@@ -686,6 +732,9 @@ class RelayScheduler(Service):
             self._track(Deferred.fromCoroutine(self._warn(record, statuses)), True)
         if record.done:
             self._finish(record)
+            return
+        if release:
+            self.records.pop(queue_id, None)  # released: the queue has it now
             return
         waiting = [r.next_attempt for r in self._waiting(record) if r.next_attempt is not None]
         if waiting:

@@ -20,7 +20,7 @@ from mailsrv.relay.bounces import DsnSubmitter
 from mailsrv.relay.connector import Connector
 from mailsrv.relay.courier import ClientConnector
 from mailsrv.relay.options import mx_options, smarthost_options
-from mailsrv.relay.queue_store import FileQueueStore
+from mailsrv.relay.queue_store import IQueueStore
 from mailsrv.relay.resolver import NextHop
 from mailsrv.relay.retry import RetryPolicy
 from mailsrv.relay.scheduler import RelayScheduler, SchedulerSettings
@@ -115,7 +115,7 @@ def relay_parts(
 class Relay:
     """The relay's parts that the rest of the tree refers to."""
 
-    store: FileQueueStore
+    store: IQueueStore
     scheduler: RelayScheduler
     bounces: DsnSubmitter
     rebuild: Callable[[Config], RelayParts]
@@ -138,7 +138,7 @@ def build_relay(
     config: Config,
     reactor: Any,
     run_in_thread: RunInThread,
-    store: FileQueueStore,
+    store: IQueueStore,
     bounces: DsnSubmitter,
     metrics: Metrics | None = None,
     resolver: Any = None,

@@ -1,0 +1,742 @@
+"""The relay queue in PostgreSQL (``SMTP_QUEUE_URL``): one queue that several nodes deliver.
+
+The table ``queue_messages`` holds one row per queued message: its record (the same JSON as the
+file queue's, :mod:`mailsrv.relay.records`), its body (stored once, ``bytea``), the time its
+next waiting recipient is due, and a *lease*: the node working on it and until when.
+
+* **Commit.** The committer's thread writes the rows of every message of a batch with remote
+  recipients in one transaction on its own blocking connection (:class:`CommitConnection`),
+  between the batch's two filesystem syncs, so the rows are committed before any 250 and
+  concurrent messages share one COMMIT (group commit).  A new row is leased to the node that
+  accepted it, which starts on it at once; its body stays linked in this node's cache
+  (``<data_dir>/queue-cache/``), so the first attempt reads no body back.  When PostgreSQL
+  cannot be reached, the messages that need the queue get a 451; local-only ones still deliver.
+* **Claiming.** :class:`ClusterClaimer` polls (and wakes on ``NOTIFY mailsrv_queue``) for due
+  rows whose lease is free or expired, and takes them with ``FOR UPDATE SKIP LOCKED``, so two
+  nodes never claim the same row.  The bodies of claimed rows are written to the cache.
+* **Leases** are renewed (one statement for all held rows) every third of their length while
+  this node holds them.  After each transaction the recipients' new states are written in one
+  statement that also checks the lease and, when nothing else of the message is in flight and
+  it is not finished, releases it: the row then waits in the table for its next due time, for
+  any node.  A node that stops releases its leases; one that dies loses them when they expire.
+* **Never twice because of a lease.** Every write checks ``lease_node``; a node that finds its
+  lease gone forgets the message (:class:`LeaseLost`).  Right before the body of a transaction
+  goes out, the client asks :meth:`ClusterQueueStore.holds`, which is False once the lease, as
+  this node last renewed it, is within ``skew`` seconds of its end: a node that was frozen past
+  its lease aborts before DATA, because another node may have claimed the message meanwhile.
+
+Times are the nodes' clocks (seconds since the epoch), so the nodes' clocks must agree to well
+within ``skew`` (NTP).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extras
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsrv.auth.migrations import MigrationSet, apply_postgresql
+from mailsrv.delivery.envelope import AcceptedMessage
+from mailsrv.delivery.sinks import Failures, ICommitSink, StagedMessage
+from mailsrv.pgsql import Database, Listener, is_connection_error
+from mailsrv.relay.queue_store import Change, ISharedQueueStore, NoSuchMessage, QueueError
+from mailsrv.relay.records import QueueRecord, RecordError, State, decode, encode
+from mailsrv.threads import RunInThread
+
+_log = Logger(namespace="mailsrv.relay")
+
+T = TypeVar("T")
+
+QUEUE_SCHEMA = MigrationSet("mailsrv.relay", "queue_schema_version", 0x6D61696C73727602)
+"""The cluster queue's schema (``mailsrv/relay/migrations/postgresql``)."""
+
+CHANNEL = "mailsrv_queue"
+"""The ``LISTEN``/``NOTIFY`` channel: a payload of ``flush`` (or ``flush <id>``) makes every
+node claim due work at once and retry deferred recipients now."""
+
+_INSERT = (
+    "INSERT INTO queue_messages"
+    " (queue_id, record, body, created_at, next_due, lease_node, lease_until) VALUES %s"
+)
+_CLAIM = """
+UPDATE queue_messages m SET lease_node = %(node)s, lease_until = %(until)s
+FROM (
+    SELECT queue_id FROM queue_messages
+    WHERE next_due <= %(now)s
+      AND (lease_node IS NULL OR lease_until < %(now)s OR (lease_node = %(node)s AND %(own)s))
+    ORDER BY next_due
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) due
+WHERE m.queue_id = due.queue_id
+RETURNING m.queue_id, m.record::text, m.body
+"""
+_RENEW = (
+    "UPDATE queue_messages SET lease_until = %s"
+    " WHERE lease_node = %s AND queue_id = ANY(%s) RETURNING queue_id"
+)
+_WRITE = (
+    "UPDATE queue_messages SET record = %s::jsonb, next_due = %s,"
+    " lease_node = CASE WHEN %s THEN NULL ELSE lease_node END,"
+    " lease_until = CASE WHEN %s THEN NULL ELSE lease_until END"
+    " WHERE queue_id = %s AND lease_node = %s RETURNING queue_id"
+)
+_DELETE_HELD = "DELETE FROM queue_messages WHERE queue_id = %s AND lease_node = %s RETURNING 1"
+_RELEASE = (
+    "UPDATE queue_messages SET lease_node = NULL, lease_until = NULL"
+    " WHERE lease_node = %s AND queue_id = ANY(%s)"
+)
+
+
+class LeaseLost(NoSuchMessage):
+    """This node no longer holds the message: its lease ran out and another node may have
+    claimed it, or an operator removed it."""
+
+
+def next_due(record: QueueRecord, now: float) -> float | None:
+    """When ``record`` is next worth a node's attention: its earliest waiting recipient (at
+    once if one has no time yet), ``now`` when it is finished (its DSNs and removal are still
+    to do), None when nothing can be done (every open recipient is held)."""
+    times = [
+        r.next_attempt if r.next_attempt is not None else now
+        for r in record.recipients
+        if r.state in (State.PENDING, State.DEFERRED)
+    ]
+    if times:
+        return min(times)
+    return now if record.done else None
+
+
+def open_queue_database(dsn: str, reactor: Any) -> Database:
+    """The txpostgres pool of the cluster queue (migrated when opened)."""
+
+    async def migrate(cursor: Any) -> int:
+        return await apply_postgresql(cursor, QUEUE_SCHEMA)
+
+    return Database(dsn, reactor, migrate, "the queue database", QueueError, pool_size=4)
+
+
+class CommitConnection:
+    """The committer thread's own blocking connection to the queue database.
+
+    Opened on first use and again after it broke; while PostgreSQL is unreachable, a new
+    connection is tried at most every ``retry_after`` seconds and the batches in between fail
+    at once (their messages get a 451) instead of each waiting out a connection timeout.
+    Every statement is bounded by ``statement_timeout``.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        clock: IReactorTime,
+        statement_timeout: float = 10.0,
+        connect_timeout: int = 5,
+        retry_after: float = 1.0,
+    ) -> None:
+        self._dsn = dsn
+        self._clock = clock
+        self._statement_timeout_ms = max(1, int(statement_timeout * 1000))
+        self._connect_timeout = connect_timeout
+        self._retry_after = retry_after
+        self._connection: Any = None
+        self._down_until = 0.0
+        self._down_reason = ""
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(cursor)`` in one transaction (blocking; COMMIT when it returns)."""
+        with self._lock:
+            connection = self._connect()
+            try:
+                with connection, connection.cursor() as cursor:
+                    return work(cursor)
+            except psycopg2.Error as e:
+                if connection.closed or is_connection_error(e):
+                    self._drop(str(e))
+                raise
+
+    def _connect(self) -> Any:
+        if self._connection is not None and not self._connection.closed:
+            return self._connection
+        now = self._clock.seconds()
+        if now < self._down_until:
+            raise QueueError(f"no connection to the queue database: {self._down_reason}")
+        try:
+            self._connection = psycopg2.connect(
+                self._dsn,
+                application_name="mailsrv-committer",
+                connect_timeout=self._connect_timeout,
+                options=f"-c statement_timeout={self._statement_timeout_ms}",
+            )
+        except psycopg2.Error as e:
+            self._drop(str(e))
+            raise QueueError(f"no connection to the queue database: {self._down_reason}") from e
+        return self._connection
+
+    def _drop(self, reason: str) -> None:
+        lines = reason.strip().splitlines()
+        self._down_reason = lines[0] if lines else "connection lost"
+        self._down_until = self._clock.seconds() + self._retry_after
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except psycopg2.Error:
+                pass
+        self._connection = None
+
+    def close(self) -> None:
+        """Close the connection (the committer has stopped)."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+
+@implementer(ISharedQueueStore)
+class ClusterQueueStore:
+    """The relay queue in PostgreSQL, shared by every node (see the module docstring).
+
+    It keeps in memory the records this node holds a lease on (what its scheduler works on);
+    every other row is read from the database when asked for.
+    """
+
+    shared = True
+    """The queue is shared: the scheduler releases what it is not working on."""
+
+    def __init__(
+        self,
+        database: Database,
+        commit: CommitConnection,
+        node: str,
+        clock: IReactorTime,
+        run_in_thread: RunInThread,
+        cache_dir: Path,
+        lease: float = 300.0,
+        skew: float | None = None,
+    ) -> None:
+        self.database = database
+        self.node = node
+        self.lease = lease
+        self.skew = min(30.0, lease / 10) if skew is None else skew
+        self._commit = commit
+        self._clock = clock
+        self._run = run_in_thread
+        self.cache_dir = cache_dir
+        self._held: dict[str, QueueRecord] = {}
+        self._lease_until: dict[str, float] = {}
+        self._locks: dict[str, DeferredLock] = {}
+
+    # -- what this node holds ---------------------------------------------------------------
+
+    def holds(self, queue_id: str) -> bool:
+        """True while this node's lease on ``queue_id`` is certainly still its own."""
+        until = self._lease_until.get(queue_id)
+        return until is not None and self._clock.seconds() < until - self.skew
+
+    @property
+    def held(self) -> list[str]:
+        """The queue ids this node holds a lease on."""
+        return list(self._held)
+
+    def _hold(self, record: QueueRecord, until: float) -> None:
+        self._held[record.queue_id] = record
+        self._lease_until[record.queue_id] = until
+
+    def _forget(self, queue_id: str) -> None:
+        self._held.pop(queue_id, None)
+        self._lease_until.pop(queue_id, None)
+        path = self.body_path(queue_id)
+        self._run(_unlink_quietly, path)
+
+    # -- the committer's thread -------------------------------------------------------------
+
+    def stage_batch_blocking(
+        self, batch: Sequence[StagedMessage]
+    ) -> tuple[list[QueueRecord], Failures]:
+        """Queue the remote recipients of every message of ``batch`` in one transaction.
+
+        The new records (leased to this node) and the messages that failed (all of them when
+        the transaction failed)."""
+        rows = []
+        records = []
+        now = self._clock.seconds()
+        until = now + self.lease
+        staged_of: dict[str, StagedMessage] = {}
+        failures: dict[str, BaseException] = {}
+        for staged in batch:
+            record = QueueRecord.from_message(staged.message)
+            if record is None:
+                continue
+            try:
+                body = staged.body.read_bytes()
+            except OSError as e:
+                failures[staged.queue_id] = e
+                continue
+            staged_of[record.queue_id] = staged
+            records.append(record)
+            rows.append(
+                (
+                    record.queue_id,
+                    encode(record).decode("utf-8"),
+                    psycopg2.Binary(body),
+                    record.created_at,
+                    next_due(record, now),
+                    self.node,
+                    until,
+                )
+            )
+        if not rows:
+            return [], failures
+        try:
+            self._commit.run(lambda cursor: psycopg2.extras.execute_values(cursor, _INSERT, rows))
+        except Exception as e:
+            _log.warn(
+                "queue database: {count} message(s) not queued: {error}",
+                count=len(rows),
+                error=str(e).strip().splitlines()[0] if str(e).strip() else repr(e),
+            )
+            for queue_id in staged_of:
+                failures[queue_id] = e
+            return [], failures
+        os.makedirs(self.cache_dir, exist_ok=True)
+        for queue_id, staged in staged_of.items():
+            _link_or_copy(staged.body, self.body_path(queue_id))
+        return records, failures
+
+    def stage_blocking(self, message: AcceptedMessage, body_path: Path) -> QueueRecord | None:
+        records, failures = self.stage_batch_blocking([StagedMessage(message, body_path)])
+        if failures:
+            raise next(iter(failures.values()))
+        return records[0] if records else None
+
+    def unstage_blocking(self, queue_id: str) -> None:
+        self._commit.run(
+            lambda cursor: cursor.execute(
+                "DELETE FROM queue_messages WHERE queue_id = %s", (queue_id,)
+            )
+        )
+        _unlink_quietly(self.body_path(queue_id))
+
+    # -- from the reactor -------------------------------------------------------------------
+
+    def remember(self, records: list[QueueRecord]) -> None:
+        until = self._clock.seconds() + self.lease
+        for record in records:
+            self._hold(record, until)
+
+    def load_now(self) -> None:
+        """Nothing is read before the reactor runs: :meth:`load` claims what is due."""
+        return None
+
+    def add(self, message: AcceptedMessage, body_path: Path) -> Deferred[QueueRecord]:
+        return Deferred.fromCoroutine(self._add(message, body_path))
+
+    async def _add(self, message: AcceptedMessage, body_path: Path) -> QueueRecord:
+        record = QueueRecord.from_message(message)
+        if record is None:
+            raise ValueError(f"{message.queue_id} has no remote recipient to queue")
+        body: bytes = await self._run(body_path.read_bytes)
+        now = self._clock.seconds()
+        until = now + self.lease
+        row = (
+            record.queue_id,
+            encode(record).decode("utf-8"),
+            psycopg2.Binary(body),
+            record.created_at,
+            next_due(record, now),
+            self.node,
+            until,
+        )
+        await self.database.transaction(_insert_rows, [row])
+        await self._run(self._cache_body, record.queue_id, body)
+        self._hold(record, until)
+        return record
+
+    def load(self) -> Deferred[list[QueueRecord]]:
+        """At start: clear the body cache, then claim what is due, this node's own leases of
+        before the restart included (they need not expire first)."""
+
+        async def load() -> list[QueueRecord]:
+            await self._run(_clear_directory, self.cache_dir)
+            return await self._claim(own=True)
+
+        return Deferred.fromCoroutine(load())
+
+    def claim(self, limit: int = 100) -> Deferred[list[QueueRecord]]:
+        """Take up to ``limit`` due rows whose lease is free or expired; their records."""
+        return Deferred.fromCoroutine(self._claim(own=False, limit=limit))
+
+    async def _claim(self, own: bool, limit: int = 100) -> list[QueueRecord]:
+        now = self._clock.seconds()
+        until = now + self.lease
+        params = {"node": self.node, "until": until, "now": now, "own": own, "limit": limit}
+        rows = await self.database.transaction(_run_returning, _CLAIM, params)
+        claimed = []
+        for queue_id, text, body in rows:
+            try:
+                record = decode(text.encode("utf-8"), queue_id)
+            except RecordError as e:
+                _log.error(
+                    "queue database: record {queue_id} is broken ({error}); set aside",
+                    queue_id=queue_id,
+                    error=str(e),
+                )
+                await self.database.query(
+                    "UPDATE queue_messages SET next_due = NULL, lease_node = NULL,"
+                    " lease_until = NULL WHERE queue_id = %s RETURNING 1",
+                    (queue_id,),
+                )
+                continue
+            await self._run(self._cache_body, queue_id, bytes(body))
+            self._hold(record, until)
+            claimed.append(record)
+        return claimed
+
+    def _cache_body(self, queue_id: str, body: bytes) -> None:
+        os.makedirs(self.cache_dir, exist_ok=True)
+        path = self.body_path(queue_id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(body)
+        os.replace(tmp, path)
+
+    def renew(self) -> Deferred[list[str]]:
+        """Extend every lease this node holds; fires with the queue ids whose lease was lost
+        (forgotten here)."""
+        return Deferred.fromCoroutine(self._renew())
+
+    async def _renew(self) -> list[str]:
+        ids = list(self._held)
+        if not ids:
+            return []
+        until = self._clock.seconds() + self.lease
+        rows = await self.database.query(_RENEW, (until, self.node, ids))
+        kept = {row[0] for row in rows}
+        lost = [queue_id for queue_id in ids if queue_id not in kept]
+        for queue_id in kept:
+            if queue_id in self._lease_until:
+                self._lease_until[queue_id] = until
+        for queue_id in lost:
+            _log.warn(
+                "relay {queue_id}: lease lost (another node may deliver it now)",
+                queue_id=queue_id,
+            )
+            self._forget(queue_id)
+        return lost
+
+    def release(self, queue_ids: list[str]) -> Deferred[None]:
+        """Give up the leases of ``queue_ids`` (nothing of them is in flight here)."""
+        ids = [queue_id for queue_id in queue_ids if queue_id in self._held]
+        for queue_id in ids:
+            self._forget(queue_id)
+        if not ids:
+            return Deferred.fromCoroutine(_nothing())
+        d: Deferred[Any] = self.database.query(_RELEASE + " RETURNING queue_id", (self.node, ids))
+        return d.addCallback(lambda _: None)
+
+    def records(self) -> Deferred[list[QueueRecord]]:
+        async def every() -> list[QueueRecord]:
+            rows = await self.database.query(
+                "SELECT queue_id, record::text FROM queue_messages ORDER BY created_at, queue_id"
+            )
+            found = []
+            for queue_id, text in rows:
+                held = self._held.get(queue_id)
+                if held is not None:
+                    found.append(held)
+                    continue
+                try:
+                    found.append(decode(text.encode("utf-8"), queue_id))
+                except RecordError:
+                    continue
+            return found
+
+        return Deferred.fromCoroutine(every())
+
+    def get(self, queue_id: str) -> Deferred[QueueRecord | None]:
+        async def get() -> QueueRecord | None:
+            held = self._held.get(queue_id)
+            if held is not None:
+                return held
+            rows = await self.database.query(
+                "SELECT record::text FROM queue_messages WHERE queue_id = %s", (queue_id,)
+            )
+            if not rows:
+                return None
+            try:
+                return decode(rows[0][0].encode("utf-8"), queue_id)
+            except RecordError:
+                return None
+
+        return Deferred.fromCoroutine(get())
+
+    def update(self, record: QueueRecord) -> Deferred[None]:
+        d = self.modify(record.queue_id, lambda _current: record)
+        return d.addCallback(lambda _: None)
+
+    def modify(self, queue_id: str, change: Change) -> Deferred[QueueRecord | None]:
+        return self.modify_held(queue_id, change, release=False)
+
+    def modify_held(
+        self, queue_id: str, change: Change, release: bool
+    ) -> Deferred[QueueRecord | None]:
+        """Apply ``change`` to the held record and write it, checking the lease; with
+        ``release`` the lease is given up in the same statement (unless the message is
+        finished: its DSNs and removal are still this node's to do).  :class:`LeaseLost` when
+        the lease is gone.  A lost connection is retried while the lease lasts."""
+        return Deferred.fromCoroutine(self._modify(queue_id, change, release))
+
+    async def _modify(self, queue_id: str, change: Change, release: bool) -> QueueRecord | None:
+        lock = self._locks.setdefault(queue_id, DeferredLock())
+        await lock.acquire()
+        try:
+            current = self._held.get(queue_id)
+            if current is None:
+                raise LeaseLost(queue_id)
+            new = change(current)
+            if new is None:
+                rows = await self._while_held(queue_id, _DELETE_HELD, (queue_id, self.node))
+            else:
+                let_go = release and not new.done
+                params = (
+                    encode(new).decode("utf-8"),
+                    next_due(new, self._clock.seconds()),
+                    let_go,
+                    let_go,
+                    queue_id,
+                    self.node,
+                )
+                rows = await self._while_held(queue_id, _WRITE, params)
+            if not rows:
+                self._forget(queue_id)
+                raise LeaseLost(queue_id)
+            if new is None or (release and not new.done):
+                self._forget(queue_id)
+            else:
+                self._held[queue_id] = new
+            return new
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(queue_id, None)
+
+    async def _while_held(self, queue_id: str, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """Run a write of a held row; while the database cannot be reached, try again every
+        second for as long as the lease lasts (then :class:`LeaseLost`)."""
+        while True:
+            try:
+                rows: list[Any] = await self.database.query(sql, params)
+                return rows
+            except Exception as e:
+                if not is_connection_error(e) and not isinstance(e, QueueError):
+                    raise
+                if not self.holds(queue_id):
+                    raise LeaseLost(queue_id) from e
+                await _sleep(self._clock, 1.0)
+
+    def remove(self, queue_id: str) -> Deferred[None]:
+        d = self.modify(queue_id, lambda _current: None)
+        return d.addCallback(lambda _: None)
+
+    def body_path(self, queue_id: str) -> Path:
+        return self.cache_dir / f"{queue_id}.eml"
+
+
+@implementer(ICommitSink)
+class ClusterQueueSink:
+    """The cluster queue as a commit sink: one transaction per batch (see the module)."""
+
+    name = "queue"
+
+    def __init__(self, store: ClusterQueueStore) -> None:
+        self._store = store
+        self._staged: dict[str, QueueRecord] = {}
+        self._listeners: list[Callable[[list[QueueRecord]], None]] = []
+
+    def listen(self, queued: Callable[[list[QueueRecord]], None]) -> None:
+        """Call ``queued`` with the new records of every committed batch (the scheduler)."""
+        self._listeners.append(queued)
+
+    def write(self, batch: Sequence[StagedMessage]) -> Failures:
+        records, failures = self._store.stage_batch_blocking(batch)
+        for record in records:
+            self._staged[record.queue_id] = record
+        return failures
+
+    def rollback(self, staged: StagedMessage) -> None:
+        if self._staged.pop(staged.queue_id, None) is not None:
+            self._store.unstage_blocking(staged.queue_id)
+
+    def committed(self, messages: Sequence[AcceptedMessage]) -> None:
+        new = [r for m in messages if (r := self._staged.pop(m.queue_id, None)) is not None]
+        if new:
+            self._store.remember(new)
+            for queued in self._listeners:
+                queued(new)
+
+
+def queue_listener(dsn: str, reactor: Any, notified: Callable[[str], None]) -> Listener:
+    """The service that wakes this node on ``NOTIFY`` :data:`CHANNEL`."""
+    return Listener(dsn, reactor, CHANNEL, notified)
+
+
+class ClusterClaimer(Service):
+    """Keeps this node's share of the cluster queue: claims due rows (every ``poll`` seconds,
+    and at once on a ``NOTIFY``), renews the leases it holds, and releases them at stop.
+
+    ``scheduler`` is the relay scheduler (:meth:`claimed`, :meth:`flush`, :meth:`replaced`).
+    """
+
+    def __init__(
+        self,
+        store: ClusterQueueStore,
+        scheduler: Any,
+        clock: IReactorTime,
+        poll: float = 5.0,
+        batch: int = 100,
+    ) -> None:
+        self._store = store
+        self._scheduler = scheduler
+        self._clock = clock
+        self.poll = poll
+        self.batch = batch
+        self._poll_timer: IDelayedCall | None = None
+        self._renew_timer: IDelayedCall | None = None
+        self._claiming: Deferred[Any] | None = None
+        self._again = False
+        self.setName("relay-cluster")
+
+    def startService(self) -> None:
+        super().startService()
+        self._poll_timer = self._clock.callLater(self.poll, self._tick)
+        self._renew_timer = self._clock.callLater(self._store.lease / 3, self._renew)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        for timer in (self._poll_timer, self._renew_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._poll_timer = self._renew_timer = None
+        return self.release_all()
+
+    def release_all(self) -> Deferred[None]:
+        """Give up every lease held (the scheduler has stopped: nothing is in flight)."""
+        d = self._store.release(self._store.held)
+
+        def failed(failure: Any) -> None:
+            _log.warn(
+                "queue database: leases not released at stop ({error}); they expire",
+                error=failure.getErrorMessage(),
+            )
+
+        return d.addErrback(failed)
+
+    def notified(self, payload: str) -> None:
+        """A ``NOTIFY`` on :data:`CHANNEL`: ``flush [id]`` retries now; anything else claims."""
+        words = payload.split()
+        if words and words[0] == "flush":
+            self._scheduler.flush(words[1] if len(words) > 1 else None)
+        self.claim_now()
+
+    def claim_now(self) -> None:
+        """Claim due work now (again after the claim in progress, if one runs)."""
+        if not self.running:
+            return
+        if self._claiming is not None:
+            self._again = True
+            return
+        self._claiming = Deferred.fromCoroutine(self._claim())
+
+    async def _claim(self) -> None:
+        try:
+            while True:
+                self._again = False
+                try:
+                    records = await self._store.claim(self.batch)
+                except Exception as e:
+                    _log.warn("queue database: claiming failed: {error}", error=str(e).strip())
+                    return
+                if records:
+                    self._scheduler.claimed(records)
+                if len(records) < self.batch and not self._again:
+                    return
+        finally:
+            self._claiming = None
+
+    def _tick(self) -> None:
+        self._poll_timer = self._clock.callLater(self.poll, self._tick)
+        self.claim_now()
+
+    def _renew(self) -> None:
+        self._renew_timer = self._clock.callLater(self._store.lease / 3, self._renew)
+        d = self._store.renew()
+
+        def renewed(lost: list[str]) -> None:
+            for queue_id in lost:
+                self._scheduler.replaced(None, queue_id)
+
+        def failed(failure: Any) -> None:
+            _log.warn(
+                "queue database: leases not renewed: {error}", error=failure.getErrorMessage()
+            )
+
+        d.addCallbacks(renewed, failed)
+
+
+async def _insert_rows(cursor: Any, rows: list[tuple[Any, ...]]) -> None:
+    for row in rows:
+        await cursor.execute(
+            "INSERT INTO queue_messages"
+            " (queue_id, record, body, created_at, next_due, lease_node, lease_until)"
+            " VALUES (%s, %s::jsonb, %s, %s, %s, %s, %s)",
+            row,
+        )
+
+
+async def _run_returning(cursor: Any, sql: str, params: Any) -> list[Any]:
+    await cursor.execute(sql, params)
+    rows: list[Any] = cursor.fetchall()
+    return rows
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _sleep(clock: IReactorTime, seconds: float) -> None:
+    d: Deferred[None] = Deferred()
+    clock.callLater(seconds, d.callback, None)
+    await d
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _clear_directory(path: Path) -> None:
+    os.makedirs(path, exist_ok=True)
+    for entry in os.scandir(path):
+        if entry.is_file():
+            _unlink_quietly(Path(entry.path))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except FileExistsError:  # left by a run before a crash: this body is the one
+        target.unlink()
+        os.link(source, target)
+    except OSError:  # another filesystem: the cache is only a cache
+        target.write_bytes(source.read_bytes())
