@@ -23,9 +23,9 @@ from zope.interface.verify import verifyObject
 
 from mailsrv.auth import cram, migrations
 from mailsrv.auth.pg_store import PostgresUserStore
-from mailsrv.pgsql import is_connection_error
 from mailsrv.auth.sqlite_store import SQLiteUserStore
 from mailsrv.auth.store import Account, DuplicateAccount, IUserStore, StoreError, UnknownAccount
+from mailsrv.pgsql import is_connection_error
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
