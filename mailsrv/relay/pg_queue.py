@@ -61,8 +61,9 @@ QUEUE_SCHEMA = MigrationSet("mailsrv.relay", "queue_schema_version", 0x6D61696C7
 """The cluster queue's schema (``mailsrv/relay/migrations/postgresql``)."""
 
 CHANNEL = "mailsrv_queue"
-"""The ``LISTEN``/``NOTIFY`` channel: a payload of ``flush`` (or ``flush <id>``) makes every
-node claim due work at once and retry deferred recipients now."""
+"""The ``LISTEN``/``NOTIFY`` channel.  Payloads: ``flush`` (or ``flush <id>``): retry deferred
+recipients now; ``changed <id>``: an operator changed a message (the node holding it reads it
+again); anything: claim due work now."""
 
 _INSERT = (
     "INSERT INTO queue_messages"
@@ -79,19 +80,25 @@ FROM (
     FOR UPDATE SKIP LOCKED
 ) due
 WHERE m.queue_id = due.queue_id
-RETURNING m.queue_id, m.record::text, m.body
+RETURNING m.queue_id, m.record::text, m.body, m.version
 """
 _RENEW = (
     "UPDATE queue_messages SET lease_until = %s"
     " WHERE lease_node = %s AND queue_id = ANY(%s) RETURNING queue_id"
 )
 _WRITE = (
-    "UPDATE queue_messages SET record = %s::jsonb, next_due = %s,"
+    "UPDATE queue_messages SET record = %s::jsonb, next_due = %s, version = version + 1,"
     " lease_node = CASE WHEN %s THEN NULL ELSE lease_node END,"
     " lease_until = CASE WHEN %s THEN NULL ELSE lease_until END"
-    " WHERE queue_id = %s AND lease_node = %s RETURNING queue_id"
+    " WHERE queue_id = %s AND lease_node = %s AND version = %s RETURNING version"
 )
-_DELETE_HELD = "DELETE FROM queue_messages WHERE queue_id = %s AND lease_node = %s RETURNING 1"
+_DELETE_HELD = (
+    "DELETE FROM queue_messages WHERE queue_id = %s AND lease_node = %s AND version = %s"
+    " RETURNING version"
+)
+_READ_HELD = (
+    "SELECT record::text, version FROM queue_messages WHERE queue_id = %s AND lease_node = %s"
+)
 _RELEASE = (
     "UPDATE queue_messages SET lease_node = NULL, lease_until = NULL"
     " WHERE lease_node = %s AND queue_id = ANY(%s)"
@@ -233,6 +240,7 @@ class ClusterQueueStore:
         self._run = run_in_thread
         self.cache_dir = cache_dir
         self._held: dict[str, QueueRecord] = {}
+        self._versions: dict[str, int] = {}  # of the held rows, as last read or written
         self._lease_until: dict[str, float] = {}
         self._locks: dict[str, DeferredLock] = {}
 
@@ -248,12 +256,14 @@ class ClusterQueueStore:
         """The queue ids this node holds a lease on."""
         return list(self._held)
 
-    def _hold(self, record: QueueRecord, until: float) -> None:
+    def _hold(self, record: QueueRecord, until: float, version: int = 0) -> None:
         self._held[record.queue_id] = record
+        self._versions[record.queue_id] = version
         self._lease_until[record.queue_id] = until
 
     def _forget(self, queue_id: str) -> None:
         self._held.pop(queue_id, None)
+        self._versions.pop(queue_id, None)
         self._lease_until.pop(queue_id, None)
         path = self.body_path(queue_id)
         self._run(_unlink_quietly, path)
@@ -382,7 +392,7 @@ class ClusterQueueStore:
         params = {"node": self.node, "until": until, "now": now, "own": own, "limit": limit}
         rows = await self.database.transaction(_run_returning, _CLAIM, params)
         claimed = []
-        for queue_id, text, body in rows:
+        for queue_id, text, body, version in rows:
             try:
                 record = decode(text.encode("utf-8"), queue_id)
             except RecordError as e:
@@ -398,7 +408,7 @@ class ClusterQueueStore:
                 )
                 continue
             await self._run(self._cache_body, queue_id, bytes(body))
-            self._hold(record, until)
+            self._hold(record, until, version)
             claimed.append(record)
         return claimed
 
@@ -499,35 +509,76 @@ class ClusterQueueStore:
         lock = self._locks.setdefault(queue_id, DeferredLock())
         await lock.acquire()
         try:
-            current = self._held.get(queue_id)
-            if current is None:
-                raise LeaseLost(queue_id)
-            new = change(current)
-            if new is None:
-                rows = await self._while_held(queue_id, _DELETE_HELD, (queue_id, self.node))
-            else:
-                let_go = release and not new.done
-                params = (
-                    encode(new).decode("utf-8"),
-                    next_due(new, self._clock.seconds()),
-                    let_go,
-                    let_go,
-                    queue_id,
-                    self.node,
-                )
-                rows = await self._while_held(queue_id, _WRITE, params)
-            if not rows:
-                self._forget(queue_id)
-                raise LeaseLost(queue_id)
-            if new is None or (release and not new.done):
+            while True:
+                current = self._held.get(queue_id)
+                if current is None:
+                    raise LeaseLost(queue_id)
+                version = self._versions[queue_id]
+                new = change(current)
+                let_go = release and new is not None and not new.done
+                params: tuple[Any, ...]
+                if new is None:
+                    sql, params = _DELETE_HELD, (queue_id, self.node, version)
+                else:
+                    due = next_due(new, self._clock.seconds())
+                    text = encode(new).decode("utf-8")
+                    sql = _WRITE
+                    params = (text, due, let_go, let_go, queue_id, self.node, version)
+                rows = await self._while_held(queue_id, sql, params)
+                if rows:
+                    break
+                # Not written: the lease is gone, or an operator changed the row since it was
+                # read (then the change is made again, over the operator's version).
+                if not await self._reread(queue_id):
+                    self._forget(queue_id)
+                    raise LeaseLost(queue_id)
+            if new is None or let_go:
                 self._forget(queue_id)
             else:
                 self._held[queue_id] = new
+                self._versions[queue_id] = int(rows[0][0])
             return new
         finally:
             lock.release()
             if not lock.locked and not lock.waiting:
                 self._locks.pop(queue_id, None)
+
+    async def _reread(self, queue_id: str) -> bool:
+        """Read a held row again (an operator changed it); False when it is no longer ours."""
+        rows = await self.database.query(_READ_HELD, (queue_id, self.node))
+        if not rows:
+            return False
+        text, version = rows[0]
+        try:
+            record = decode(text.encode("utf-8"), queue_id)
+        except RecordError:
+            return False
+        self._held[queue_id] = record
+        self._versions[queue_id] = int(version)
+        return True
+
+    def follow(self, queue_id: str) -> Deferred[QueueRecord | None]:
+        """An operator changed (or deleted) ``queue_id``: if this node holds it, read it again;
+        fires with the record now held, or None (not held here, or deleted: forgotten)."""
+
+        async def follow() -> QueueRecord | None:
+            if queue_id not in self._held:
+                return None
+            lock = self._locks.setdefault(queue_id, DeferredLock())
+            await lock.acquire()
+            try:
+                if queue_id not in self._held:
+                    return None
+                if await self._reread(queue_id):
+                    return self._held[queue_id]
+                self._forget(queue_id)
+                return None
+            finally:
+                lock.release()
+                if not lock.locked and not lock.waiting:
+                    self._locks.pop(queue_id, None)
+
+        return Deferred.fromCoroutine(follow())
 
     async def _while_held(self, queue_id: str, sql: str, params: tuple[Any, ...]) -> list[Any]:
         """Run a write of a held row; while the database cannot be reached, try again every
@@ -641,9 +692,16 @@ class ClusterClaimer(Service):
         return d.addErrback(failed)
 
     def notified(self, payload: str) -> None:
-        """A ``NOTIFY`` on :data:`CHANNEL`: ``flush [id]`` retries now; anything else claims."""
+        """A ``NOTIFY`` on :data:`CHANNEL`: ``flush [id]`` retries now, ``changed <id>``
+        follows an operator's change of a message held here; then due work is claimed."""
         words = payload.split()
-        if words and words[0] == "flush":
+        if len(words) == 2 and words[0] == "changed":
+            queue_id = words[1]
+            if queue_id in self._store.held:
+                d = self._store.follow(queue_id)
+                d.addCallback(self._scheduler.replaced, queue_id)
+                d.addErrback(lambda f: _log.failure("following {queue_id}", f, queue_id=queue_id))
+        elif words and words[0] == "flush":
             self._scheduler.flush(words[1] if len(words) > 1 else None)
         self.claim_now()
 

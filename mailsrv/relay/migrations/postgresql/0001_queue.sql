@@ -2,6 +2,8 @@
 -- One row per queued message: its record (the JSON of mailsrv.relay.records, the same as the
 -- file queue's), its body stored once, when a waiting recipient is next due, and the lease of
 -- the node working on it.  Times are seconds since the epoch, from the nodes' clocks.
+-- ``version`` grows with every write: a node writes only over the version it read, so an
+-- operator's change (mailsrv queue hold, on any node) is never overwritten by a node's.
 
 CREATE TABLE queue_messages (
     queue_id    TEXT PRIMARY KEY,
@@ -10,7 +12,8 @@ CREATE TABLE queue_messages (
     created_at  DOUBLE PRECISION NOT NULL,
     next_due    DOUBLE PRECISION NULL,
     lease_node  TEXT NULL,
-    lease_until DOUBLE PRECISION NULL
+    lease_until DOUBLE PRECISION NULL,
+    version     BIGINT NOT NULL DEFAULT 0
 );
 
 -- What the claim query walks: messages with a recipient to try, by due time.
