@@ -16,7 +16,7 @@ import pytest_twisted
 
 from tests.relay_peer import Script, start_peer
 from tests.test_process import Server, free_port
-from tests.test_relay_process import BODY, eventually, relay_server, send
+from tests.test_relay_process import BODY, eventually, queue_cli, queued, relay_server, send
 
 
 def node(tmp_path: Path, name: str, servers: list[Server], relay_port: int, dsn: str, **env: str):
@@ -135,4 +135,54 @@ async def test_a_node_that_stops_gives_its_work_back_at_once(
         assert stuck.factory.messages == []
     finally:
         await stuck.stop()
+        await peer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_queue_command_on_any_node_shows_and_steers_the_whole_cluster(
+    tmp_path: Path, servers: list[Server], pg_dsn: str
+) -> None:
+    down_port = free_port()
+    slow = {"SMTP_RELAY_MIN_BACKOFF": "3600", "SMTP_RELAY_MAX_BACKOFF": "3600"}
+    a = node(tmp_path, "a", servers, down_port, pg_dsn, **slow)
+    a.start()
+    send(a, "alice@example.org", ["r0@remote.test"], BODY)
+    send(a, "alice@example.org", ["r1@remote.test"], BODY)
+    await eventually(
+        lambda: [s for _q, _n, s in rows(pg_dsn)] == [["deferred"], ["deferred"]], "deferrals"
+    )
+    b = node(tmp_path, "b", servers, down_port, pg_dsn, **slow)  # not running: the CLI only
+    listed = queued(b)
+    assert sorted(r["address"] for m in listed for r in m["recipients"]) == [
+        "r0@remote.test",
+        "r1@remote.test",
+    ]
+    assert all(m["lease"] is None for m in listed), "deferred work is no node's"
+    first = next(m["queue_id"] for m in listed if m["recipients"][0]["address"] == "r0@remote.test")
+    text = queue_cli(b, "list")
+    assert text.returncode == 0 and first in text.stdout and "deferred" in text.stdout
+    held = queue_cli(b, "hold", first)
+    assert held.returncode == 0, held.stderr
+    assert f"{first}: r0@remote.test put on hold" in held.stdout
+    shown = queue_cli(b, "show", first)
+    assert shown.returncode == 0 and "Subject: relayed" in shown.stdout
+    peer = start_peer(port=down_port)
+    try:
+        flushed = queue_cli(b, "flush")
+        assert flushed.returncode == 0, flushed.stderr
+        await eventually(lambda: len(peer.factory.messages) == 1, "the message not on hold")
+        assert peer.factory.messages[0].recipients == ["r1@remote.test"]
+        released = queue_cli(b, "release", first)
+        assert released.returncode == 0, released.stderr
+        assert queue_cli(b, "flush", first).returncode == 0
+        await eventually(lambda: rows(pg_dsn) == [], "the released one delivered too")
+        assert sorted(r for m in peer.factory.messages for r in m.recipients) == [
+            "r0@remote.test",
+            "r1@remote.test",
+        ]
+        for bad in (["show", "NOSUCHID"], ["hold", "../etc"], ["release", first]):
+            result = queue_cli(b, *bad)
+            assert result.returncode == 1, (bad, result)
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    finally:
         await peer.stop()
