@@ -186,3 +186,27 @@ async def test_the_queue_command_on_any_node_shows_and_steers_the_whole_cluster(
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     finally:
         await peer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_destination_limit_holds_across_nodes(
+    tmp_path: Path, servers: list[Server], pg_dsn: str
+) -> None:
+    from twisted.internet import reactor, task
+
+    stuck = start_peer(Script(silent="data"))  # every session it gets stays open
+    try:
+        one = {"SMTP_RELAY_DESTINATION_CONCURRENCY": "1", "SMTP_QUEUE_LEASE": "600"}
+        a = node(tmp_path, "a", servers, stuck.number, pg_dsn, **one)
+        b = node(tmp_path, "b", servers, stuck.number, pg_dsn, **one)
+        a.start()
+        b.start()
+        send(a, "alice@example.org", ["r0@remote.test"], BODY)
+        await eventually(lambda: len(stuck.factory.sessions) == 1, "A's connection")
+        send(b, "alice@example.org", ["r1@remote.test"], BODY)
+        # B finds the destination's one slot taken and keeps trying (every second).
+        await task.deferLater(reactor, 3.0, lambda: None)
+        assert len(stuck.factory.sessions) == 1, "one connection to it in the whole cluster"
+        assert sorted(n for _q, n, _s in rows(pg_dsn)) == ["a", "b"]
+    finally:
+        await stuck.stop()

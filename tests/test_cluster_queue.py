@@ -288,3 +288,22 @@ async def test_the_database_down_fails_the_batch_quickly_then_recovers(
     finally:
         a.commit.close()
         await a.database.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_slots_to_a_destination_are_counted_across_nodes(
+    nodes: list[Node], clock: task.Clock
+) -> None:
+    a, b = nodes
+    first = await a.store.take_slot("mx.example.net", 2)
+    second = await b.store.take_slot("mx.example.net", 2)
+    assert first and second and first != second
+    assert await a.store.take_slot("mx.example.net", 2) is None, "two open, cluster-wide"
+    assert await b.store.take_slot("other.example", 2) is not None, "per destination"
+    await a.store.give_slot(first)
+    assert await b.store.take_slot("mx.example.net", 2) is not None
+    # A node that dies leaves slots behind: they lapse with its leases.
+    assert await a.store.take_slot("mx.example.net", 2) is None
+    clock.advance(61)
+    await a.store.renew()  # a renews its own (it has none left here), b is silent
+    assert await a.store.take_slot("mx.example.net", 2) is not None

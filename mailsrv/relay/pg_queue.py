@@ -31,6 +31,7 @@ within ``skew`` (NTP).
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -59,6 +60,8 @@ T = TypeVar("T")
 
 QUEUE_SCHEMA = MigrationSet("mailsrv.relay", "queue_schema_version", 0x6D61696C73727602)
 """The cluster queue's schema (``mailsrv/relay/migrations/postgresql``)."""
+
+_SLOT_LOCK_SPACE = 0x6D736C74  # "mslt": first key of the advisory lock on a destination's slots
 
 CHANNEL = "mailsrv_queue"
 """The ``LISTEN``/``NOTIFY`` channel.  Payloads: ``flush`` (or ``flush <id>``): retry deferred
@@ -243,6 +246,7 @@ class ClusterQueueStore:
         self._versions: dict[str, int] = {}  # of the held rows, as last read or written
         self._lease_until: dict[str, float] = {}
         self._locks: dict[str, DeferredLock] = {}
+        self._slot_numbers = itertools.count(1)
 
     # -- what this node holds ---------------------------------------------------------------
 
@@ -378,6 +382,10 @@ class ClusterQueueStore:
 
         async def load() -> list[QueueRecord]:
             await self._run(_clear_directory, self.cache_dir)
+            # This node's connections of before a restart are gone.
+            await self.database.query(
+                "DELETE FROM queue_slots WHERE node = %s RETURNING 1", (self.node,)
+            )
             return await self._claim(own=True)
 
         return Deferred.fromCoroutine(load())
@@ -425,10 +433,14 @@ class ClusterQueueStore:
         return Deferred.fromCoroutine(self._renew())
 
     async def _renew(self) -> list[str]:
+        until = self._clock.seconds() + self.lease
+        await self.database.query(
+            "UPDATE queue_slots SET lease_until = %s WHERE node = %s RETURNING 1",
+            (until, self.node),
+        )
         ids = list(self._held)
         if not ids:
             return []
-        until = self._clock.seconds() + self.lease
         rows = await self.database.query(_RENEW, (until, self.node, ids))
         kept = {row[0] for row in rows}
         lost = [queue_id for queue_id in ids if queue_id not in kept]
@@ -451,6 +463,29 @@ class ClusterQueueStore:
         if not ids:
             return Deferred.fromCoroutine(_nothing())
         d: Deferred[Any] = self.database.query(_RELEASE + " RETURNING queue_id", (self.node, ids))
+        return d.addCallback(lambda _: None)
+
+    # -- connection slots -----------------------------------------------------------------
+
+    def take_slot(self, destination: str, limit: int) -> Deferred[str | None]:
+        slot = f"{self.node}/{next(self._slot_numbers)}"
+        now = self._clock.seconds()
+        d: Deferred[str | None] = self.database.transaction(
+            _take_slot, destination, self.node, slot, limit, now, now + self.lease
+        )
+        return d
+
+    def give_all_slots(self) -> Deferred[None]:
+        """Every slot of this node back (it stops)."""
+        d: Deferred[Any] = self.database.query(
+            "DELETE FROM queue_slots WHERE node = %s RETURNING 1", (self.node,)
+        )
+        return d.addCallback(lambda _: None)
+
+    def give_slot(self, slot: str) -> Deferred[None]:
+        d: Deferred[Any] = self.database.query(
+            "DELETE FROM queue_slots WHERE node = %s AND slot = %s RETURNING 1", (self.node, slot)
+        )
         return d.addCallback(lambda _: None)
 
     def records(self) -> Deferred[list[QueueRecord]]:
@@ -682,6 +717,7 @@ class ClusterClaimer(Service):
     def release_all(self) -> Deferred[None]:
         """Give up every lease held (the scheduler has stopped: nothing is in flight)."""
         d = self._store.release(self._store.held)
+        d.addCallback(lambda _: self._store.give_all_slots())
 
         def failed(failure: Any) -> None:
             _log.warn(
@@ -748,6 +784,27 @@ class ClusterClaimer(Service):
             )
 
         d.addCallbacks(renewed, failed)
+
+
+async def _take_slot(
+    cursor: Any, destination: str, node: str, slot: str, limit: int, now: float, until: float
+) -> str | None:
+    """Take a slot if fewer than ``limit`` live ones exist (one taker at a time per
+    destination: a transaction-scoped advisory lock on its name)."""
+    await cursor.execute(
+        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SLOT_LOCK_SPACE, destination)
+    )
+    await cursor.execute(
+        "DELETE FROM queue_slots WHERE destination = %s AND lease_until < %s", (destination, now)
+    )
+    await cursor.execute("SELECT count(*) FROM queue_slots WHERE destination = %s", (destination,))
+    if int(cursor.fetchone()[0]) >= limit:
+        return None
+    await cursor.execute(
+        "INSERT INTO queue_slots (destination, node, slot, lease_until) VALUES (%s, %s, %s, %s)",
+        (destination, node, slot, until),
+    )
+    return slot
 
 
 async def _insert_rows(cursor: Any, rows: list[tuple[Any, ...]]) -> None:

@@ -128,6 +128,14 @@ class ISharedQueueStore(IQueueStore):
     def release(queue_ids: list[str]) -> Deferred[None]:
         """Give up the leases of ``queue_ids``: nothing of them is in flight on this node."""
 
+    def take_slot(destination: str, limit: int) -> Deferred[str | None]:
+        """One of the ``limit`` connection slots to ``destination`` that all nodes share, or
+        None when every one is taken; held until :meth:`give_slot` (or this node's leases
+        lapse)."""
+
+    def give_slot(slot: str) -> Deferred[None]:
+        """The connection of ``slot`` is closed."""
+
 
 @implementer(IQueueStore)
 class FileQueueStore(RecordDirectory[QueueRecord]):

@@ -92,6 +92,10 @@ SubmitDsns = Callable[[QueueRecord, Sequence[RecipientStatus]], Deferred[None]]
 bounced), or deferred ones to warn (``delay_warned``).  The composition root wires it to the
 DSN composer and the commit path."""
 
+SLOT_RETRY = 1.0
+"""Seconds before a destination whose cluster-wide connection slots were all taken tries
+again (shared queue)."""
+
 DELAY_WARNING_ASKED = 4 * 3600.0
 """When a recipient that asked for ``NOTIFY=DELAY`` is warned if ``delay_warning`` is 0: four
 hours, the value Postfix's documentation suggests for ``delay_warning_time``."""
@@ -221,6 +225,8 @@ class RelayScheduler(Service):
         self._running_work: set[Deferred[Any]] = set()
         self._sending: set[Deferred[Any]] = set()
         self._open: set[Any] = set()
+        self._slots: dict[Any, str] = {}  # connection -> its cluster slot (shared queue)
+        self._pump_pending: set[str] = set()  # destinations waiting for a free slot
         self._generation = 0  # of the settings: a reload makes the next one
         self._opened_in: dict[Any, int] = {}  # connection -> the generation it was opened in
         self._queued_since_start: set[str] = set()  # only while the start-up load runs
@@ -548,6 +554,16 @@ class RelayScheduler(Service):
 
     async def _connect_and_work(self, destination: _Destination) -> None:
         generation = self._generation
+        slot = None
+        if self._shared is not None:
+            # A shared queue's nodes count their connections to a destination together.
+            slot = await self._take_slot(destination)
+            if slot is None:
+                destination.connecting -= 1
+                destination.active -= 1
+                self._connections -= 1
+                self._pump_later(destination)
+                return
         try:
             try:
                 connection = await self._connector.connect(destination.route)
@@ -556,11 +572,13 @@ class RelayScheduler(Service):
         except NextHopError as e:
             destination.active -= 1
             self._connections -= 1
+            self._give_slot(slot)
             await self._destination_failed(destination, e)
             return
         except Exception as e:
             destination.active -= 1
             self._connections -= 1
+            self._give_slot(slot)
             _log.failure(
                 "connecting to {destination} failed", Failure(e), destination=destination.key
             )
@@ -571,7 +589,41 @@ class RelayScheduler(Service):
         self.dead.revive(destination.key)
         self._open.add(connection)
         self._opened_in[connection] = generation
+        if slot is not None:
+            self._slots[connection] = slot
         await self._work_on(destination, connection)
+
+    async def _take_slot(self, destination: _Destination) -> str | None:
+        """A cluster-wide connection slot for ``destination``, or None: every one is taken
+        (or the queue database cannot say)."""
+        assert self._shared is not None
+        try:
+            return await self._shared.take_slot(destination.key, self.settings.per_destination)
+        except Exception as e:
+            _log.warn(
+                "relay: no connection slot for {destination}: {error}",
+                destination=destination.key,
+                error=str(e).strip() or repr(e),
+            )
+            return None
+
+    def _give_slot(self, slot: str | None) -> None:
+        if slot is not None and self._shared is not None:
+            self._track(self._shared.give_slot(slot))
+
+    def _pump_later(self, destination: _Destination) -> None:
+        """Try ``destination``'s backlog again in a second (its slots were all taken)."""
+        if destination.key in self._pump_pending or self._stopping:
+            return
+        self._pump_pending.add(destination.key)
+
+        def pump() -> None:
+            self._pump_pending.discard(destination.key)
+            current = self._destinations.get(destination.key)
+            if current is not None and not self._stopping:
+                self._pump(current)
+
+        self._clock.callLater(SLOT_RETRY, pump)
 
     async def _work_on(self, destination: _Destination, connection: Any) -> None:
         """Send ready work over ``connection`` until none is left, then park it as idle."""
@@ -602,6 +654,7 @@ class RelayScheduler(Service):
         """A connection leaves the pool: closed (QUIT if it can), no longer counted."""
         self._open.discard(connection)
         self._opened_in.pop(connection, None)
+        self._give_slot(self._slots.pop(connection, None))
         self._connections -= 1
         connection.close()
 
