@@ -39,6 +39,7 @@ class Script:
     silent: str = ""  # greeting | ehlo | mail | rcpt | data | final: never answer there
     drop_after_data_bytes: int | None = None  # abort the connection mid-DATA
     stall_data: bool = False  # stop reading once DATA starts
+    data_delay: float = 0.0  # seconds before the reply to DATA
     reply_during_data: bytes | None = None  # answer before the final dot
     tls: Any = None  # a server connection creator: STARTTLS (or implicit TLS) possible
     credentials: dict[str, str] = field(default_factory=dict)  # AUTH required when set
@@ -277,6 +278,16 @@ class PeerProtocol(Protocol):
             self.reply(b"554 5.5.1 No valid recipients")
             return
         reply = self.script.next(self.script.data)
+        if self.script.data_delay:
+            from twisted.internet import reactor
+
+            reactor.callLater(self.script.data_delay, self._answer_data, reply)
+            return
+        self._answer_data(reply)
+
+    def _answer_data(self, reply: bytes) -> None:
+        if self.transport is None or not self.transport.connected:  # type: ignore[attr-defined]
+            return
         self.reply(reply)
         if reply.startswith(b"354"):
             self.in_data = True

@@ -210,3 +210,36 @@ async def test_the_destination_limit_holds_across_nodes(
         assert sorted(n for _q, n, _s in rows(pg_dsn)) == ["a", "b"]
     finally:
         await stuck.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_node_past_its_lease_does_not_send_what_another_node_took(
+    tmp_path: Path, servers: list[Server], pg_dsn: str
+) -> None:
+    # A's next hop answers DATA late; A is frozen (SIGSTOP) right after sending it, its
+    # lease runs out, B takes the message and delivers it; then A continues, gets its 354...
+    late = start_peer(Script(data_delay=1.0))
+    peer = start_peer()
+    try:
+        a = node(tmp_path, "a", servers, late.number, pg_dsn)
+        a.start()
+        send(a, "alice@example.org", ["r0@remote.test"], BODY)
+        await eventually(
+            lambda: any("DATA" in s.commands for s in late.factory.sessions), "A's DATA"
+        )
+        a.signal(signal.SIGSTOP)
+        try:
+            b = node(tmp_path, "b", servers, peer.number, pg_dsn)
+            b.start()
+            await eventually(lambda: rows(pg_dsn) == [], "B's delivery after A's lease ran out")
+            assert [m.recipients for m in peer.factory.messages] == [["r0@remote.test"]]
+        finally:
+            a.signal(signal.SIGCONT)
+        # ... and aborts before the body: the message is not sent a second time.
+        await eventually(lambda: all(s.closed.called for s in late.factory.sessions), "abort")
+        assert late.factory.messages == []
+        await eventually(lambda: "lease" in a.log(), "A's log line")
+        assert a.process is not None and a.process.poll() is None, "A runs on"
+    finally:
+        await late.stop()
+        await peer.stop()
