@@ -62,6 +62,12 @@ from zope.interface import Attribute, Interface
 
 from mailsrv.delivery.envelope import AcceptedMessage
 
+
+class SinkUnavailable(Exception):
+    """A sink's store cannot be reached now (the shared queue's database is down): the message
+    gets a 451 and one warning line, not a traceback; the store recovers by itself."""
+
+
 Failures = Mapping[str, BaseException]
 """What a sink's ``write`` reports: the error of each message it failed, by queue id."""
 

@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from mailsrv.auth.migrations import MigrationSet, apply_postgresql
 from mailsrv.delivery.envelope import AcceptedMessage
-from mailsrv.delivery.sinks import Failures, ICommitSink, StagedMessage
+from mailsrv.delivery.sinks import Failures, ICommitSink, SinkUnavailable, StagedMessage
 from mailsrv.pgsql import Database, Listener, is_connection_error
 from mailsrv.relay.queue_store import Change, ISharedQueueStore, NoSuchMessage, QueueError
 from mailsrv.relay.records import QueueRecord, RecordError, State, decode, encode
@@ -106,6 +106,10 @@ _RELEASE = (
     "UPDATE queue_messages SET lease_node = NULL, lease_until = NULL"
     " WHERE lease_node = %s AND queue_id = ANY(%s)"
 )
+
+
+class QueueUnavailable(QueueError, SinkUnavailable):
+    """The queue database cannot be reached (now): new messages that need it get a 451."""
 
 
 class LeaseLost(NoSuchMessage):
@@ -173,6 +177,11 @@ class CommitConnection:
             except psycopg2.Error as e:
                 if connection.closed or is_connection_error(e):
                     self._drop(str(e))
+                    raise QueueUnavailable(
+                        f"lost the connection to the queue database: {self._down_reason}"
+                    ) from e
+                if isinstance(e, psycopg2.OperationalError):  # a statement timeout, say
+                    raise QueueUnavailable(f"queue database: {_first_line(e)}") from e
                 raise
 
     def _connect(self) -> Any:
@@ -180,7 +189,7 @@ class CommitConnection:
             return self._connection
         now = self._clock.seconds()
         if now < self._down_until:
-            raise QueueError(f"no connection to the queue database: {self._down_reason}")
+            raise QueueUnavailable(f"no connection to the queue database: {self._down_reason}")
         try:
             self._connection = psycopg2.connect(
                 self._dsn,
@@ -190,7 +199,9 @@ class CommitConnection:
             )
         except psycopg2.Error as e:
             self._drop(str(e))
-            raise QueueError(f"no connection to the queue database: {self._down_reason}") from e
+            raise QueueUnavailable(
+                f"no connection to the queue database: {self._down_reason}"
+            ) from e
         return self._connection
 
     def _drop(self, reason: str) -> None:
@@ -313,12 +324,7 @@ class ClusterQueueStore:
             return [], failures
         try:
             self._commit.run(lambda cursor: psycopg2.extras.execute_values(cursor, _INSERT, rows))
-        except Exception as e:
-            _log.warn(
-                "queue database: {count} message(s) not queued: {error}",
-                count=len(rows),
-                error=str(e).strip().splitlines()[0] if str(e).strip() else repr(e),
-            )
+        except Exception as e:  # each message's own line says why (a 451)
             for queue_id in staged_of:
                 failures[queue_id] = e
             return [], failures
@@ -855,3 +861,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:  # another filesystem: the cache is only a cache
         target.write_bytes(source.read_bytes())
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

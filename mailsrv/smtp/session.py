@@ -40,6 +40,7 @@ from mailsrv.delivery.envelope import (
     RemoteRoute,
     Ret,
 )
+from mailsrv.delivery.sinks import SinkUnavailable
 from mailsrv.delivery.spool import SpoolFile
 from mailsrv.limits import normalize_ip
 from mailsrv.mailauth.checks import Facts
@@ -898,7 +899,16 @@ class SMTPSession(SecurityCommands, ScreeningSteps, Protocol):
     def _message_failed(
         self, failure: Failure, transaction: Transaction, spool_file: SpoolFile, size: int
     ) -> Response:
-        _log.failure("could not store message {queue_id}", failure, queue_id=transaction.queue_id)
+        if failure.check(SinkUnavailable):
+            _log.warn(
+                "could not store message {queue_id}: {error}",
+                queue_id=transaction.queue_id,
+                error=str(failure.value),
+            )
+        else:
+            _log.failure(
+                "could not store message {queue_id}", failure, queue_id=transaction.queue_id
+            )
         self._log_message(transaction, size, "failed: local error")
         spool_file.discard()
         if transaction is self.transaction:
