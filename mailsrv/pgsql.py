@@ -326,6 +326,14 @@ class Database:
             self._retrying(lambda pool: pool.runQuery(sql, params), idempotent=True)
         )
 
+    def query_now(self, sql: str, params: tuple[Any, ...] = ()) -> Deferred[list[Any]]:
+        """A read that does not wait for a lost connection to come back: with no live
+        connection it fails at once, with an error that says so (readiness checks)."""
+        d = Deferred.fromCoroutine(
+            self._retrying(lambda pool: pool.runQuery(sql, params), idempotent=True, wait=0.0)
+        )
+        return d.addErrback(unreachable, self._error)
+
     def transaction(
         self, function: Callable[..., Coroutine[Any, Any, T]], *args: Any
     ) -> Deferred[T]:

@@ -326,7 +326,7 @@ def build_service(
     smtp.setServiceParent(root)
     StartupSummary(config, checked.store, store_service, smtp).setServiceParent(root)
     if config.metrics_port:
-        ops_http(config, reactor, metrics, threads, smtp, store).setServiceParent(root)
+        ops_http(config, reactor, metrics, threads, smtp, store, cluster).setServiceParent(root)
     if reload_config is not None:  # SIGHUP also re-reads the configuration (mailsrv.reload)
         steps = [
             root.reload_step,
@@ -366,8 +366,10 @@ def ops_http(
     threads: ThreadPoolService,
     smtp: SMTPListenerService,
     store: IUserStore,
+    cluster: ClusterQueueStore | None = None,
 ) -> OpsHTTPService:
-    """The ops HTTP listener (/metrics, /healthz, /readyz) and its readiness checks."""
+    """The ops HTTP listener (/metrics, /healthz, /readyz) and its readiness checks (with a
+    shared queue, its database too)."""
     checks = {
         "listeners": readiness.listeners_bound(smtp.unbound),
         "user_store": readiness.user_store(store.schema_version, reactor),
@@ -376,6 +378,8 @@ def ops_http(
             threads.run, config.data_dir, config.ready_min_free_bytes
         ),
     }
+    if cluster is not None:
+        checks["queue_database"] = readiness.user_store(cluster.schema_version, reactor)
     resource = OpsResource(metrics, threads.run, checks, config.metrics_token)
     return OpsHTTPService(
         reactor, config.metrics_host, config.metrics_port, resource, bool(config.metrics_token)

@@ -294,3 +294,24 @@ def test_readyz_and_auth_follow_postgresql_down_and_back(
     assert auth_plain(server.submission_port, "alice@example.org", PASSWORD)[0] == 235
     assert PASSWORD not in server.output()
     assert server.stop() == -15
+
+
+def test_readyz_reports_the_shared_queue_database(
+    make_server: Callable[..., Server], own_pg_cluster: PgCluster
+) -> None:
+    cluster = own_pg_cluster  # this test's own: stopping it disturbs no other test
+    server, port = start(make_server, SMTP_QUEUE_URL=cluster.create_database())
+    ready, _ = readyz(port)
+    assert ready.status == 200, ready.body
+    assert json.loads(ready.body)["checks"]["queue_database"]["ok"] is True
+    cluster.stop()
+    ready, took = readyz(port)
+    assert ready.status == 503, ready.body
+    assert took < STORE_TIMEOUT
+    report = json.loads(ready.body)
+    failing = {name for name, check in report["checks"].items() if not check["ok"]}
+    assert failing == {"queue_database"}, report
+    assert "no connection to PostgreSQL" in report["checks"]["queue_database"]["detail"]
+    cluster.start()
+    wait_for(lambda: readyz(port)[0].status == 200, 30, "/readyz to be 200 again")
+    assert server.stop() == -15

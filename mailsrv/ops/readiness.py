@@ -73,7 +73,8 @@ def listeners_bound(unbound: Callable[[], Iterable[str]]) -> Check:
 
 
 def user_store(query: Callable[[], Deferred[Any]], clock: IReactorTime) -> Check:
-    """The user store answers ``query`` (a trivial read) within :data:`STORE_TIMEOUT`."""
+    """A store (the user store, the shared queue's database) answers ``query`` (a trivial
+    read) within :data:`STORE_TIMEOUT`."""
 
     def check() -> Deferred[CheckResult]:
         answered = maybeDeferred(query).addCallback(lambda _: (True, "answered"))
