@@ -1230,6 +1230,152 @@ class RelayMailsrv(MailsrvServer):
         self.sink.stop()
 
 
+class BenchPostgres:
+    """A throwaway PostgreSQL cluster for the shared-queue variant of (f): ``initdb`` into the
+    work directory (as the ``postgres`` user when run as root), started on a free loopback
+    port with durable commits (``fsync=on``, ``synchronous_commit=on``, the defaults)."""
+
+    def __init__(self, base: Path) -> None:
+        self.root = base / "postgres"
+        self.port = 0
+        self.bindir = _pg_bindir()
+
+    def _as_owner(self, *command: str) -> list[str]:
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--", *command]
+        return list(command)
+
+    def start(self) -> str:
+        """Start (initdb the first time); the DSN of a fresh database."""
+        if self.bindir is None:
+            raise RuntimeError("no PostgreSQL server binaries (install postgresql)")
+        if not (self.root / "data").exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                import pwd
+
+                owner = pwd.getpwnam("postgres")
+                os.chown(self.root, owner.pw_uid, owner.pw_gid)
+            subprocess.run(
+                self._as_owner(
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.root / "data"),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "mailsrv",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ),
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        self.port = free_port()
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+            " -c fsync=on -c synchronous_commit=on -c max_connections=50"
+        )
+        subprocess.run(
+            self._as_owner(
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.root / "data"),
+                "-l",
+                str(self.root / "log"),
+                "-w",
+                "-o",
+                options,
+                "start",
+            ),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        name = f"q{int(time.time() * 1000)}"
+        subprocess.run(
+            self._as_owner(
+                str(self.bindir / "createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "mailsrv",
+                name,
+            ),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        return f"postgresql://mailsrv@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        if self.bindir is None or not (self.root / "data").exists():
+            return
+        subprocess.run(
+            self._as_owner(
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.root / "data"),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ),
+            check=False,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def rows(self, dsn: str) -> int:
+        """Messages still in the queue table."""
+        result = subprocess.run(
+            [str(self.bindir / "psql"), "-At", "-c", "SELECT count(*) FROM queue_messages", dsn]
+            if self.bindir is not None
+            else ["false"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return int(result.stdout.strip() or 0) if result.returncode == 0 else 0
+
+
+def _pg_bindir() -> Path | None:
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+    return Path(found[-1]) if found else None
+
+
+class PgRelayMailsrv(RelayMailsrv):
+    """(f) with the relay queue in PostgreSQL on the same machine (``SMTP_QUEUE_URL``, one
+    node): what the shared queue costs against the file queue and Postfix."""
+
+    def __init__(self, base: Path, venv: Path, pythonpath: str | None) -> None:
+        super().__init__(base, venv, pythonpath, label="mailsrv-pg")
+        self.postgres = BenchPostgres(base)
+        self.dsn = ""
+        _CLEANUPS.insert(0, self.postgres.stop)
+
+    def before_start(self, data_dir: Path) -> None:
+        super().before_start(data_dir)
+        self.postgres.stop()
+        self.dsn = self.postgres.start()
+        self.extra_env["SMTP_QUEUE_URL"] = self.dsn
+        self.extra_env["SMTP_QUEUE_NODE"] = "bench"
+
+    def left_in_queue(self) -> int:
+        return self.postgres.rows(self.dsn) if self.dsn else 0
+
+    def stop(self) -> None:
+        super().stop()
+        self.postgres.stop()
+
+
 class RelayPostfix(PostfixServer):
     """The throwaway Postfix with ``relayhost = [127.0.0.1]:PORT`` of its own ``smtp-sink -d``.
 
@@ -1925,7 +2071,8 @@ def main() -> int:
     parser.add_argument(
         "--servers",
         default="mailsrv,aiosmtpd,postfix,smtp-sink",
-        help="comma-separated subset of mailsrv,aiosmtpd,postfix,smtp-sink",
+        help="comma-separated subset of mailsrv,aiosmtpd,postfix,smtp-sink (mailsrv-pg: (f) with "
+        "the queue in PostgreSQL, on whenever mailsrv is and PostgreSQL is installed)",
     )
     parser.add_argument("--ref", default=None, help="bench this git ref (git archive) instead")
     parser.add_argument(
@@ -2008,8 +2155,11 @@ def main() -> int:
         servers.insert(1 if servers and servers[0].name == "mailsrv" else 0, compare)
     relay_factories: dict[str, Callable[[], RelayMailsrv | RelayPostfix]] = {
         "mailsrv": lambda: RelayMailsrv(base, venv, pythonpath),
+        "mailsrv-pg": lambda: PgRelayMailsrv(base, venv, pythonpath),
         "postfix": lambda: RelayPostfix(base),
     }
+    if "mailsrv" in wanted and "mailsrv-pg" not in wanted and _pg_bindir() is not None:
+        wanted.append("mailsrv-pg")  # the shared queue runs (f) beside the file queue
     if compare_name and (Path(compare_path) / "mailsrv" / "relay" / "sink.py").exists():
         # The compared revision can relay too: it runs (f) beside mailsrv.
         relay_factories[compare_name] = lambda: RelayMailsrv(base, venv, compare_path, compare_name)
@@ -2363,6 +2513,7 @@ def render(**k: Any) -> str:
     )
     add("")
     render_issue8_targets(add, k)
+    render_issue12_targets(add, k)
 
     add("## Throughput and latency")
     add("")
@@ -2638,6 +2789,39 @@ def render_issue8_targets(add: Callable[[str], None], k: dict[str, Any]) -> None
                 f"| {fmt(ratio, 2, TIMES)} (rounds: {rounds or 'n/a'}) "
                 f"| {verdict(None if ratio is None else ratio >= 0.95)} |"
             )
+    add("")
+
+
+def render_issue12_targets(add: Callable[[str], None], k: dict[str, Any]) -> None:
+    """The shared queue's target: (f) with the queue in PostgreSQL against Postfix."""
+    f_rows = k["results"].get("f", {})
+    pg_rows = f_rows.get("mailsrv-pg", [])
+    if not pg_rows:
+        return
+    mine = median([r.get("e2e_rate") for r in pg_rows])
+    files = median([r.get("e2e_rate") for r in f_rows.get("mailsrv", [])])
+    theirs = median([r.get("e2e_rate") for r in f_rows.get("postfix", [])])
+    ratio = mine / theirs if mine and theirs else None
+    lost = sum(int(r["lost"]) for r in pg_rows)
+    dup = sum(int(r["duplicated"]) for r in pg_rows)
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+    add("## Targets (issue 12)")
+    add("")
+    add("| target | measured | |")
+    add("|---|---|---|")
+    add(
+        f"| (f) mailsrv with the queue in PostgreSQL (same machine, `synchronous_commit=on`) "
+        f"≥ 1.5{TIMES} Postfix end to end, msgs/s | {fmt(mine)} / {fmt(theirs)} = "
+        f"{fmt(ratio, 2, TIMES)} (file queue: {fmt(files)}) "
+        f"| {verdict(None if ratio is None else ratio >= 1.5)} |"
+    )
+    add(
+        f"| (f) mailsrv-pg: 0 lost, 0 duplicated | {lost} lost, {dup} duplicated of "
+        f"{sum(r['ok'] for r in pg_rows):,} | {verdict(lost == 0 and dup == 0)} |"
+    )
     add("")
 
 
