@@ -21,11 +21,9 @@ from typing import Any
 import psycopg2
 
 from mailsrv.relay import actions
-from mailsrv.relay.pg_queue import CHANNEL, next_due
-from mailsrv.relay.queue_store import NoSuchMessage, QueueError
+from mailsrv.relay.pg_queue import CHANNEL, first_line, next_due
+from mailsrv.relay.queue_store import NoSuchMessage, QueueError, headers_of
 from mailsrv.relay.records import QueueRecord, RecordError, decode, encode, valid_queue_id
-
-_HEADERS_LIMIT = 256 * 1024
 
 Rule = Callable[[QueueRecord], tuple["QueueRecord | None", str]]
 
@@ -46,16 +44,6 @@ class Row:
     lease: Lease | None
 
 
-def headers_of(body: bytes) -> bytes:
-    """The header section of a stored message (up to the first empty line)."""
-    head = body[:_HEADERS_LIMIT]
-    for separator in (b"\n\n", b"\r\n\r\n"):
-        end = head.find(separator)
-        if end >= 0:
-            return head[: end + len(separator) // 2]
-    return head
-
-
 class ClusterQueueAdmin:
     """The operator's actions on the queue database ``dsn`` (``now``: the clock)."""
 
@@ -73,7 +61,7 @@ class ClusterQueueAdmin:
                 options=f"-c statement_timeout={self._timeout_ms}",
             )
         except psycopg2.Error as e:
-            raise QueueError(f"cannot reach the queue database: {_first_line(e)}") from None
+            raise QueueError(f"cannot reach the queue database: {first_line(e)}") from None
         try:
             with connection, connection.cursor() as cursor:
                 cursor.execute("SELECT to_regclass('queue_messages') IS NOT NULL")
@@ -81,7 +69,7 @@ class ClusterQueueAdmin:
                     raise QueueError("the queue database has no queue yet (start a node first)")
                 return work(cursor)
         except psycopg2.Error as e:
-            raise QueueError(f"queue database: {_first_line(e)}") from None
+            raise QueueError(f"queue database: {first_line(e)}") from None
         finally:
             connection.close()
 
@@ -215,8 +203,3 @@ def _write(cursor: Any, record: QueueRecord, now: float) -> None:
         " WHERE queue_id = %s",
         (encode(record).decode("utf-8"), next_due(record, now), record.queue_id),
     )
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -25,6 +25,14 @@ next waiting recipient is due, and a *lease*: the node working on it and until w
   this node last renewed it, is within ``skew`` seconds of its end: a node that was frozen past
   its lease aborts before DATA, because another node may have claimed the message meanwhile.
 
+* **Connections per destination** are counted across nodes: a node takes one of the
+  destination's ``relay_destination_concurrency`` slots (table ``queue_slots``, under an
+  advisory lock per destination) before it connects and gives it back when the connection
+  closes; slots are renewed with the leases, so a dead node's lapse with them.
+* **Operators** change rows from any node (:mod:`mailsrv.relay.cluster_admin`); every row has
+  a ``version``, and a node writes only over the version it read, reading the row again when
+  an operator changed it meanwhile (``NOTIFY changed <id>`` tells it at once).
+
 Times are the nodes' clocks (seconds since the epoch), so the nodes' clocks must agree to well
 within ``skew`` (NTP).
 """
@@ -49,6 +57,7 @@ from zope.interface import implementer
 from mailsrv.auth.migrations import MigrationSet, apply_postgresql
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.sinks import Failures, ICommitSink, SinkUnavailable, StagedMessage
+from mailsrv.fileops import unlink_if_present
 from mailsrv.pgsql import Database, Listener, is_connection_error
 from mailsrv.relay.queue_store import Change, ISharedQueueStore, NoSuchMessage, QueueError
 from mailsrv.relay.records import QueueRecord, RecordError, State, decode, encode
@@ -181,7 +190,7 @@ class CommitConnection:
                         f"lost the connection to the queue database: {self._down_reason}"
                     ) from e
                 if isinstance(e, psycopg2.OperationalError):  # a statement timeout, say
-                    raise QueueUnavailable(f"queue database: {_first_line(e)}") from e
+                    raise QueueUnavailable(f"queue database: {first_line(e)}") from e
                 raise
 
     def _connect(self) -> Any:
@@ -286,7 +295,7 @@ class ClusterQueueStore:
         self._versions.pop(queue_id, None)
         self._lease_until.pop(queue_id, None)
         path = self.body_path(queue_id)
-        self._run(_unlink_quietly, path)
+        self._run(unlink_if_present, path)
 
     # -- the committer's thread -------------------------------------------------------------
 
@@ -350,7 +359,7 @@ class ClusterQueueStore:
                 "DELETE FROM queue_messages WHERE queue_id = %s", (queue_id,)
             )
         )
-        _unlink_quietly(self.body_path(queue_id))
+        unlink_if_present(self.body_path(queue_id))
 
     # -- from the reactor -------------------------------------------------------------------
 
@@ -844,18 +853,11 @@ async def _sleep(clock: IReactorTime, seconds: float) -> None:
     await d
 
 
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
 def _clear_directory(path: Path) -> None:
     os.makedirs(path, exist_ok=True)
     for entry in os.scandir(path):
         if entry.is_file():
-            _unlink_quietly(Path(entry.path))
+            unlink_if_present(Path(entry.path))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -868,6 +870,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
         target.write_bytes(source.read_bytes())
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (PostgreSQL's run to several)."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__

@@ -212,7 +212,12 @@ class FileQueueStore(RecordDirectory[QueueRecord]):
 def read_headers(path: Path) -> bytes:
     """The header section of the message file ``path`` (up to the first empty line)."""
     with open(path, "rb") as f:
-        head = f.read(_HEADERS_LIMIT)
+        return headers_of(f.read(_HEADERS_LIMIT))
+
+
+def headers_of(body: bytes) -> bytes:
+    """The header section of a stored message (up to the first empty line)."""
+    head = body[:_HEADERS_LIMIT]
     for separator in (b"\n\n", b"\r\n\r\n"):
         end = head.find(separator)
         if end >= 0:
