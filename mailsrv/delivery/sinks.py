@@ -42,8 +42,10 @@ A sink that only wraps blocking store methods is a few lines; for a relay queue 
         def committed(self, messages: Sequence[AcceptedMessage]) -> None:
             self._scheduler.add([m for m in messages if m.remote_recipients])
 
-A store that is not on this machine's disk (the PostgreSQL queue of a cluster) cannot share
-the syncs and answers with Deferreds: that is :class:`IAsyncCommitSink`, described below.
+A store that is not on this machine's disk is a sink too: the cluster queue
+(:mod:`mailsrv.relay.pg_queue`) writes a batch's rows in one transaction on its own blocking
+connection in ``write``, so its COMMIT happens between the two syncs like the other sinks'
+writes, and a failed one fails those messages (a 451) with everything else rolled back.
 
 Before a message joins a batch, each :class:`ICommitPreparer` may give the committer a new
 version of it, made from its body off the reactor: the DKIM signer
@@ -140,30 +142,3 @@ class ICommitSink(Interface):
         The place to hand new records to whoever works on them in memory (the relay
         scheduler, the webhook dispatcher); they rebuild from disk at start.  Must not block.
         """
-
-
-class IAsyncCommitSink(Interface):
-    """A sink answering with Deferreds, in the reactor thread (a store on another machine).
-
-    Not run by the committer yet; this is the place it takes.  After the second sync, in the
-    reactor thread, the committer calls ``write`` with the messages that every blocking
-    :class:`ICommitSink` accepted, and waits for its Deferred before any 250 of the batch
-    fires.  A message it fails gets its blocking parts rolled back (in the committer thread,
-    followed by one more sync) and its async parts rolled back, then its 451.  The committer
-    thread takes no new batch meanwhile: a blocking sink's ``rollback`` applies to the batch
-    it wrote last.  Messages with nothing for this sink are skipped by the sink, as with
-    :class:`ICommitSink`.  Its body stays on this node's disk (a blocking sink keeps it), so
-    it gets no path.
-    """
-
-    name = Attribute("A short name for logs.")
-
-    def write(messages: Sequence[AcceptedMessage]) -> Deferred[Failures]:
-        """Write this sink's part of ``messages`` (e.g. one INSERT transaction for the batch);
-        fires with the messages it failed.  A failure of the Deferred fails them all."""
-
-    def rollback(messages: Sequence[AcceptedMessage]) -> Deferred[None]:
-        """Undo this sink's part of ``messages`` (which another sink failed)."""
-
-    def committed(messages: Sequence[AcceptedMessage]) -> None:
-        """Reactor thread, after the 250s of a batch fired (as :meth:`ICommitSink.committed`)."""
