@@ -211,7 +211,7 @@ def build_service(
     if config.queue_url:
         cluster = cluster_queue(config, reactor, threads.run)
         UserStoreService(
-            cluster.database, root.fail, "(queue_url)", label="queue database"
+            cluster, root.fail, "(queue_url)", label="queue database"
         ).setServiceParent(root)
         queue_store = cluster
     else:

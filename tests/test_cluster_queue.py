@@ -64,7 +64,7 @@ def clock() -> task.Clock:
 async def nodes(pg_dsn: str, tmp_path: Path, clock: task.Clock) -> Any:
     made = [Node(pg_dsn, name, tmp_path, clock) for name in ("a", "b")]
     # Both open (and migrate) at once: the advisory lock makes one wait for the other.
-    await defer.gatherResults([n.database.open() for n in made])
+    await defer.gatherResults([n.store.open() for n in made])
     yield made
     for n in made:
         n.commit.close()
@@ -229,7 +229,7 @@ async def test_a_restarted_node_takes_back_its_own_leases_at_once(
     a, b = nodes
     records, _ = await threads.deferToThread(a.stage, accepted())
     again = Node(pg_dsn, "a", tmp_path, clock)
-    await again.database.open()
+    await again.store.open()
     try:
         (loaded,) = await again.store.load()
         assert loaded.queue_id == records[0].queue_id
@@ -237,6 +237,24 @@ async def test_a_restarted_node_takes_back_its_own_leases_at_once(
     finally:
         again.commit.close()
         await again.database.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_commit_before_the_database_is_open_waits_then_fails_with_a_451(
+    pg_dsn: str, tmp_path: Path, clock: task.Clock
+) -> None:
+    a = Node(pg_dsn, "a", tmp_path, clock)
+    a.store.open_wait = 0.05
+    message = accepted()
+    _records, failures = await threads.deferToThread(a.stage, message)
+    assert set(failures) == {message.queue_id}
+    assert "not open" in str(failures[message.queue_id])
+    await a.store.open()
+    try:
+        _records, failures = await threads.deferToThread(a.stage, message)
+        assert failures == {}
+    finally:
+        await a.store.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -270,7 +288,7 @@ async def test_the_database_down_fails_the_batch_quickly_then_recovers(
 ) -> None:
     dsn = own_pg_cluster.create_database()
     a = Node(dsn, "a", tmp_path, clock)
-    await a.database.open()
+    await a.store.open()
     try:
         _records, failures = await threads.deferToThread(a.stage, accepted())
         assert failures == {}

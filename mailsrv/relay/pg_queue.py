@@ -267,6 +267,24 @@ class ClusterQueueStore:
         self._lease_until: dict[str, float] = {}
         self._locks: dict[str, DeferredLock] = {}
         self._slot_numbers = itertools.count(1)
+        self._opened = threading.Event()
+        self.open_wait = 10.0
+        """How long a commit waits for the database to be opened (migrated) at start."""
+
+    def open(self) -> Deferred[None]:
+        """Open the database (migrating its schema); commits wait for this."""
+        d = self.database.open()
+
+        def opened(_: object) -> None:
+            self._opened.set()
+
+        return d.addCallback(opened)
+
+    def close(self) -> Deferred[None]:
+        """Close the database connections."""
+        self._opened.clear()
+        self._commit.close()
+        return self.database.close()
 
     def schema_version(self) -> Deferred[int]:
         """The queue schema's version, without waiting for a lost connection (``/readyz``)."""
@@ -335,6 +353,12 @@ class ClusterQueueStore:
                 )
             )
         if not rows:
+            return [], failures
+        if not self._opened.wait(self.open_wait):
+            # Mail that arrives while the node starts waits for the schema, then gets a 451.
+            error = QueueUnavailable("the queue database is not open (yet)")
+            for queue_id in staged_of:
+                failures[queue_id] = error
             return [], failures
         try:
             self._commit.run(lambda cursor: psycopg2.extras.execute_values(cursor, _INSERT, rows))
