@@ -630,6 +630,11 @@ class Config:
         return Path(self.data_dir) / "queue-cache"
 
     @property
+    def outbox_cache_dir(self) -> Path:
+        """The shared outbox's messages this node is sending events of (a cache)."""
+        return Path(self.data_dir) / "outbox-cache"
+
+    @property
     def queue_node_name(self) -> str:
         """This node's name in the shared queue: ``queue_node``, or host name and data_dir."""
         if self.queue_node:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import psycopg2
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, FirstError, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import reconnection, txpostgres
@@ -454,3 +454,112 @@ class Listener(Service):
             self._connection = None
         self.listening = False
         return succeed(None)
+
+
+class LeaseKeeper(Service):
+    """This node's share of work in a table that several nodes claim from (the relay queue,
+    the webhook outbox): claims due rows into leases every ``poll`` seconds and at once when
+    asked (a ``NOTIFY``), renews the leases every third of ``lease``, and gives them back at
+    stop.  A subclass says how to claim, renew and release.  Logs name ``what``.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        lease: float,
+        poll: float,
+        batch: int,
+        name: str,
+        what: str,
+    ) -> None:
+        self._clock = clock
+        self.lease = lease
+        self.poll = poll
+        self.batch = batch
+        self._what = what
+        self._poll_timer: IDelayedCall | None = None
+        self._renew_timer: IDelayedCall | None = None
+        self._claiming: Deferred[Any] | None = None
+        self._again = False
+        self.setName(name)
+
+    # -- what a subclass says ---------------------------------------------------------------
+
+    async def claim_batch(self, limit: int) -> list[Any]:
+        """Claim up to ``limit`` due rows and hand them to their worker; what was claimed."""
+        raise NotImplementedError
+
+    def renew_leases(self) -> Deferred[list[str]]:
+        """Renew every lease held; fires with the ids whose lease was lost."""
+        raise NotImplementedError
+
+    def lost(self, ids: list[str]) -> None:
+        """Leases of ``ids`` were lost: their worker forgets them."""
+
+    def release_all(self) -> Deferred[None]:
+        """Give up every lease held (the worker has stopped: nothing is in flight)."""
+        raise NotImplementedError
+
+    # -- the mechanics ----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._poll_timer = self._clock.callLater(self.poll, self._tick)
+        self._renew_timer = self._clock.callLater(self.lease / 3, self._renew)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        for timer in (self._poll_timer, self._renew_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._poll_timer = self._renew_timer = None
+
+        def failed(failure: Failure) -> None:
+            _log.warn(
+                "{what}: leases not released at stop ({error}); they expire",
+                what=self._what,
+                error=failure.getErrorMessage(),
+            )
+
+        return self.release_all().addErrback(failed)
+
+    def claim_now(self) -> None:
+        """Claim due work now (again after the claim in progress, if one runs)."""
+        if not self.running:
+            return
+        if self._claiming is not None:
+            self._again = True
+            return
+        self._claiming = Deferred.fromCoroutine(self._claim())
+
+    async def _claim(self) -> None:
+        try:
+            while True:
+                self._again = False
+                try:
+                    claimed = await self.claim_batch(self.batch)
+                except Exception as e:
+                    _log.warn(
+                        "{what}: claiming failed: {error}", what=self._what, error=str(e).strip()
+                    )
+                    return
+                if len(claimed) < self.batch and not self._again:
+                    return
+        finally:
+            self._claiming = None
+
+    def _tick(self) -> None:
+        self._poll_timer = self._clock.callLater(self.poll, self._tick)
+        self.claim_now()
+
+    def _renew(self) -> None:
+        self._renew_timer = self._clock.callLater(self.lease / 3, self._renew)
+
+        def failed(failure: Failure) -> None:
+            _log.warn(
+                "{what}: leases not renewed: {error}",
+                what=self._what,
+                error=failure.getErrorMessage(),
+            )
+
+        self.renew_leases().addCallbacks(self.lost, failed)

@@ -77,6 +77,7 @@ from mailsrv.smtp.server import SMTPServer
 from mailsrv.startup import StartupSummary
 from mailsrv.threads import ThreadPoolService
 from mailsrv.tls import CertificateWatcher, ReloadingServerTLS
+from mailsrv.webhook.pg_outbox import outbox_listener
 from mailsrv.webhook.service import build_webhooks
 
 _log = Logger(namespace="mailsrv")
@@ -234,7 +235,6 @@ def build_service(
         reload_hooks.append(tls.reload)
         metrics.before_scrape(functools.partial(export_certificate_expiry, tls, metrics))
     policy = RecipientPolicy(config, store)
-    queue_sink = ClusterQueueSink(cluster) if cluster is not None else QueueSink(queue_store)
     maildir_sink = MaildirSink(MaildirStore(config.mail_dir, config.server_name))
     local_success = LocalSuccessSink()
     # Webhook attempts are made whole in worker processes (started with the first event): the
@@ -252,8 +252,17 @@ def build_service(
         maildir_sink.delivered,
         metrics,
         body_spares=body_spares,
+        queue_database=cluster.database if cluster is not None else None,
     )
-    sinks: list[ICommitSink] = [maildir_sink, queue_sink, local_success, webhooks.sink]
+    queue_sink: ClusterQueueSink | QueueSink
+    sinks: list[ICommitSink]
+    if cluster is not None:
+        # The outbox's rows commit in the queue's transaction (mailsrv.webhook.pg_outbox).
+        queue_sink = ClusterQueueSink(cluster, [webhooks.part] if webhooks.part else [])
+        sinks = [maildir_sink, queue_sink, local_success]
+    else:
+        queue_sink = QueueSink(queue_store)
+        sinks = [maildir_sink, queue_sink, local_success, webhooks.sink]
     sync = filesystem_syncer(config.spool_dir, config.mail_dir, config.queue_dir, config.outbox_dir)
     # DKIM signing runs in worker processes too: dkimpy's RSA is pure Python (mailsrv.dkim.signer).
     signing_workers = ProcessPoolService(reactor, "mailsrv-dkim-sign", 2)
@@ -301,6 +310,12 @@ def build_service(
         claimer.setServiceParent(root)
         queue_listener(cluster.database.dsn, reactor, claimer.notified).setServiceParent(root)
     relay.scheduler.setServiceParent(root)
+    if cluster is not None and webhooks.claimer is not None:
+        # Before the dispatcher, for the same reason as the relay's claimer.
+        webhooks.claimer.setServiceParent(root)
+        outbox_listener(cluster.database.dsn, reactor, webhooks.claimer.notified).setServiceParent(
+            root
+        )
     webhooks.dispatcher.setServiceParent(root)
     actions = StoreActions(queue_store, reactor, threads.run, relay.scheduler)
     control = QueueControlService(

@@ -7,6 +7,7 @@ delivers every recipient exactly once, counted at the peer.
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,11 @@ import pytest_twisted
 from tests.relay_peer import Script, start_peer
 from tests.test_process import Server, free_port
 from tests.test_relay_process import BODY, eventually, queue_cli, queued, relay_server, send
+from tests.test_webhook_process import QUICK, config_file, receivers, webhooks_cli
+from tests.test_webhook_process import send as webhook_send
+from tests.webhook_rig import Answer, Listening, check_signed, start_receiver
+
+__all__ = ["receivers"]  # a fixture
 
 
 def node(tmp_path: Path, name: str, servers: list[Server], relay_port: int, dsn: str, **env: str):
@@ -302,3 +308,90 @@ async def test_postgresql_restarted_under_load_no_250_without_a_row_and_recovery
         assert sorted(delivered()) == sorted(accepted)
     finally:
         await peer.stop()
+
+
+def outbox(dsn: str) -> list[tuple[Any, ...]]:
+    """``(event_id, lease_node, attempts)`` of every outbox entry."""
+    with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT event_id, lease_node, (entry->>'attempts')::int FROM outbox_entries"
+            " ORDER BY event_id"
+        )
+        found = cursor.fetchall()
+    connection.close()
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_node_s_webhook_events_are_delivered_once_by_the_other(
+    tmp_path: Path, servers: list[Server], pg_dsn: str, receivers: list[Listening]
+) -> None:
+    receiver = start_receiver()
+    receivers.append(receiver)
+    await receiver.stop()  # the application is down
+    config = config_file(
+        tmp_path, {"name": "app", "url": receiver.url("/hook"), "retry_schedule": QUICK}
+    )
+    a = node(tmp_path, "a", servers, free_port(), pg_dsn, SMTP_CONFIG=str(config))
+    a.start()
+    for _ in range(3):
+        webhook_send(a, ["alice@example.org"])
+    # Every event is in the database before its 250, tried by A, and given back for a retry.
+    await eventually(
+        lambda: len(outbox(pg_dsn)) == 3 and all(n >= 1 for _e, _l, n in outbox(pg_dsn)),
+        "three events tried and pending",
+    )
+    pending = {event_id for event_id, _l, _n in outbox(pg_dsn)}
+    a.signal(signal.SIGKILL)
+    a.wait()
+    b = node(tmp_path, "b", servers, free_port(), pg_dsn, SMTP_CONFIG=str(config))
+    # With no server running on B's data directory, the command reads the cluster's outbox.
+    listed = webhooks_cli(b, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {e["event_id"] for e in json.loads(listed.stdout)["entries"]} == pending
+    receiver.start()  # the application is back, on the same port
+    b.start()
+    await eventually(lambda: outbox(pg_dsn) == [], "B's deliveries", within=60)
+    assert sorted(s.webhook_id for s in receiver.receiver.seen) == sorted(pending), "once each"
+    for seen in receiver.receiver.seen:
+        assert check_signed(seen)["type"] == "message.received"
+    with psycopg2.connect(pg_dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM outbox_bodies")
+        assert cursor.fetchone() == (0,), "each message went with its last event"
+    connection.close()
+    assert len(b.maildir_new()) == 0, "the messages were delivered on A's disk"
+    assert len(a.maildir_new()) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_410_disables_the_endpoint_on_every_node_until_a_redrive(
+    tmp_path: Path, servers: list[Server], pg_dsn: str, receivers: list[Listening]
+) -> None:
+    receiver = start_receiver()
+    receivers.append(receiver)
+    receiver.receiver.script("/hook", Answer(410))
+    config = config_file(
+        tmp_path, {"name": "app", "url": receiver.url("/hook"), "retry_schedule": QUICK}
+    )
+    a = node(tmp_path, "a", servers, free_port(), pg_dsn, SMTP_CONFIG=str(config))
+    b = node(tmp_path, "b", servers, free_port(), pg_dsn, SMTP_CONFIG=str(config))
+    a.start()
+    b.start()
+    webhook_send(a, ["alice@example.org"])
+    await eventually(lambda: "answered 410 Gone: disabled" in a.log(), "A's 410")
+    await eventually(
+        lambda: (
+            webhooks_cli(b, "list").stdout.startswith("endpoint app ")
+            and "DISABLED" in webhooks_cli(b, "list").stdout
+        ),
+        "B sees the endpoint disabled",
+    )
+    webhook_send(b, ["alice@example.org"])  # B's own event is kept, not sent, too
+    await eventually(lambda: len(outbox(pg_dsn)) == 2, "two events kept")
+    assert len(receiver.receiver.seen) == 1
+    redriven = webhooks_cli(b, "redrive", "--all")
+    assert redriven.returncode == 0, redriven.stderr
+    assert "endpoint(s) enabled again: app" in redriven.stdout
+    await eventually(lambda: outbox(pg_dsn) == [], "both sent after the redrive", within=60)
+    ids = [s.webhook_id for s in receiver.receiver.seen]
+    assert len(ids) == 3 and len(set(ids[1:])) == 2, "the first again, then the second, once"

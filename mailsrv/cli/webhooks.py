@@ -102,11 +102,35 @@ def _perform(config: Config, request: WebhookRequest) -> dict[str, Any]:
         from mailsrv.webhook.actions import OutboxActions
         from mailsrv.webhook.service import open_stores
 
+        if config.queue_url:
+            return await _on_cluster(config, request, reactor)
         store, states = open_stores(config, deferToThread)
         actions = OutboxActions(store, states, config.webhook_endpoints, reactor)
         return await perform(actions, request)
 
     return reach.perform(config, request, on_files)
+
+
+async def _on_cluster(config: Config, request: WebhookRequest, reactor: Any) -> dict[str, Any]:
+    """With ``queue_url`` and no server running here: the request on the cluster's outbox in
+    the queue database (every node follows a redrive: ``NOTIFY``)."""
+    from twisted.internet.threads import deferToThread
+
+    from mailsrv.relay.pg_queue import open_queue_database
+    from mailsrv.relay.queue_store import QueueError
+    from mailsrv.webhook.actions import OutboxActions
+    from mailsrv.webhook.service import open_cluster_stores
+
+    database = open_queue_database(config.queue_url, reactor)
+    try:
+        await database.open()
+        store, states = open_cluster_stores(config, database, reactor, deferToThread)
+        actions = OutboxActions(store, states, config.webhook_endpoints, reactor)
+        return await perform(actions, request)
+    except QueueError as e:
+        raise OutboxError(str(e)) from None
+    finally:
+        await database.close()
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -119,7 +143,8 @@ def _render(args: argparse.Namespace, request: WebhookRequest, response: dict[st
             print(json.dumps(data, indent=2, ensure_ascii=False))
         else:
             entries = [from_dict(raw) for raw in response["entries"]]
-            for line in listing(entries, response["endpoints"], now()):
+            leases = response.get("leases") or {}
+            for line in listing(entries, response["endpoints"], now(), leases):
                 print(line)
     elif request.action == "show":
         for raw in response["entries"]:
@@ -139,10 +164,15 @@ def _when(entry: OutboxEntry, moment: float) -> str:
 
 
 def listing(
-    entries: list[OutboxEntry], endpoints: list[dict[str, Any]], moment: float
+    entries: list[OutboxEntry],
+    endpoints: list[dict[str, Any]],
+    moment: float,
+    leases: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """The ``mailsrv webhooks list`` lines: the endpoints, then one block per entry (id, type,
-    state, attempts, when; the last status or error beneath)."""
+    state, attempts, when; the last status or error beneath, and the node sending it, with
+    several nodes)."""
+    leases = leases or {}
     lines = []
     for endpoint in endpoints:
         where = printable(endpoint["url"]) if endpoint["url"] else "(not configured)"
@@ -172,6 +202,10 @@ def listing(
             status = f"HTTP {entry.last_status}" if entry.last_status else "no response"
             said = entry.last_error or status
             lines.append(f"    (last: {' '.join(printable(said).split())})")
+        lease = leases.get(entry.key)
+        if lease is not None:
+            left = duration(float(lease["until"]) - moment)
+            lines.append(f"    (being sent by node {printable(str(lease['node']))}, lease {left})")
     summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
     lines.append(f"-- {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}: {summary}")
     return lines

@@ -43,14 +43,14 @@ import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg2
 import psycopg2.extras
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -58,7 +58,7 @@ from mailsrv.auth.migrations import MigrationSet, apply_postgresql
 from mailsrv.delivery.envelope import AcceptedMessage
 from mailsrv.delivery.sinks import Failures, ICommitSink, SinkUnavailable, StagedMessage
 from mailsrv.fileops import unlink_if_present
-from mailsrv.pgsql import Database, Listener, is_connection_error
+from mailsrv.pgsql import Database, LeaseKeeper, Listener, is_connection_error
 from mailsrv.relay.queue_store import Change, ISharedQueueStore, NoSuchMessage, QueueError
 from mailsrv.relay.records import QueueRecord, RecordError, State, decode, encode
 from mailsrv.threads import RunInThread
@@ -115,6 +115,50 @@ _RELEASE = (
     "UPDATE queue_messages SET lease_node = NULL, lease_until = NULL"
     " WHERE lease_node = %s AND queue_id = ANY(%s)"
 )
+
+
+class BodyReader:
+    """Reads each staged body once per batch, however many parts of the batch store it."""
+
+    def __init__(self) -> None:
+        self._read: dict[str, bytes] = {}
+
+    def __call__(self, staged: StagedMessage) -> bytes:
+        body = self._read.get(staged.queue_id)
+        if body is None:
+            body = self._read[staged.queue_id] = staged.body.read_bytes()
+        return body
+
+
+@dataclass
+class PartRows:
+    """A :class:`ClusterPart`'s rows of one batch, made in the committer's thread."""
+
+    queue_ids: set[str]
+    """The messages that have rows in this part."""
+    failures: dict[str, BaseException]
+    """The messages whose rows could not be made (they get a 451)."""
+    insert: Callable[[Any, set[str]], None]
+    """Run the inserts of the messages named in the set (those being committed) on a cursor."""
+    after: Callable[[set[str]], None]
+    """After the COMMIT, with the messages committed (the part's caches, what it hands on)."""
+
+
+class ClusterPart(Protocol):
+    """Another store in the queue database whose rows of a batch commit in the queue's one
+    transaction (the webhook outbox: :mod:`mailsrv.webhook.pg_outbox`)."""
+
+    def rows(self, batch: Sequence[StagedMessage], read: BodyReader) -> PartRows:
+        """The rows of ``batch`` (committer thread, blocking; no statement yet)."""
+
+    def delete(self, cursor: Any, queue_id: str) -> None:
+        """Remove what this part wrote for ``queue_id`` (a rollback, in its transaction)."""
+
+    def unstaged(self, queue_id: str) -> None:
+        """After that rollback committed: forget ``queue_id`` here."""
+
+    def committed(self, messages: Sequence[AcceptedMessage]) -> None:
+        """Reactor thread, after the 250s: hand the new rows to whoever works on them."""
 
 
 class QueueUnavailable(QueueError, SinkUnavailable):
@@ -320,56 +364,94 @@ class ClusterQueueStore:
     def stage_batch_blocking(
         self, batch: Sequence[StagedMessage]
     ) -> tuple[list[QueueRecord], Failures]:
-        """Queue the remote recipients of every message of ``batch`` in one transaction.
+        """Queue the remote recipients of every message of ``batch`` in one transaction: the
+        new records (leased to this node) and the messages that failed."""
+        records, failures, _written = self.commit_batch_blocking(batch, ())
+        return records, failures
 
-        The new records (leased to this node) and the messages that failed (all of them when
-        the transaction failed)."""
-        rows = []
-        records = []
+    def commit_batch_blocking(
+        self, batch: Sequence[StagedMessage], parts: Sequence[ClusterPart]
+    ) -> tuple[list[QueueRecord], dict[str, BaseException], set[str]]:
+        """Queue the remote recipients of every message of ``batch``, and write the rows of
+        every other ``part`` (the webhook outbox), in one transaction.
+
+        The new records (leased to this node), the messages that failed (all of them that
+        have rows when the transaction failed) and those that have rows now."""
+        read = BodyReader()
+        records, rows, failures = self.queue_rows(batch, read)
+        accepted = [staged for staged in batch if staged.queue_id not in failures]
+        prepared = [part.rows(accepted, read) for part in parts]
+        for rows_of_part in prepared:
+            failures.update(rows_of_part.failures)
+        writing = {record.queue_id for record in records} | {
+            queue_id for rows_of_part in prepared for queue_id in rows_of_part.queue_ids
+        }
+        writing -= failures.keys()
+        if not writing:
+            return [], failures, set()
+
+        def insert(cursor: Any) -> None:
+            wanted = [row for row in rows if row[0] in writing]
+            if wanted:
+                psycopg2.extras.execute_values(cursor, _INSERT, wanted)
+            for rows_of_part in prepared:
+                rows_of_part.insert(cursor, writing)
+
+        try:
+            self.commit_blocking(insert)
+        except Exception as e:  # each message's own line says why (a 451)
+            for queue_id in writing:
+                failures[queue_id] = e
+            return [], failures, set()
+        os.makedirs(self.cache_dir, exist_ok=True)
+        written = [record for record in records if record.queue_id in writing]
+        queued = {record.queue_id for record in written}
+        for staged in batch:
+            if staged.queue_id in queued:
+                link_or_copy(staged.body, self.body_path(staged.queue_id))
+        for rows_of_part in prepared:
+            rows_of_part.after(writing)
+        return written, failures, writing
+
+    def queue_rows(
+        self, batch: Sequence[StagedMessage], read: BodyReader
+    ) -> tuple[list[QueueRecord], list[tuple[Any, ...]], dict[str, BaseException]]:
+        """The new records of ``batch``'s messages with remote recipients and their rows."""
         now = self._clock.seconds()
-        until = now + self.lease
-        staged_of: dict[str, StagedMessage] = {}
+        records, rows = [], []
         failures: dict[str, BaseException] = {}
         for staged in batch:
             record = QueueRecord.from_message(staged.message)
             if record is None:
                 continue
             try:
-                body = staged.body.read_bytes()
+                body = read(staged)
             except OSError as e:
                 failures[staged.queue_id] = e
                 continue
-            staged_of[record.queue_id] = staged
             records.append(record)
-            rows.append(
-                (
-                    record.queue_id,
-                    encode(record).decode("utf-8"),
-                    psycopg2.Binary(body),
-                    record.created_at,
-                    next_due(record, now),
-                    self.node,
-                    until,
-                )
-            )
-        if not rows:
-            return [], failures
+            rows.append(self._row(record, body, now))
+        return records, rows, failures
+
+    def _row(self, record: QueueRecord, body: bytes, now: float) -> tuple[Any, ...]:
+        """The ``queue_messages`` row of a new ``record`` with ``body``, leased to this node."""
+        return (
+            record.queue_id,
+            encode(record).decode("utf-8"),
+            psycopg2.Binary(body),
+            record.created_at,
+            next_due(record, now),
+            self.node,
+            now + self.lease,
+        )
+
+    def commit_blocking(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(cursor)`` in one transaction on the committer's connection, once the
+        database is open (mail that arrives while the node starts waits for the schema, up to
+        ``open_wait`` seconds, then gets a 451)."""
         if not self._opened.wait(self.open_wait):
-            # Mail that arrives while the node starts waits for the schema, then gets a 451.
-            error = QueueUnavailable("the queue database is not open (yet)")
-            for queue_id in staged_of:
-                failures[queue_id] = error
-            return [], failures
-        try:
-            self._commit.run(lambda cursor: psycopg2.extras.execute_values(cursor, _INSERT, rows))
-        except Exception as e:  # each message's own line says why (a 451)
-            for queue_id in staged_of:
-                failures[queue_id] = e
-            return [], failures
-        os.makedirs(self.cache_dir, exist_ok=True)
-        for queue_id, staged in staged_of.items():
-            _link_or_copy(staged.body, self.body_path(queue_id))
-        return records, failures
+            raise QueueUnavailable("the queue database is not open (yet)")
+        return self._commit.run(work)
 
     def stage_blocking(self, message: AcceptedMessage, body_path: Path) -> QueueRecord | None:
         records, failures = self.stage_batch_blocking([StagedMessage(message, body_path)])
@@ -404,20 +486,10 @@ class ClusterQueueStore:
         if record is None:
             raise ValueError(f"{message.queue_id} has no remote recipient to queue")
         body: bytes = await self._run(body_path.read_bytes)
-        now = self._clock.seconds()
-        until = now + self.lease
-        row = (
-            record.queue_id,
-            encode(record).decode("utf-8"),
-            psycopg2.Binary(body),
-            record.created_at,
-            next_due(record, now),
-            self.node,
-            until,
-        )
+        row = self._row(record, body, self._clock.seconds())
         await self.database.transaction(_insert_rows, [row])
         await self._run(self._cache_body, record.queue_id, body)
-        self._hold(record, until)
+        self._hold(record, row[-1])
         return record
 
     def load(self) -> Deferred[list[QueueRecord]]:
@@ -425,7 +497,7 @@ class ClusterQueueStore:
         before the restart included (they need not expire first)."""
 
         async def load() -> list[QueueRecord]:
-            await self._run(_clear_directory, self.cache_dir)
+            await self._run(clear_directory, self.cache_dir)
             # This node's connections of before a restart are gone.
             await self.database.query(
                 "DELETE FROM queue_slots WHERE node = %s RETURNING 1", (self.node,)
@@ -465,11 +537,7 @@ class ClusterQueueStore:
         return claimed
 
     def _cache_body(self, queue_id: str, body: bytes) -> None:
-        os.makedirs(self.cache_dir, exist_ok=True)
-        path = self.body_path(queue_id)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(body)
-        os.replace(tmp, path)
+        write_file(self.body_path(queue_id), body)
 
     def renew(self) -> Deferred[list[str]]:
         """Extend every lease this node holds; fires with the queue ids whose lease was lost
@@ -671,7 +739,7 @@ class ClusterQueueStore:
                     raise
                 if not self.holds(queue_id):
                     raise LeaseLost(queue_id) from e
-                await _sleep(self._clock, 1.0)
+                await sleep(self._clock, 1.0)
 
     def remove(self, queue_id: str) -> Deferred[None]:
         d = self.modify(queue_id, lambda _current: None)
@@ -683,13 +751,16 @@ class ClusterQueueStore:
 
 @implementer(ICommitSink)
 class ClusterQueueSink:
-    """The cluster queue as a commit sink: one transaction per batch (see the module)."""
+    """The queue database as a commit sink: the queue's rows of a batch, and those of every
+    other ``part`` (the webhook outbox), in one transaction (see the module docstring)."""
 
     name = "queue"
 
-    def __init__(self, store: ClusterQueueStore) -> None:
+    def __init__(self, store: ClusterQueueStore, parts: Sequence[ClusterPart] = ()) -> None:
         self._store = store
+        self._parts = tuple(parts)
         self._staged: dict[str, QueueRecord] = {}
+        self._written: set[str] = set()  # the messages of the batch being written with rows
         self._listeners: list[Callable[[list[QueueRecord]], None]] = []
 
     def listen(self, queued: Callable[[list[QueueRecord]], None]) -> None:
@@ -697,14 +768,28 @@ class ClusterQueueSink:
         self._listeners.append(queued)
 
     def write(self, batch: Sequence[StagedMessage]) -> Failures:
-        records, failures = self._store.stage_batch_blocking(batch)
+        records, failures, self._written = self._store.commit_batch_blocking(batch, self._parts)
         for record in records:
             self._staged[record.queue_id] = record
         return failures
 
     def rollback(self, staged: StagedMessage) -> None:
-        if self._staged.pop(staged.queue_id, None) is not None:
-            self._store.unstage_blocking(staged.queue_id)
+        queue_id = staged.queue_id
+        record = self._staged.pop(queue_id, None)
+        if queue_id not in self._written:
+            return
+        self._written.discard(queue_id)
+
+        def delete(cursor: Any) -> None:
+            cursor.execute("DELETE FROM queue_messages WHERE queue_id = %s", (queue_id,))
+            for part in self._parts:
+                part.delete(cursor, queue_id)
+
+        self._store.commit_blocking(delete)
+        if record is not None:
+            unlink_if_present(self._store.body_path(queue_id))
+        for part in self._parts:
+            part.unstaged(queue_id)
 
     def committed(self, messages: Sequence[AcceptedMessage]) -> None:
         new = [r for m in messages if (r := self._staged.pop(m.queue_id, None)) is not None]
@@ -712,6 +797,8 @@ class ClusterQueueSink:
             self._store.remember(new)
             for queued in self._listeners:
                 queued(new)
+        for part in self._parts:
+            part.committed(messages)
 
 
 def queue_listener(dsn: str, reactor: Any, notified: Callable[[str], None]) -> Listener:
@@ -719,7 +806,7 @@ def queue_listener(dsn: str, reactor: Any, notified: Callable[[str], None]) -> L
     return Listener(dsn, reactor, CHANNEL, notified)
 
 
-class ClusterClaimer(Service):
+class ClusterClaimer(LeaseKeeper):
     """Keeps this node's share of the cluster queue: claims due rows (every ``poll`` seconds,
     and at once on a ``NOTIFY``), renews the leases it holds, and releases them at stop.
 
@@ -734,42 +821,28 @@ class ClusterClaimer(Service):
         poll: float = 5.0,
         batch: int = 100,
     ) -> None:
+        super().__init__(clock, store.lease, poll, batch, "relay-cluster", "queue database")
         self._store = store
         self._scheduler = scheduler
-        self._clock = clock
-        self.poll = poll
-        self.batch = batch
-        self._poll_timer: IDelayedCall | None = None
-        self._renew_timer: IDelayedCall | None = None
-        self._claiming: Deferred[Any] | None = None
-        self._again = False
-        self.setName("relay-cluster")
 
-    def startService(self) -> None:
-        super().startService()
-        self._poll_timer = self._clock.callLater(self.poll, self._tick)
-        self._renew_timer = self._clock.callLater(self._store.lease / 3, self._renew)
+    async def claim_batch(self, limit: int) -> list[Any]:
+        records = await self._store.claim(limit)
+        if records:
+            self._scheduler.claimed(records)
+        return records
 
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        for timer in (self._poll_timer, self._renew_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._poll_timer = self._renew_timer = None
-        return self.release_all()
+    def renew_leases(self) -> Deferred[list[str]]:
+        return self._store.renew()
+
+    def lost(self, ids: list[str]) -> None:
+        for queue_id in ids:
+            self._scheduler.replaced(None, queue_id)
 
     def release_all(self) -> Deferred[None]:
-        """Give up every lease held (the scheduler has stopped: nothing is in flight)."""
+        """Give up every lease held and every connection slot (the scheduler has stopped:
+        nothing is in flight)."""
         d = self._store.release(self._store.held)
-        d.addCallback(lambda _: self._store.give_all_slots())
-
-        def failed(failure: Any) -> None:
-            _log.warn(
-                "queue database: leases not released at stop ({error}); they expire",
-                error=failure.getErrorMessage(),
-            )
-
-        return d.addErrback(failed)
+        return d.addCallback(lambda _: self._store.give_all_slots())
 
     def notified(self, payload: str) -> None:
         """A ``NOTIFY`` on :data:`CHANNEL`: ``flush [id]`` retries now, ``changed <id>``
@@ -784,50 +857,6 @@ class ClusterClaimer(Service):
         elif words and words[0] == "flush":
             self._scheduler.flush(words[1] if len(words) > 1 else None)
         self.claim_now()
-
-    def claim_now(self) -> None:
-        """Claim due work now (again after the claim in progress, if one runs)."""
-        if not self.running:
-            return
-        if self._claiming is not None:
-            self._again = True
-            return
-        self._claiming = Deferred.fromCoroutine(self._claim())
-
-    async def _claim(self) -> None:
-        try:
-            while True:
-                self._again = False
-                try:
-                    records = await self._store.claim(self.batch)
-                except Exception as e:
-                    _log.warn("queue database: claiming failed: {error}", error=str(e).strip())
-                    return
-                if records:
-                    self._scheduler.claimed(records)
-                if len(records) < self.batch and not self._again:
-                    return
-        finally:
-            self._claiming = None
-
-    def _tick(self) -> None:
-        self._poll_timer = self._clock.callLater(self.poll, self._tick)
-        self.claim_now()
-
-    def _renew(self) -> None:
-        self._renew_timer = self._clock.callLater(self._store.lease / 3, self._renew)
-        d = self._store.renew()
-
-        def renewed(lost: list[str]) -> None:
-            for queue_id in lost:
-                self._scheduler.replaced(None, queue_id)
-
-        def failed(failure: Any) -> None:
-            _log.warn(
-                "queue database: leases not renewed: {error}", error=failure.getErrorMessage()
-            )
-
-        d.addCallbacks(renewed, failed)
 
 
 async def _take_slot(
@@ -871,27 +900,37 @@ async def _nothing() -> None:
     return None
 
 
-async def _sleep(clock: IReactorTime, seconds: float) -> None:
+async def sleep(clock: IReactorTime, seconds: float) -> None:
+    """Wait ``seconds`` on ``clock``."""
     d: Deferred[None] = Deferred()
     clock.callLater(seconds, d.callback, None)
     await d
 
 
-def _clear_directory(path: Path) -> None:
+def clear_directory(path: Path) -> None:
+    """Make ``path`` an empty directory (its files removed; a cache at start)."""
     os.makedirs(path, exist_ok=True)
     for entry in os.scandir(path):
         if entry.is_file():
             unlink_if_present(Path(entry.path))
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` a hard link of ``source`` (a copy across filesystems: a cache only)."""
+    os.makedirs(target.parent, exist_ok=True)
+    unlink_if_present(target)  # left by a run before a crash: this body is the one
     try:
         os.link(source, target)
-    except FileExistsError:  # left by a run before a crash: this body is the one
-        target.unlink()
-        os.link(source, target)
-    except OSError:  # another filesystem: the cache is only a cache
+    except OSError:
         target.write_bytes(source.read_bytes())
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole (tmp and rename; no sync: a cache)."""
+    os.makedirs(path.parent, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def first_line(error: BaseException) -> str:

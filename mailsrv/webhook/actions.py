@@ -18,19 +18,19 @@ runs, so the rules are the same everywhere:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
-from mailsrv.webhook.endpoint_state import DisabledEndpoint, DisabledEndpoints
+from mailsrv.webhook.endpoint_state import DisabledEndpoint, EndpointStates
 from mailsrv.webhook.endpoint_state import to_dict as state_dict
 from mailsrv.webhook.endpoints import Endpoint
 from mailsrv.webhook.entries import EntryState, OutboxEntry, valid_event_id, valid_key
 from mailsrv.webhook.entries import to_dict as entry_dict
-from mailsrv.webhook.outbox_store import NoSuchEntry, OutboxError, OutboxStore
+from mailsrv.webhook.outbox_store import NoSuchEntry, Outbox, OutboxError
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class OutboxView:
 
     entries: list[OutboxEntry]
     endpoints: list[EndpointView]
+    leases: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """A shared outbox: the node sending each entry being sent, and until when its lease
+    lasts."""
 
 
 class IOutboxActions(Interface):
@@ -90,8 +93,8 @@ class OutboxActions:
 
     def __init__(
         self,
-        store: OutboxStore,
-        states: DisabledEndpoints,
+        store: Outbox,
+        states: EndpointStates,
         endpoints: Sequence[Endpoint],
         clock: IReactorTime,
         dispatcher: DispatcherHooks | None = None,
@@ -136,7 +139,7 @@ class OutboxActions:
                     done=states.count(EntryState.DONE),
                 )
             )
-        return OutboxView(entries, views)
+        return OutboxView(entries, views, await self._store.leases())
 
     def show(self, ident: str) -> Deferred[list[OutboxEntry]]:
         return Deferred.fromCoroutine(self._find(ident))
@@ -218,4 +221,7 @@ def view_to_dict(view: OutboxView) -> dict[str, Any]:
             }
             for e in view.endpoints
         ],
+        "leases": {
+            key: {"node": node, "until": until} for key, (node, until) in view.leases.items()
+        },
     }

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from mailsrv.threads import RunInThread
 from mailsrv.webhook.endpoints import Endpoint
 from mailsrv.webhook.entries import DeliverySource, MessageSource, OutboxEntry
-from mailsrv.webhook.outbox_store import OutboxStore
+from mailsrv.webhook.outbox_store import Outbox
 from mailsrv.webhook.payload import build_delivery_event, build_message_event, encode_event
 
 
@@ -67,7 +67,7 @@ class PayloadBuilder:
     :class:`mailsrv.processes.ProcessPoolService`, or a thread pool), relay outcomes built at
     once."""
 
-    def __init__(self, store: OutboxStore, run_elsewhere: RunInThread) -> None:
+    def __init__(self, store: Outbox, run_elsewhere: RunInThread) -> None:
         self._store = store
         self._run = run_elsewhere
 

@@ -50,10 +50,10 @@ from twisted.python.failure import Failure
 
 from mailsrv.ops.metrics import Metrics
 from mailsrv.webhook.delivery import Delivery
-from mailsrv.webhook.endpoint_state import DisabledEndpoint, DisabledEndpoints
+from mailsrv.webhook.endpoint_state import DisabledEndpoint, EndpointStates
 from mailsrv.webhook.endpoints import Endpoint
 from mailsrv.webhook.entries import EntryState, OutboxEntry
-from mailsrv.webhook.outbox_store import OutboxStore
+from mailsrv.webhook.outbox_store import NoSuchEntry, Outbox
 from mailsrv.webhook.payload import iso_time
 from mailsrv.webhook.sender import AttemptResult, Outcome
 
@@ -85,8 +85,8 @@ class WebhookDispatcher(Service):
 
     def __init__(
         self,
-        store: OutboxStore,
-        states: DisabledEndpoints,
+        store: Outbox,
+        states: EndpointStates,
         endpoints: Sequence[Endpoint],
         delivery: Delivery,
         clock: IReactorTime,
@@ -218,6 +218,8 @@ class WebhookDispatcher(Service):
             lane = self._lanes.get(entry.endpoint)
             if lane is None or entry.state is not EntryState.PENDING:
                 continue
+            if not self._store.holds(entry.key):
+                continue  # a shared outbox's entry another node holds: it sends it
             self.pending[entry.key] = entry
             if entry.key not in self._flying:
                 self._schedule(lane, entry.key, entry.next_attempt or now)
@@ -260,6 +262,7 @@ class WebhookDispatcher(Service):
                 self._when.pop(key, None)
         if lane.disabled is not None:
             self._kept_states[name] = lane.disabled
+        self._let_go(name)
         _log.info(
             "webhook endpoint {endpoint} is no longer configured: {count} pending event(s) "
             "kept, not sent",
@@ -283,6 +286,50 @@ class WebhookDispatcher(Service):
             count=len(kept),
         )
         self._pump(lane)
+
+    def _let_go(self, endpoint: str) -> None:
+        """A shared outbox: give back the entries of ``endpoint`` held here and not in
+        flight (it is disabled or not configured here; another node, or a redrive, takes them
+        up)."""
+        if not self._store.shared:
+            return
+        keys = [
+            key
+            for key, entry in self.pending.items()
+            if entry.endpoint == endpoint and key not in self._flying
+        ]
+        keys += list(self._kept.pop(endpoint, {}))
+        for key in keys:
+            self.pending.pop(key, None)
+            self._when.pop(key, None)
+        if keys:
+            self._in_background(self._store.release(keys))
+
+    def endpoint_names(self) -> list[str]:
+        """The endpoints this node sends to (a shared outbox: what it claims)."""
+        return list(self._lanes)
+
+    def lost(self, keys: Iterable[str]) -> None:
+        """A shared outbox: the leases of ``keys`` were lost; they are not sent from here."""
+        for key in keys:
+            if key not in self._flying:
+                self.pending.pop(key, None)
+                self._when.pop(key, None)
+
+    def restore_disabled(self, states: Iterable[DisabledEndpoint]) -> None:
+        """A shared outbox: endpoints disabled in the cluster (at start, or by another node):
+        their lanes stop here too (unless their URL changed here)."""
+        for state in states:
+            lane = self._lanes.get(state.name)
+            if lane is None:
+                self._kept_states[state.name] = state
+            elif lane.disabled is None:
+                self._restore_state(lane, state)
+                if lane.disabled is not None:
+                    if lane.timer is not None and lane.timer.active():
+                        lane.timer.cancel()
+                    lane.timer = None
+                    self._let_go(state.name)
 
     def redriven(self, entries: Iterable[OutboxEntry]) -> None:
         """An operator made entries pending again (durably): send them."""
@@ -371,6 +418,13 @@ class WebhookDispatcher(Service):
             entry = self.pending.get(key)
             if entry is None:
                 continue
+            if not self._store.holds(key):  # the lease ran out (a frozen node): not ours now
+                del self.pending[key]
+                _log.warn(
+                    "webhook {key}: not sent, its lease ran out (another node may send it)",
+                    key=key,
+                )
+                continue
             lane.in_flight += 1
             self._flying.add(key)
             attempt = Deferred.fromCoroutine(self._attempt(lane, entry))
@@ -444,6 +498,11 @@ class WebhookDispatcher(Service):
         else:
             try:
                 await self._store.update(new)
+            except NoSuchEntry:  # a shared outbox: the lease ran out meanwhile
+                _log.warn(
+                    "webhook {key}: the outcome was not stored, its lease ran out",
+                    key=new.key,
+                )
             except Exception:  # the disk still has the pending entry: it is sent again later
                 _log.failure(
                     "webhook {event_id}: the outcome was not stored", event_id=new.event_id
@@ -469,7 +528,10 @@ class WebhookDispatcher(Service):
             _log.info(text, **fields)
         # An endpoint removed by a reload while this attempt ran may be back by now.
         current = self._lanes.get(new.endpoint) if lane.removed else lane
-        if new.state is EntryState.PENDING and current is None:
+        if new.state is EntryState.PENDING and self._store.shared:
+            # The write gave the lease back: whichever node is free when it is due sends it.
+            self.pending.pop(new.key, None)
+        elif new.state is EntryState.PENDING and current is None:
             self.pending.pop(new.key, None)
             self._kept.setdefault(new.endpoint, {})[new.key] = new
         elif new.state is EntryState.PENDING and current is not None:
@@ -509,6 +571,7 @@ class WebhookDispatcher(Service):
         if lane.timer is not None and lane.timer.active():
             lane.timer.cancel()
         lane.timer = None
+        self._let_go(state.name)
         _log.warn(
             "webhook endpoint {endpoint} answered 410 Gone: disabled; its events are kept and "
             "not sent until 'mailsrv webhooks redrive --endpoint {endpoint}' or a new URL",

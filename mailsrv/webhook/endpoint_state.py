@@ -14,8 +14,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailsrv.jsonstore.directory import RecordDirectory
@@ -60,6 +61,21 @@ def from_dict(raw: object) -> DisabledEndpoint:
         disabled_at=fields.number("disabled_at"),
         reason=fields.text("reason", allow_controls=True),
     )
+
+
+class EndpointStates(Protocol):
+    """Where disabled endpoints are remembered: this node's files (:class:`DisabledEndpoints`)
+    or, for several nodes, the queue database
+    (:class:`~mailsrv.webhook.pg_outbox.ClusterDisabledEndpoints`)."""
+
+    def records(self) -> Deferred[list[DisabledEndpoint]]:
+        """Every disabled endpoint."""
+
+    def put(self, record: DisabledEndpoint) -> Deferred[None]:
+        """Remember a disabled endpoint."""
+
+    def remove(self, key: str) -> Deferred[None]:
+        """Enable endpoint ``key`` again (nothing if it is not disabled)."""
 
 
 class DisabledEndpoints(RecordDirectory[DisabledEndpoint]):

@@ -24,9 +24,11 @@ with its id).  The server's hold on the queue
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from mailsrv.jsonstore.directory import RecordDirectory, StoreError
@@ -49,8 +51,54 @@ class NoSuchEntry(OutboxError):
         self.key = key
 
 
+class Outbox(Protocol):
+    """What the dispatcher, the relay events and the operator's actions use of an outbox: the
+    files here, or the queue database's (:mod:`mailsrv.webhook.pg_outbox`)."""
+
+    shared: bool
+    """True when other nodes send from the same outbox: a node sends only what it holds."""
+
+    def holds(self, key: str) -> bool:
+        """True while this node may send entry ``key``."""
+
+    def release(self, keys: Sequence[str]) -> Deferred[None]:
+        """This node gives up ``keys`` (it will not send them now)."""
+
+    def records(self) -> Deferred[list[OutboxEntry]]:
+        """Every entry, oldest first."""
+
+    def get(self, key: str) -> Deferred[OutboxEntry | None]:
+        """The entry ``key``, if there is one."""
+
+    def leases(self) -> Deferred[dict[str, tuple[str, float]]]:
+        """The node holding each entry being worked on, and until when (shared outboxes)."""
+
+    def update(self, record: OutboxEntry) -> Deferred[None]:
+        """Store the entry's new state."""
+
+    def put(self, record: OutboxEntry) -> Deferred[None]:
+        """Store a new entry."""
+
+    def discard(self, key: str) -> Deferred[None]:
+        """Forget a delivered entry."""
+
+    def modify(
+        self, key: str, change: Callable[[OutboxEntry], OutboxEntry | None]
+    ) -> Deferred[OutboxEntry | None]:
+        """An operator's change of an entry."""
+
+    def body_path(self, key: str) -> Path:
+        """The message file a message event's entry is built from."""
+
+    def sort_key(self, record: OutboxEntry) -> tuple[float, str]:
+        """The order entries are listed in."""
+
+
 class OutboxStore(RecordDirectory[OutboxEntry]):
     """The outbox as files under ``root`` (see the module docstring)."""
+
+    shared = False
+    """This node's own outbox: it sends everything in it."""
 
     what = "outbox entry"
     bodies_what = "outbox message links"
@@ -99,6 +147,15 @@ class OutboxStore(RecordDirectory[OutboxEntry]):
             dead=counts[EntryState.DEAD],
             done=counts[EntryState.DONE],
         )
+
+    def holds(self, key: str) -> bool:
+        return True
+
+    def release(self, keys: Sequence[str]) -> Deferred[None]:
+        return succeed(None)
+
+    def leases(self) -> Deferred[dict[str, tuple[str, float]]]:
+        return succeed({})
 
     def stage_blocking(self, entry: OutboxEntry, body: Path | None) -> None:
         """Write a new entry with a link of ``body`` (committer thread; no sync)."""

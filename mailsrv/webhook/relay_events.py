@@ -34,7 +34,7 @@ from mailsrv.webhook.entries import (
     delivery_event_id,
     new_entries,
 )
-from mailsrv.webhook.outbox_store import OutboxStore
+from mailsrv.webhook.outbox_store import Outbox
 
 _log = Logger(namespace="mailsrv.webhook")
 
@@ -53,7 +53,7 @@ class RelayEvents:
 
     def __init__(
         self,
-        store: OutboxStore,
+        store: Outbox,
         endpoints: Sequence[Endpoint],
         added: Callable[[list[OutboxEntry]], None],
         clock: IReactorTime,

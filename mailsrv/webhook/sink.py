@@ -44,7 +44,7 @@ class OutboxSink:
 
     def __init__(
         self,
-        store: OutboxStore,
+        store: OutboxStore | None,
         endpoints: Sequence[Endpoint],
         maildir_paths: MaildirPaths = _no_paths,
     ) -> None:
@@ -87,7 +87,7 @@ class OutboxSink:
 
     def write(self, batch: Sequence[StagedMessage]) -> Failures:
         failures: dict[str, BaseException] = {}
-        if not self._endpoints:
+        if not self._endpoints or self._store is None:
             return failures
         for staged in batch:
             entries = self.entries_for(staged)
@@ -110,10 +110,18 @@ class OutboxSink:
 
     def rollback(self, staged: StagedMessage) -> None:
         for entry in self._staged.pop(staged.queue_id, []):
-            self._store.unstage_blocking(entry.key)
+            if self._store is not None:
+                self._store.unstage_blocking(entry.key)
 
     def committed(self, messages: Sequence[AcceptedMessage]) -> None:
         entries = [e for m in messages for e in self._staged.pop(m.queue_id, [])]
         if entries:
-            for added in self._listeners:
-                added(entries)
+            self.hand_over(entries)
+
+    def hand_over(self, entries: list[OutboxEntry]) -> None:
+        """Give committed ``entries`` to the listeners (the dispatcher).  With the outbox in
+        the queue database, :class:`~mailsrv.webhook.pg_outbox.OutboxPart` writes what
+        :meth:`entries_for` makes and calls this; this sink is then not in the committer's
+        list."""
+        for added in self._listeners:
+            added(entries)
