@@ -16,7 +16,7 @@ import psycopg2
 import pytest_twisted
 
 from tests.relay_peer import Script, start_peer
-from tests.test_process import Server, free_port
+from tests.test_process import Server, free_port, run_twistd
 from tests.test_relay_process import BODY, eventually, queue_cli, queued, relay_server, send
 from tests.test_webhook_process import QUICK, config_file, receivers, webhooks_cli
 from tests.test_webhook_process import send as webhook_send
@@ -395,3 +395,30 @@ async def test_a_410_disables_the_endpoint_on_every_node_until_a_redrive(
     await eventually(lambda: outbox(pg_dsn) == [], "both sent after the redrive", within=60)
     ids = [s.webhook_id for s in receiver.receiver.seen]
     assert len(ids) == 3 and len(set(ids[1:])) == 2, "the first again, then the second, once"
+
+
+def test_a_queue_url_that_is_not_postgresql_stops_the_start(tmp_path: Path) -> None:
+    result = run_twistd(
+        tmp_path, "-n", "--pidfile=", "mailsrv", SMTP_QUEUE_URL="mysql://db.example.org/q"
+    )
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == ["mailsrv: queue_url: expected a postgresql:// URL"]
+    assert "Traceback" not in result.stdout
+
+
+def test_an_unreachable_queue_database_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    result = run_twistd(
+        tmp_path,
+        "-n",
+        "--pidfile=",
+        "mailsrv",
+        SMTP_PORT=str(free_port()),
+        SMTP_QUEUE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert "cannot open the queue database (queue_url): database error: Connection refused" in (
+        output
+    )
+    assert "leases not released" not in output, "nothing was held"

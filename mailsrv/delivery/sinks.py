@@ -45,7 +45,9 @@ A sink that only wraps blocking store methods is a few lines; for a relay queue 
 A store that is not on this machine's disk is a sink too: the cluster queue
 (:mod:`mailsrv.relay.pg_queue`) writes a batch's rows in one transaction on its own blocking
 connection in ``write``, so its COMMIT happens between the two syncs like the other sinks'
-writes, and a failed one fails those messages (a 451) with everything else rolled back.
+writes, and a failed one fails those messages (a 451) with everything else rolled back.  The
+webhook outbox's rows join that transaction (the queue sink's ``parts``), so with the cluster
+queue the outbox is no sink of its own.
 
 Before a message joins a batch, each :class:`ICommitPreparer` may give the committer a new
 version of it, made from its body off the reactor: the DKIM signer

@@ -9,8 +9,10 @@ next waiting recipient is due, and a *lease*: the node working on it and until w
   between the batch's two filesystem syncs, so the rows are committed before any 250 and
   concurrent messages share one COMMIT (group commit).  A new row is leased to the node that
   accepted it, which starts on it at once; its body stays linked in this node's cache
-  (``<data_dir>/queue-cache/``), so the first attempt reads no body back.  When PostgreSQL
-  cannot be reached, the messages that need the queue get a 451; local-only ones still deliver.
+  (``<data_dir>/queue-cache/``), so the first attempt reads no body back.  The webhook
+  outbox's rows of the batch (:mod:`mailsrv.webhook.pg_outbox`) are a :class:`ClusterPart` of
+  the same transaction.  When PostgreSQL cannot be reached, the messages that need the queue
+  or the outbox get a 451; the others still deliver.
 * **Claiming.** :class:`ClusterClaimer` polls (and wakes on ``NOTIFY mailsrv_queue``) for due
   rows whose lease is free or expired, and takes them with ``FOR UPDATE SKIP LOCKED``, so two
   nodes never claim the same row.  The bodies of claimed rows are written to the cache.
@@ -49,7 +51,7 @@ from typing import Any, Protocol, TypeVar
 
 import psycopg2
 import psycopg2.extras
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -323,6 +325,11 @@ class ClusterQueueStore:
             self._opened.set()
 
         return d.addCallback(opened)
+
+    @property
+    def is_open(self) -> bool:
+        """True once the database is open (migrated), until it is closed."""
+        return self._opened.is_set()
 
     def close(self) -> Deferred[None]:
         """Close the database connections."""
@@ -841,6 +848,8 @@ class ClusterClaimer(LeaseKeeper):
     def release_all(self) -> Deferred[None]:
         """Give up every lease held and every connection slot (the scheduler has stopped:
         nothing is in flight)."""
+        if not self._store.is_open:
+            return succeed(None)  # never opened: nothing was held
         d = self._store.release(self._store.held)
         return d.addCallback(lambda _: self._store.give_all_slots())
 
